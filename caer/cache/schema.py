@@ -1,0 +1,54 @@
+"""The feature cache's logical schema, shared by the Zarr and HDF5 backends.
+
+    /                       root attributes:
+        caer_schema         SCHEMA_VERSION
+        fingerprint         everything that determines the features (see ``fingerprint``)
+        splits              {annotation file stem: [video ids]}
+        skipped             ["file:line: reason", ...] clips left out by --skip-bad
+        summary             the last extraction's summary numbers
+    /clips/<key>            float16 [2 streams (face, context), views, frames, D]; one chunk per clip
+        video_id, label (0-based), frame_names, frames_without_face, done
+
+``<key>`` is the video id with "/" and "%" percent-escaped. A clip counts only once ``done`` is
+true, which is written after its features. In HDF5 every attribute value is a JSON string.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+
+SCHEMA_VERSION = 1
+STREAMS = ("face", "context")
+CLIPS = "clips"
+
+
+def clip_key(video_id: str) -> str:
+    return urllib.parse.quote(video_id, safe="")
+
+
+def fingerprint(encoder_identity: dict, *, margin: float, crop_body: bool, views: int, frame_stride: int,
+                face_boxes_sha256: str, body_boxes_sha256: str | None) -> dict:
+    """The record that says whether two caches hold comparable features."""
+    return {
+        "schema": SCHEMA_VERSION,
+        "encoder": encoder_identity,
+        "margin": margin,
+        "crop_body": crop_body,
+        "body_boxes_sha256": body_boxes_sha256 if crop_body else None,
+        "face_boxes_sha256": face_boxes_sha256,
+        "views": views,
+        "frame_stride": frame_stride,
+        "dtype": "float16",
+    }
+
+
+def differences(expected: dict, found: dict, prefix: str = "") -> list[str]:
+    """Human-readable lines for every key where two fingerprints differ."""
+    out = []
+    for key in sorted(set(expected) | set(found)):
+        a, b = expected.get(key), found.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: store has {b!r}, this run has {a!r}")
+    return out

@@ -1,0 +1,283 @@
+"""Reading and writing the feature cache (Zarr or HDF5, one logical schema: see ``schema``).
+
+Zarr stores are written in place: every clip is its own array of one chunk (zarr writes each
+file atomically), and its ``done`` flag is set only after its features, so a killed run leaves
+at worst an unfinished clip that the next run redoes. Several processes may write disjoint
+clips into one Zarr store at once. An HDF5 file cannot survive a kill mid-write, so HDF5
+extraction writes into a Zarr staging store beside it (``<file>.partial.zarr``) and builds the
+``.h5`` from it at the end, into a temporary file that replaces the old one in one rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import zarr
+
+from .schema import CLIPS, SCHEMA_VERSION, STREAMS, clip_key, differences
+
+
+class CacheError(Exception):
+    """A cache that cannot be used as asked (wrong fingerprint, not a cache, missing clip)."""
+
+
+def detect_format(path: str | Path, fmt: str = "auto") -> str:
+    if fmt in ("zarr", "h5"):
+        return fmt
+    if fmt != "auto":
+        raise CacheError(f"--format {fmt!r}: choose zarr, h5 or auto")
+    return "h5" if Path(path).suffix.lower() in (".h5", ".hdf5") else "zarr"
+
+
+def _staging_path(path: Path) -> Path:
+    return path.with_name(path.name + ".partial.zarr")
+
+
+# --------------------------------------------------------------------------- zarr helpers
+
+def _zarr_root_attrs(path: Path) -> dict | None:
+    """Root attributes of a caer Zarr store, or None if ``path`` is not one."""
+    try:
+        attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    except Exception:
+        return None
+    return attrs if "caer_schema" in attrs else None
+
+
+def _zarr_done_clips(path: Path) -> dict[str, dict]:
+    """{key: clip attrs} for every finished clip of a Zarr store."""
+    try:
+        clips = zarr.open_group(str(path), mode="r")[CLIPS]
+    except Exception:
+        return {}
+    done = {}
+    for key in sorted(clips.array_keys()):
+        try:
+            attrs = dict(clips[key].attrs)
+        except Exception:  # an array whose metadata a kill left unreadable: not done
+            continue
+        if attrs.get("done"):
+            done[key] = attrs
+    return done
+
+
+# --------------------------------------------------------------------------- writer
+
+class CacheWriter:
+    """Writes clips' features into a new or existing cache with the given fingerprint."""
+
+    def __init__(self, path: str | Path, fingerprint: dict, fmt: str = "auto", overwrite: bool = False):
+        self.path = Path(path)
+        self.format = detect_format(self.path, fmt)
+        self.fingerprint = fingerprint
+        self.zarr_path = _staging_path(self.path) if self.format == "h5" else self.path
+        existing = self._existing_attrs()
+        if existing is not None and overwrite:
+            self._remove()
+            existing = None
+        if existing is not None:
+            found = existing.get("fingerprint", {})
+            diff = differences(fingerprint, found)
+            if diff:
+                raise CacheError(
+                    f"{self.path} was extracted with other settings:\n  " + "\n  ".join(diff)
+                    + "\nUse another output path, or --overwrite to replace it."
+                )
+        self._open_zarr()
+        self.done: set[str] = set(_zarr_done_clips(self.zarr_path))
+        if self.format == "h5" and self.path.exists():
+            with h5py.File(self.path, "r") as f:
+                self.done |= set(f[CLIPS].keys()) if CLIPS in f else set()
+
+    def _existing_attrs(self) -> dict | None:
+        attrs = None
+        if self.format == "h5" and self.path.exists():
+            try:
+                with h5py.File(self.path, "r") as f:
+                    attrs = {k: json.loads(v) for k, v in f.attrs.items()}
+            except OSError as err:
+                raise CacheError(f"{self.path}: exists but is not a readable HDF5 file ({err})") from None
+            if "caer_schema" not in attrs:
+                raise CacheError(f"{self.path}: exists but is not a caer cache; refusing to touch it")
+        if self.zarr_path.exists():
+            staged = _zarr_root_attrs(self.zarr_path)
+            if staged is None:
+                if any(self.zarr_path.iterdir()):
+                    raise CacheError(f"{self.zarr_path}: exists but is not a caer cache; refusing to touch it")
+            else:
+                attrs = attrs or staged
+                if attrs.get("fingerprint") != staged.get("fingerprint"):
+                    raise CacheError(f"{self.zarr_path}: staging store does not match {self.path}; remove it")
+        return attrs
+
+    def _remove(self) -> None:
+        if self.zarr_path.exists():
+            shutil.rmtree(self.zarr_path)
+        if self.format == "h5" and self.path.exists():
+            self.path.unlink()
+
+    def _open_zarr(self) -> None:
+        root = zarr.open_group(str(self.zarr_path), mode="a")
+        if "caer_schema" not in root.attrs:
+            root.attrs.update({"caer_schema": SCHEMA_VERSION, "fingerprint": self.fingerprint, "splits": {}, "skipped": []})
+        if CLIPS not in root:
+            root.create_group(CLIPS)
+        self.root = root
+
+    def write(self, video_id: str, features: np.ndarray, attrs: dict) -> None:
+        """Store one clip's features [2, views, frames, D]; it counts as done only once this returns."""
+        key = clip_key(video_id)
+        data = np.ascontiguousarray(features, dtype=np.float16)
+        arr = self.root.create_array(
+            f"{CLIPS}/{key}", shape=data.shape, chunks=data.shape, dtype="float16", compressors=None,
+            attributes={"video_id": video_id, **attrs, "done": False}, overwrite=True,
+        )
+        arr[...] = data
+        arr.attrs["done"] = True
+        self.done.add(key)
+
+    def finish(self, splits: dict[str, list[str]], skipped: list[str], summary: dict) -> None:
+        """Record splits, skipped clips and the summary; for HDF5, build the final file."""
+        attrs = dict(self.root.attrs)
+        merged = {name: list(ids) for name, ids in attrs.get("splits", {}).items()}
+        if self.format == "h5" and self.path.exists():
+            with h5py.File(self.path, "r") as f:
+                for name, ids in json.loads(f.attrs.get("splits", "{}")).items():
+                    merged.setdefault(name, list(ids))
+        for name, ids in splits.items():
+            known = set(merged.setdefault(name, []))
+            merged[name] += [i for i in ids if i not in known]
+        skipped = sorted(set(skipped))
+        self.root.attrs.update({"splits": merged, "skipped": skipped, "summary": summary})
+        if self.format == "h5":
+            self._build_h5()
+
+    def _build_h5(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        if self.path.exists():
+            shutil.copyfile(self.path, tmp)
+        elif tmp.exists():
+            tmp.unlink()
+        staged = zarr.open_group(str(self.zarr_path), mode="r")
+        with h5py.File(tmp, "a") as f:
+            for name, value in staged.attrs.items():
+                f.attrs[name] = json.dumps(value)
+            group = f.require_group(CLIPS)
+            for key, attrs in _zarr_done_clips(self.zarr_path).items():
+                if key in group:
+                    del group[key]
+                ds = group.create_dataset(key, data=staged[CLIPS][key][...])
+                for name, value in attrs.items():
+                    ds.attrs[name] = json.dumps(value)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        shutil.rmtree(self.zarr_path)
+
+    def size_bytes(self) -> int:
+        if self.format == "h5" and self.path.is_file():
+            return self.path.stat().st_size
+        return sum(p.stat().st_size for p in self.zarr_path.rglob("*") if p.is_file())
+
+
+# --------------------------------------------------------------------------- reader
+
+class FeatureCache:
+    """Read-only view of a cache, the same for both backends.
+
+    Handles are opened lazily in each process, so a ``FeatureCache`` can be handed to
+    DataLoader workers.
+    """
+
+    def __init__(self, path: Path, fmt: str, attrs: dict, index: dict[str, dict]):
+        self.path, self.format, self.attrs = path, fmt, attrs
+        self._index = index  # video_id -> {key, label, num_frames, frame_names, ...}
+        self.video_ids: list[str] = list(index)
+        self.labels = np.array([index[v]["label"] for v in self.video_ids], dtype=np.int64)
+        self._handle = None
+        self._pid = None
+        self._memory: dict[str, np.ndarray] | None = None
+
+    @classmethod
+    def open(cls, path: str | Path) -> "FeatureCache":
+        path = Path(path)
+        if not path.exists():
+            raise CacheError(f"{path}: no feature cache here (run `caer extract` first)")
+        if path.is_dir():
+            attrs = _zarr_root_attrs(path)
+            if attrs is None:
+                raise CacheError(f"{path}: not a caer feature cache")
+            clips = _zarr_done_clips(path)
+            fmt = "zarr"
+        else:
+            try:
+                with h5py.File(path, "r") as f:
+                    attrs = {k: json.loads(v) for k, v in f.attrs.items()}
+                    clips = {k: {a: json.loads(v) for a, v in ds.attrs.items()} for k, ds in f[CLIPS].items()}
+            except (OSError, KeyError, json.JSONDecodeError) as err:
+                raise CacheError(f"{path}: not a readable caer HDF5 cache ({err})") from None
+            fmt = "h5"
+        if attrs.get("caer_schema") != SCHEMA_VERSION:
+            raise CacheError(f"{path}: cache schema {attrs.get('caer_schema')} is not {SCHEMA_VERSION}; re-extract it")
+        index = {a["video_id"]: {**a, "key": k} for k, a in clips.items()}
+        return cls(path, fmt, attrs, index)
+
+    @property
+    def fingerprint(self) -> dict:
+        return self.attrs["fingerprint"]
+
+    @property
+    def views(self) -> int:
+        return int(self.fingerprint["views"])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.fingerprint["encoder"]["embed_dim"])
+
+    def __contains__(self, video_id: str) -> bool:
+        return video_id in self._index
+
+    def _entry(self, video_id: str) -> dict:
+        try:
+            return self._index[video_id]
+        except KeyError:
+            raise CacheError(f"{self.path}: clip {video_id!r} is not in the cache (extract its split first)") from None
+
+    def label(self, video_id: str) -> int:
+        return int(self._entry(video_id)["label"])
+
+    def num_frames(self, video_id: str) -> int:
+        return len(self._entry(video_id)["frame_names"])
+
+    def frame_names(self, video_id: str) -> list[str]:
+        return list(self._entry(video_id)["frame_names"])
+
+    def clip(self, video_id: str) -> np.ndarray:
+        """All of a clip's features: float16 [2 streams, views, frames, D]."""
+        key = self._entry(video_id)["key"]
+        if self._memory is not None:
+            return self._memory[video_id]
+        if self._pid != os.getpid():
+            self._handle = (
+                zarr.open_group(str(self.path), mode="r")[CLIPS] if self.format == "zarr" else h5py.File(self.path, "r")[CLIPS]
+            )
+            self._pid = os.getpid()
+        return np.asarray(self._handle[key][...])
+
+    def features(self, video_id: str, stream: str = "face", view: int = 0) -> np.ndarray:
+        """One stream and view of a clip: float16 [frames, D]."""
+        if stream not in STREAMS:
+            raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
+        if not 0 <= view < self.views:
+            raise ValueError(f"view {view} out of range: this cache has {self.views} view(s)")
+        return self.clip(video_id)[STREAMS.index(stream), view]
+
+    def load_into_memory(self) -> None:
+        """Read every clip once and serve later reads from RAM."""
+        self._memory = None
+        self._memory = {v: self.clip(v) for v in self.video_ids}

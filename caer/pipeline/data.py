@@ -1,0 +1,216 @@
+"""The RAER data layout: annotation files, face and body boxes, and the two views of a frame.
+
+Layout (README, "Data format"):
+  annotation file  one clip per line: ``<clip_dir> <num_frames> <label>`` with 1-based labels
+  face boxes JSON  ``{clip_dir: {frame_file: [left, top, right, bottom]}}``
+  body boxes JSON  ``{clip_dir: [left, top, right, bottom]}``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+Box = tuple[float, float, float, float]
+
+
+class DataError(Exception):
+    """Bad input data. The message names the file (and line) at fault."""
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One annotated clip: its id as written in the annotation file, 0-based label and frame files."""
+
+    video_id: str
+    label: int
+    frames: tuple[Path, ...]
+    source: str  # "file:line" it came from, for error messages
+
+
+@dataclass
+class BadClip:
+    source: str
+    video_id: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.reason}"
+
+
+def list_frames(clip_dir: Path) -> list[Path]:
+    """Image files of a clip directory, sorted by name (= time order)."""
+    return sorted(p for p in clip_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def read_annotations(
+    path: str | Path, root: str | Path | None, num_classes: int, skip_bad: bool = False
+) -> tuple[list[Clip], list[BadClip]]:
+    """Parse an annotation file into clips; ``root`` defaults to the file's folder.
+
+    Every problem raises :class:`DataError` naming ``file:line``; with ``skip_bad`` the bad
+    clips are returned in the second list instead.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: annotation file not found")
+    root = Path(root) if root is not None else path.parent
+    clips: list[Clip] = []
+    bad: list[BadClip] = []
+    seen: dict[str, str] = {}
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        where = f"{path}:{lineno}"
+        parts = line.split()
+        video_id = parts[0]
+        try:
+            if len(parts) != 3:
+                raise DataError(f"expected '<clip_dir> <num_frames> <label>', got {line.strip()!r}")
+            try:
+                int(parts[1])
+                label = int(parts[2])
+            except ValueError:
+                raise DataError(f"num_frames and label must be integers, got {line.strip()!r}") from None
+            if not 1 <= label <= num_classes:
+                raise DataError(f"label {label} is outside 1..{num_classes} (labels are 1-based)")
+            if video_id in seen:
+                raise DataError(f"clip {video_id!r} is listed twice (first at {seen[video_id]})")
+            clip_dir = root / video_id
+            if not clip_dir.is_dir():
+                raise DataError(f"clip directory {clip_dir} does not exist")
+            frames = list_frames(clip_dir)
+            if not frames:
+                raise DataError(f"clip directory {clip_dir} holds no image files")
+        except DataError as err:
+            if not skip_bad:
+                raise DataError(f"{where}: {err}") from None
+            bad.append(BadClip(where, video_id, str(err)))
+            continue
+        seen[video_id] = where
+        clips.append(Clip(video_id, label - 1, tuple(frames), where))
+    return clips, bad
+
+
+def _clip_key(key: str, roots: list[str]) -> str:
+    """Normalise a box-file key to the root-relative clip dir (keys may be root-joined or relative)."""
+    norm = os.path.normpath(key)
+    for r in roots:
+        if norm == r:
+            return "."
+        if norm.startswith(r + os.sep):
+            return norm[len(r) + 1 :]
+    return norm
+
+
+def _roots(root: Path) -> list[str]:
+    return [os.path.normpath(str(root)), os.path.normpath(os.path.abspath(root))]
+
+
+def _check_box(value, where: str) -> Box:
+    if not (isinstance(value, (list, tuple)) and len(value) == 4 and all(isinstance(v, (int, float)) for v in value)):
+        raise DataError(f"{where}: a box must be [left, top, right, bottom] numbers, got {value!r}")
+    return tuple(float(v) for v in value)  # type: ignore[return-value]
+
+
+def _load_json(path: Path):
+    if not path.is_file():
+        raise DataError(f"{path}: box file not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object keyed by clip directory")
+    return data
+
+
+def load_face_boxes(path: str | Path, root: str | Path) -> dict[str, dict[str, Box]]:
+    """Face boxes as ``{root-relative clip dir: {frame file name: box}}``."""
+    path = Path(path)
+    roots = _roots(Path(root))
+    boxes: dict[str, dict[str, Box]] = {}
+    for key, frames in _load_json(path).items():
+        if not isinstance(frames, dict):
+            raise DataError(f"{path}: entry {key!r} must map frame file names to boxes")
+        boxes[_clip_key(key, roots)] = {
+            name: _check_box(box, f"{path}: {key}/{name}") for name, box in frames.items()
+        }
+    return boxes
+
+
+def load_body_boxes(path: str | Path, root: str | Path) -> dict[str, Box]:
+    """Body boxes as ``{root-relative clip dir: box}``, one box per clip."""
+    path = Path(path)
+    roots = _roots(Path(root))
+    return {_clip_key(k, roots): _check_box(v, f"{path}: {k}") for k, v in _load_json(path).items()}
+
+
+def clip_lookup_key(video_id: str) -> str:
+    return os.path.normpath(video_id)
+
+
+def clip_box(box: Box, width: int, height: int, margin: float, where: str) -> tuple[int, int, int, int]:
+    """Grow ``box`` by ``margin`` pixels and clip it to the image.
+
+    A box that overhangs the edge is normal and is clipped; one that lies wholly outside the
+    image, or has no area once clipped, is an error naming ``where``.
+    """
+    left, top, right, bottom = box
+    if min(right, width) - max(left, 0) <= 0 or min(bottom, height) - max(top, 0) <= 0:
+        raise DataError(f"{where}: box {list(box)} has no area inside the {width}x{height} image")
+    left, top = max(0, round(left - margin)), max(0, round(top - margin))
+    right, bottom = min(width, round(right + margin)), min(height, round(bottom + margin))
+    return left, top, right, bottom
+
+
+def letterbox(img: Image.Image) -> Image.Image:
+    """Pad to a square with black, keeping the aspect ratio and centring the image."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    canvas = Image.new("RGB", (side, side))
+    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def read_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+        raise DataError(f"{path}: cannot read image ({err})") from None
+
+
+@dataclass
+class ViewMaker:
+    """Turns a frame into its face crop and context view (SPEC section 3)."""
+
+    face_boxes: dict[str, dict[str, Box]] = field(default_factory=dict)
+    body_boxes: dict[str, Box] = field(default_factory=dict)
+    margin: float = 20.0
+    crop_body: bool = False
+
+    def views(self, clip: Clip, frame: Path) -> tuple[Image.Image, Image.Image, bool]:
+        """(face crop, letterboxed context view, whether the frame had a face box)."""
+        img = read_image(frame)
+        key = clip_lookup_key(clip.video_id)
+        box = self.face_boxes.get(key, {}).get(frame.name)
+        if box is None:
+            face = img
+        else:
+            face = img.crop(clip_box(box, img.width, img.height, self.margin, f"face box of {frame}"))
+        context = img
+        if self.crop_body:
+            body = self.body_boxes.get(key)
+            if body is None:
+                raise DataError(f"{frame}: --crop-body is on but clip {clip.video_id!r} has no body box")
+            context = img.crop(clip_box(body, img.width, img.height, 0, f"body box of {clip.video_id}"))
+        return face, letterbox(context), box is not None

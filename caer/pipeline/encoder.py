@@ -1,0 +1,147 @@
+"""Loading the open_clip model: by name, with weights from a tag, a local file, or random init."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.resources
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+CLIP_CONFIG_DIR = Path(str(importlib.resources.files("caer.configs") / "clip"))
+open_clip.add_model_config(CLIP_CONFIG_DIR)  # makes the offline tiny model ("caer-tiny") known by name
+
+RANDOM_WEIGHTS = "random"  # --pretrained value: random init with a fixed seed (tests, timing)
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present; ``cpu`` / ``cuda`` / ``cuda:N`` are taken as given."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {spec}: CUDA is not available on this machine")
+    return device
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 (or fp16 where bf16 is unsupported) autocast on CUDA; a no-op elsewhere."""
+    if not enabled or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Preprocess:
+    """open_clip's eval transform, split so that only uint8 pixels cross process boundaries.
+
+    ``pil`` (resize, centre crop) runs in data-loader workers; ``normalize`` (to [0,1], then
+    CLIP mean/std) runs on the device. Together they equal the encoder's own transform.
+    """
+
+    pil: T.Compose
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: int
+
+    @classmethod
+    def from_transform(cls, transform: T.Compose, image_size: int) -> "Preprocess":
+        steps = list(transform.transforms)
+        to_tensor = next(i for i, t in enumerate(steps) if isinstance(t, T.ToTensor))
+        normalize = steps[-1]
+        if not isinstance(normalize, T.Normalize) or to_tensor != len(steps) - 2:
+            raise ValueError(f"unexpected open_clip transform layout: {transform}")
+        return cls(T.Compose(steps[:to_tensor]), tuple(normalize.mean), tuple(normalize.std), image_size)
+
+    def to_uint8(self, img: Image.Image) -> torch.Tensor:
+        """[3, S, S] uint8 tensor of the resized, centre-cropped image."""
+        return T.functional.pil_to_tensor(self.pil(img))
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [..., 3, S, S] -> normalised float32 on the same device."""
+        mean = torch.tensor(self.mean, device=pixels.device).view(3, 1, 1)
+        std = torch.tensor(self.std, device=pixels.device).view(3, 1, 1)
+        return (pixels.float() / 255.0 - mean) / std
+
+    def describe(self) -> dict:
+        return {"transform": repr(self.pil), "mean": list(self.mean), "std": list(self.std)}
+
+
+@dataclass
+class ClipModel:
+    """An open_clip model with its tokenizer, preprocessing and identity (what its features depend on)."""
+
+    model: open_clip.CLIP
+    tokenizer: object
+    preprocess: Preprocess
+    name: str
+    weights: str  # open_clip tag, "sha256:<hex>" of a local file, or "random"
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.visual.output_dim)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def identity(self) -> dict:
+        """Everything about the encoder that determines its image features."""
+        return {
+            "model": self.name,
+            "weights": self.weights,
+            "image_size": self.preprocess.image_size,
+            "embed_dim": self.embed_dim,
+            "preprocess": self.preprocess.describe(),
+        }
+
+
+def load_clip(name: str = "ViT-B-32", pretrained: str = "openai", device: str | torch.device = "cpu") -> ClipModel:
+    """Build an open_clip model by name; ``pretrained`` is a tag, a local checkpoint file, or ``random``."""
+    if name not in open_clip.list_models():
+        raise ValueError(f"--model {name!r}: unknown open_clip model (try ViT-B-32, or caer-tiny for tests)")
+    if pretrained == RANDOM_WEIGHTS:
+        torch.manual_seed(0)
+        model, _, transform = open_clip.create_model_and_transforms(name, pretrained=None)
+        weights = RANDOM_WEIGHTS
+    elif os.path.isfile(pretrained):
+        model, _, transform = open_clip.create_model_and_transforms(name, pretrained=None)
+        open_clip.load_checkpoint(model, pretrained)
+        weights = "sha256:" + file_sha256(pretrained)
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            raise ValueError(
+                f"--pretrained {pretrained!r}: not a file and not an open_clip tag of {name} (tags: {', '.join(tags) or 'none'})"
+            )
+        model, _, transform = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+        weights = pretrained
+    model = model.to(device).eval()
+    image_size = model.visual.image_size
+    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
+    return ClipModel(model, open_clip.get_tokenizer(name), Preprocess.from_transform(transform, image_size), name, weights)
+
+
+def save_random_weights(name: str, path: str | Path, seed: int = 0) -> Path:
+    """Write a randomly initialised open_clip state dict (the offline stand-in for real weights)."""
+    torch.manual_seed(seed)
+    model = open_clip.create_model(name, pretrained=None)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return path
