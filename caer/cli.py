@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(
     name="caer",
@@ -37,7 +38,7 @@ def friendly_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (DataError, CacheError, ValueError, FileNotFoundError) as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, markup=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, markup=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -123,7 +124,105 @@ def extract(
     summary = run_extract(settings, clip_model, console)
     console.print(summary.table())
     for line in summary.skipped:
-        console.print(f"[yellow]skipped[/] {line}", highlight=False)
+        console.print(f"[yellow]skipped[/] {escape(line)}", highlight=False)
+
+
+
+def _opt(panel: str, help: str, *names: str, field: str | None = None):
+    """An optional train flag: None means "not given", so the config file's value (or the default) stands."""
+    from .pipeline.config import FIELDS
+
+    default = FIELDS[field].default if field and field in FIELDS and not callable(FIELDS[field].default) else None
+    shown = "from config" if default is None else str(default)
+    return typer.Option(*names, help=help, rich_help_panel=panel, show_default=shown)
+
+
+T_DATA, T_MODEL, T_CLS, T_LOSS, T_OPT, T_STAGE, T_RUN = (
+    "Data", "Model", "Prompts and classifier", "Losses and imbalance", "Optimisation", "Stages", "Run",
+)
+
+
+@app.command(rich_help_panel="Pipeline")
+@friendly_errors
+def train(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (a path, or a shipped one: raer, tiny). Flags win over it.", rich_help_panel=T_RUN)] = None,
+    stage: Annotated[Optional[int], _opt(T_STAGE, "Stage to run: 1 prompts, 2 adapter/temporal/fusion, 3 end to end.", field="stage")] = None,
+    staged_training: Annotated[Optional[bool], _opt(T_STAGE, "Run stages 1 -> 2 -> 3, each from the previous best.", "--staged-training/--no-staged-training", field="staged_training")] = None,
+    epochs: Annotated[Optional[int], _opt(T_STAGE, "Epochs (of any stage without its own count).", field="epochs")] = None,
+    epochs_stage1: Annotated[Optional[int], _opt(T_STAGE, "Epochs of stage 1.", field="epochs_stage1")] = None,
+    epochs_stage2: Annotated[Optional[int], _opt(T_STAGE, "Epochs of stage 2.", field="epochs_stage2")] = None,
+    epochs_stage3: Annotated[Optional[int], _opt(T_STAGE, "Epochs of stage 3.", field="epochs_stage3")] = None,
+    unfreeze_last: Annotated[Optional[int], _opt(T_STAGE, "Stage 3: unfreeze only the last N encoder blocks.", field="unfreeze_last")] = None,
+    grad_accum: Annotated[Optional[int], _opt(T_STAGE, "Accumulate gradients over N batches.", field="grad_accum")] = None,
+    grad_checkpointing: Annotated[Optional[bool], _opt(T_STAGE, "Stage 3: activation checkpointing in the image encoder.", "--grad-checkpointing/--no-grad-checkpointing", field="grad_checkpointing")] = None,
+    train_list: Annotated[Optional[Path], _opt(T_DATA, "Training annotation file.", field="train_list")] = None,
+    val_list: Annotated[Optional[Path], _opt(T_DATA, "Validation annotation file.", field="val_list")] = None,
+    test_list: Annotated[Optional[Path], _opt(T_DATA, "Test annotation file.", field="test_list")] = None,
+    cache: Annotated[Optional[Path], _opt(T_DATA, "Feature cache from caer extract.", field="cache")] = None,
+    source: Annotated[Optional[str], _opt(T_DATA, "cache, or raw (decode frames and run the encoder every step, as the reference).", field="source")] = None,
+    cache_in_memory: Annotated[Optional[bool], _opt(T_DATA, "Load the whole cache into RAM.", "--cache-in-memory/--no-cache-in-memory", field="cache_in_memory")] = None,
+    root: Annotated[Optional[Path], _opt(T_DATA, "Dataset root for --source raw.", field="root")] = None,
+    face_boxes: Annotated[Optional[Path], _opt(T_DATA, "Face boxes JSON for --source raw.", field="face_boxes")] = None,
+    body_boxes: Annotated[Optional[Path], _opt(T_DATA, "Body boxes JSON for --source raw.", field="body_boxes")] = None,
+    crop_body: Annotated[Optional[bool], _opt(T_DATA, "Raw source: context view = body crop.", "--crop-body/--no-crop-body", field="crop_body")] = None,
+    margin: Annotated[Optional[float], _opt(T_DATA, "Raw source: face box margin in pixels.", field="margin")] = None,
+    num_frames: Annotated[Optional[int], _opt(T_DATA, "T: frames (TSN segments) per clip.", field="num_frames")] = None,
+    workers: Annotated[Optional[int], _opt(T_DATA, "Data-loader worker processes.", field="workers")] = None,
+    model: Annotated[Optional[str], _opt(T_MODEL, "open_clip model name.", field="model")] = None,
+    pretrained: Annotated[Optional[str], _opt(T_MODEL, "open_clip tag, local checkpoint file, or random.", field="pretrained")] = None,
+    streams: Annotated[Optional[str], _opt(T_MODEL, "both, face or context (single-stream ablations).", field="streams")] = None,
+    adapter: Annotated[Optional[bool], _opt(T_MODEL, "Expression-Aware Adapter on the face stream.", "--adapter/--no-adapter", field="adapter")] = None,
+    adapter_mode: Annotated[Optional[str], _opt(T_MODEL, "residual, or replace (the reference's ReLU output).", field="adapter_mode")] = None,
+    temporal_layers: Annotated[Optional[int], _opt(T_MODEL, "Layers of each temporal transformer.", field="temporal_layers")] = None,
+    contexts_number: Annotated[Optional[int], _opt(T_CLS, "CoOp context vectors per prompt.", field="contexts_number")] = None,
+    class_specific_contexts: Annotated[Optional[bool], _opt(T_CLS, "One set of context vectors per class.", "--class-specific-contexts/--shared-contexts", field="class_specific_contexts")] = None,
+    class_token_position: Annotated[Optional[str], _opt(T_CLS, "end, middle or front.", field="class_token_position")] = None,
+    temperature: Annotated[Optional[float], _opt(T_CLS, "tau in logits = cos / tau.", field="temperature")] = None,
+    slerp_weight: Annotated[Optional[float], _opt(T_CLS, "IEC: lambda of slerp(prototype, z); 0 turns IEC off.", field="slerp_weight")] = None,
+    iec_base: Annotated[Optional[str], _opt(T_CLS, "Prototype base: desc (fixed sentences) or soft (learnable prompts).", field="iec_base")] = None,
+    class_balanced_loss: Annotated[Optional[bool], _opt(T_LOSS, "Effective-number class weights in the CE loss.", "--class-balanced-loss/--no-class-balanced-loss", field="class_balanced_loss")] = None,
+    logit_adj: Annotated[Optional[bool], _opt(T_LOSS, "Add tau * log prior to the training logits.", "--logit-adj/--no-logit-adj", field="logit_adj")] = None,
+    logit_adj_tau: Annotated[Optional[float], _opt(T_LOSS, "tau of --logit-adj.", field="logit_adj_tau")] = None,
+    label_smoothing: Annotated[Optional[float], _opt(T_LOSS, "Label smoothing, 0..1.", field="label_smoothing")] = None,
+    use_weighted_sampler: Annotated[Optional[bool], _opt(T_LOSS, "Sample clips with inverse class frequency.", "--use-weighted-sampler/--no-weighted-sampler", field="use_weighted_sampler")] = None,
+    lambda_mi: Annotated[Optional[float], _opt(T_LOSS, "Weight of the mutual-information loss.", "--lambda-mi", "--lambda_mi", field="lambda_mi")] = None,
+    mi_warmup: Annotated[Optional[int], _opt(T_LOSS, "Epochs with the MI loss off.", field="mi_warmup")] = None,
+    mi_ramp: Annotated[Optional[int], _opt(T_LOSS, "Epochs to ramp the MI weight up.", field="mi_ramp")] = None,
+    lambda_dc: Annotated[Optional[float], _opt(T_LOSS, "Weight of the decorrelation loss.", "--lambda-dc", "--lambda_dc", field="lambda_dc")] = None,
+    dc_warmup: Annotated[Optional[int], _opt(T_LOSS, "Epochs with the DC loss off.", field="dc_warmup")] = None,
+    dc_ramp: Annotated[Optional[int], _opt(T_LOSS, "Epochs to ramp the DC weight up.", field="dc_ramp")] = None,
+    optimizer: Annotated[Optional[str], _opt(T_OPT, "sgd (momentum 0.9) or adamw.", field="optimizer")] = None,
+    lr: Annotated[Optional[float], _opt(T_OPT, "Learning rate (temporal encoders, fusion; default of the others).", field="lr")] = None,
+    lr_adapter: Annotated[Optional[float], _opt(T_OPT, "Learning rate of the adapter.", field="lr_adapter")] = None,
+    lr_prompt: Annotated[Optional[float], _opt(T_OPT, "Learning rate of the prompt context vectors.", field="lr_prompt")] = None,
+    lr_image_encoder: Annotated[Optional[float], _opt(T_OPT, "Learning rate of the image encoder (stage 3).", field="lr_image_encoder")] = None,
+    lr_stage1: Annotated[Optional[float], _opt(T_OPT, "--lr for stage 1.", field="lr_stage1")] = None,
+    lr_stage2: Annotated[Optional[float], _opt(T_OPT, "--lr for stage 2.", field="lr_stage2")] = None,
+    lr_stage3: Annotated[Optional[float], _opt(T_OPT, "--lr for stage 3.", field="lr_stage3")] = None,
+    weight_decay: Annotated[Optional[float], _opt(T_OPT, "Weight decay.", field="weight_decay")] = None,
+    scheduler: Annotated[Optional[str], _opt(T_OPT, "cosine or step.", field="scheduler")] = None,
+    batch_size: Annotated[Optional[int], _opt(T_OPT, "Clips per batch.", field="batch_size")] = None,
+    grad_clip: Annotated[Optional[float], _opt(T_OPT, "Clip the gradient norm to this value.", field="grad_clip")] = None,
+    use_amp: Annotated[Optional[bool], _opt(T_OPT, "bf16/fp16 autocast on CUDA (no-op on CPU).", "--use-amp/--no-amp", field="use_amp")] = None,
+    seed: Annotated[Optional[int], _opt(T_OPT, "Random seed (data order, sampled frames, init).", field="seed")] = None,
+    run_dir: Annotated[Optional[Path], _opt(T_RUN, "Where config, metrics.jsonl and checkpoints go.", field="run_dir")] = None,
+    resume: Annotated[Optional[bool], _opt(T_RUN, "Continue a stopped run from its last checkpoint.", "--resume/--no-resume", field="resume")] = None,
+    device: Annotated[Optional[str], _opt(T_RUN, "auto, cpu, cuda or cuda:N.", field="device")] = None,
+):
+    """Train from the feature cache (stages 1 and 2) or raw frames (stage 3).
+
+    Examples:
+      [cyan]caer train -c raer --stage 2[/]
+      [cyan]caer train -c raer --staged-training --epochs-stage1 5 --epochs-stage2 30 --epochs-stage3 3[/]
+    """
+    overrides = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "config"}
+    from .pipeline.config import load_config
+    from .pipeline.train import run
+
+    cfg = load_config(config, overrides)
+    results = run(cfg, console)
+    for r in results:
+        console.print(f"stage {r.stage}: best valid UAR {r.best['valid_uar']:.2f} (epoch {r.best['epoch'] + 1}) -> {r.best_path}")
 
 
 def main() -> None:

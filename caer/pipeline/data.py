@@ -50,12 +50,13 @@ def list_frames(clip_dir: Path) -> list[Path]:
 
 
 def read_annotations(
-    path: str | Path, root: str | Path | None, num_classes: int, skip_bad: bool = False
+    path: str | Path, root: str | Path | None, num_classes: int, skip_bad: bool = False, need_frames: bool = True
 ) -> tuple[list[Clip], list[BadClip]]:
     """Parse an annotation file into clips; ``root`` defaults to the file's folder.
 
     Every problem raises :class:`DataError` naming ``file:line``; with ``skip_bad`` the bad
-    clips are returned in the second list instead.
+    clips are returned in the second list instead. ``need_frames=False`` (training from the
+    cache) skips looking for the frame files, which may not be on this machine.
     """
     path = Path(path)
     if not path.is_file():
@@ -83,10 +84,13 @@ def read_annotations(
             if video_id in seen:
                 raise DataError(f"clip {video_id!r} is listed twice (first at {seen[video_id]})")
             clip_dir = root / video_id
-            if not clip_dir.is_dir():
+            if not need_frames:
+                frames = []
+            elif not clip_dir.is_dir():
                 raise DataError(f"clip directory {clip_dir} does not exist")
-            frames = list_frames(clip_dir)
-            if not frames:
+            else:
+                frames = list_frames(clip_dir)
+            if need_frames and not frames:
                 raise DataError(f"clip directory {clip_dir} holds no image files")
         except DataError as err:
             if not skip_bad:

@@ -1,0 +1,115 @@
+"""Training and evaluation inputs: TSN frame sampling over cached features or raw frames.
+
+Sampling (SPEC section 7): T segments, one random frame per segment when training and the middle
+frame of each segment when evaluating; clips shorter than T repeat their last frame. All
+randomness of an item comes from (seed, epoch, clip index), so the data order and the sampled
+frames are the same with any number of workers and after ``--resume``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from ..cache import FeatureCache
+from .data import Clip, ViewMaker
+from .encoder import Preprocess
+
+
+def sample_indices(num_frames: int, segments: int, train: bool, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Indices of the T frames to use (TSN style)."""
+    if num_frames <= segments:
+        return np.minimum(np.arange(segments), num_frames - 1)
+    edges = np.linspace(0, num_frames, segments + 1).astype(np.int64)
+    lo, hi = edges[:-1], edges[1:]
+    if train:
+        return rng.integers(lo, hi)
+    return lo + (hi - lo) // 2
+
+
+class EpochSampler(Sampler):
+    """Yields ``(index, epoch)``: a seeded shuffle (or class-weighted draw) that depends only on seed and epoch."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True, weights: torch.Tensor | None = None):
+        self.size, self.seed, self.shuffle, self.weights = size, seed, shuffle, weights
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.weights is not None:
+            order = torch.multinomial(self.weights, self.size, replacement=True, generator=g)
+        elif self.shuffle:
+            order = torch.randperm(self.size, generator=g)
+        else:
+            order = torch.arange(self.size)
+        return iter([(int(i), self.epoch) for i in order])
+
+
+class _Clips(Dataset):
+    def __init__(self, video_ids: list[str], labels: list[int], segments: int, train: bool, views: int, seed: int):
+        self.video_ids, self.labels = video_ids, labels
+        self.segments, self.train, self.views, self.seed = segments, train, views, seed
+
+    def __len__(self) -> int:
+        return len(self.video_ids)
+
+    def _choose(self, key: tuple[int, int], num_frames: int) -> tuple[np.ndarray, int]:
+        """Frame indices and view for item ``key = (index, epoch)``."""
+        index, epoch = key
+        rng = np.random.default_rng([self.seed, epoch, index])
+        frames = sample_indices(num_frames, self.segments, self.train, rng)
+        view = int(rng.integers(self.views)) if self.train and self.views > 1 else 0
+        return frames, view
+
+
+class CachedClips(_Clips):
+    """Items ``(face [T, D] float16, context [T, D] float16, label, index)`` read from the feature cache."""
+
+    def __init__(self, cache: FeatureCache, video_ids, labels, segments, train, seed=0):
+        super().__init__(video_ids, labels, segments, train, cache.views, seed)
+        self.cache = cache
+
+    def __getitem__(self, key):
+        index = key[0]
+        feats = self.cache.clip(self.video_ids[index])  # [2, views, frames, D]
+        frames, view = self._choose(key, feats.shape[2])
+        chosen = torch.from_numpy(feats[:, view, frames])
+        return chosen[0], chosen[1], self.labels[index], index
+
+
+class RawClips(_Clips):
+    """Items ``(pixels [T, 2, 3, S, S] uint8, flip, label, index)`` decoded from frame files.
+
+    The same frames and views as ``CachedClips`` for the same key; ``flip`` = view 1, the mirror image.
+    """
+
+    def __init__(self, clips: list[Clip], view_maker: ViewMaker, preprocess: Preprocess, segments, train,
+                 views: int = 1, frame_stride: int = 1, seed=0, rotate: float = 0.0):
+        super().__init__([c.video_id for c in clips], [c.label for c in clips], segments, train, views, seed)
+        self.clips, self.view_maker, self.preprocess, self.stride = clips, view_maker, preprocess, frame_stride
+        self.rotate = rotate  # stage-3 augmentation: one random angle in [-rotate, rotate] degrees per clip
+
+    def __getitem__(self, key):
+        index = key[0]
+        clip = self.clips[index]
+        files = clip.frames[:: self.stride]
+        frames, view = self._choose(key, len(files))
+        angle = float(np.random.default_rng([self.seed, key[1], index, 1]).uniform(-self.rotate, self.rotate)) if self.rotate else 0.0
+        decoded = {}
+        pixels = []
+        for i in frames:
+            if i not in decoded:
+                views = self.view_maker.views(clip, files[i])[:2]
+                if angle:
+                    views = [v.rotate(angle, resample=Image.BICUBIC) for v in views]
+                decoded[i] = torch.stack([self.preprocess.to_uint8(v) for v in views])
+            pixels.append(decoded[i])
+        return torch.stack(pixels), bool(view), self.labels[index], index
