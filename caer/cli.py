@@ -97,6 +97,7 @@ def extract(
     skip_bad: Annotated[bool, typer.Option(help="Skip clips with bad input (listed in the summary) instead of stopping.", rich_help_panel=DATA)] = False,
     model: Annotated[str, typer.Option(help="open_clip model name.", rich_help_panel=ENCODER)] = "ViT-B-32",
     pretrained: Annotated[str, typer.Option(help="open_clip weights tag, a local checkpoint file, or 'random'.", rich_help_panel=ENCODER)] = "openai",
+    from_checkpoint: Annotated[Optional[Path], typer.Option(help="Use the image encoder of a caer checkpoint (e.g. fine-tuned by stage 3) instead of --model/--pretrained.", rich_help_panel=ENCODER)] = None,
     views: Annotated[int, typer.Option(help="1, or 2 to add a horizontally flipped view.", rich_help_panel=OUTPUT)] = 1,
     frame_stride: Annotated[int, typer.Option(help="Keep every k-th frame.", rich_help_panel=OUTPUT)] = 1,
     format: Annotated[str, typer.Option(help="zarr, h5, or auto (by the --out suffix).", rich_help_panel=OUTPUT)] = "auto",
@@ -120,7 +121,12 @@ def extract(
         margin=margin, views=views, frame_stride=frame_stride, num_classes=num_classes, format=format,
         batch_size=batch_size, workers=workers, use_amp=use_amp, skip_bad=skip_bad, overwrite=overwrite,
     )
-    clip_model = load_clip(model, pretrained, resolve_device(device))
+    if from_checkpoint is not None:
+        from .pipeline.train import clip_from_checkpoint
+
+        clip_model = clip_from_checkpoint(from_checkpoint, resolve_device(device))
+    else:
+        clip_model = load_clip(model, pretrained, resolve_device(device))
     summary = run_extract(settings, clip_model, console)
     console.print(summary.table())
     for line in summary.skipped:
@@ -223,6 +229,45 @@ def train(
     results = run(cfg, console)
     for r in results:
         console.print(f"stage {r.stage}: best valid UAR {r.best['valid_uar']:.2f} (epoch {r.best['epoch'] + 1}) -> {r.best_path}")
+
+
+@app.command("eval", rich_help_panel="Pipeline")
+@friendly_errors
+def eval_(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint from caer train (e.g. runs/x/stage2-best.pt).")],
+    split: Annotated[str, typer.Option(help="train, val, test, or an annotation file.")] = "test",
+    source: Annotated[str, typer.Option(help="cache, or raw frames (needed for a stage-3 checkpoint unless re-extracted).")] = "cache",
+    cache: Annotated[Optional[Path], typer.Option(help="Feature cache [default: the one the checkpoint was trained on].")] = None,
+    root: Annotated[Optional[Path], typer.Option(help="Dataset root for --source raw.")] = None,
+    face_boxes: Annotated[Optional[Path], typer.Option(help="Face boxes JSON for --source raw [default: the checkpoint's].")] = None,
+    tta: Annotated[str, typer.Option(help="none, or flip: average the logits of the plain and mirrored view.")] = "none",
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the report (metrics, confusion matrix, predictions) as JSON.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of the row-normalised confusion matrix.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Clips per batch [default: the checkpoint's].")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Data-loader workers [default: the checkpoint's].")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+):
+    """Evaluate a checkpoint: WAR, UAR, per-class recall/precision/F1 and the confusion matrix.
+
+    Examples:
+      [cyan]caer eval runs/raer/stage2-best.pt --split test --json report.json --plot cm.png[/]
+      [cyan]caer eval runs/raer/stage3-best.pt --source raw --tta flip[/]
+    """
+    from .pipeline.evaluate import evaluate
+
+    if tta not in ("none", "flip"):
+        raise ValueError(f"--tta must be none or flip, got {tta!r}")
+    overrides = {"cache": str(cache) if cache else None, "root": str(root) if root else None,
+                 "face_boxes": str(face_boxes) if face_boxes else None, "batch_size": batch_size, "workers": workers,
+                 "device": device}
+    report = evaluate(checkpoint, split, source, tta == "flip", overrides, console)
+    console.print(report.tables())
+    if json_path:
+        report.write_json(json_path)
+        console.print(f"report: {json_path}")
+    if plot:
+        report.plot(plot)
+        console.print(f"confusion matrix picture: {plot}")
 
 
 def main() -> None:

@@ -57,6 +57,7 @@ class _Clips(Dataset):
     def __init__(self, video_ids: list[str], labels: list[int], segments: int, train: bool, views: int, seed: int):
         self.video_ids, self.labels = video_ids, labels
         self.segments, self.train, self.views, self.seed = segments, train, views, seed
+        self.eval_view = 0  # the view used when not training (1 = mirror image, for flip TTA)
 
     def __len__(self) -> int:
         return len(self.video_ids)
@@ -66,7 +67,7 @@ class _Clips(Dataset):
         index, epoch = key
         rng = np.random.default_rng([self.seed, epoch, index])
         frames = sample_indices(num_frames, self.segments, self.train, rng)
-        view = int(rng.integers(self.views)) if self.train and self.views > 1 else 0
+        view = int(rng.integers(self.views)) if self.train and self.views > 1 else self.eval_view
         return frames, view
 
 

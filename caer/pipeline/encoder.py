@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.resources
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +91,8 @@ class ClipModel:
     tokenizer: object
     preprocess: Preprocess
     name: str
-    weights: str  # open_clip tag, "sha256:<hex>" of a local file, or "random"
+    weights: str  # open_clip tag, "sha256:<hex>" of a local file, "random", or "finetuned:<digest>" (stage 3)
+    finetuned_from: str | None = None  # the weights stage 3 started from
 
     @property
     def embed_dim(self) -> int:
@@ -102,13 +104,27 @@ class ClipModel:
 
     def identity(self) -> dict:
         """Everything about the encoder that determines its image features."""
-        return {
+        identity = {
             "model": self.name,
             "weights": self.weights,
             "image_size": self.preprocess.image_size,
             "embed_dim": self.embed_dim,
             "preprocess": self.preprocess.describe(),
         }
+        if self.finetuned_from:
+            identity["finetuned_from"] = self.finetuned_from
+        return identity
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def load_clip(name: str = "ViT-B-32", pretrained: str = "openai", device: str | torch.device = "cpu") -> ClipModel:
@@ -117,10 +133,12 @@ def load_clip(name: str = "ViT-B-32", pretrained: str = "openai", device: str | 
         raise ValueError(f"--model {name!r}: unknown open_clip model (try ViT-B-32, or caer-tiny for tests)")
     if pretrained == RANDOM_WEIGHTS:
         torch.manual_seed(0)
-        model, _, transform = open_clip.create_model_and_transforms(name, pretrained=None)
+        with _quiet_root_logger():  # open_clip warns that the weights are random: that is the point
+            model, _, transform = open_clip.create_model_and_transforms(name, pretrained=None)
         weights = RANDOM_WEIGHTS
     elif os.path.isfile(pretrained):
-        model, _, transform = open_clip.create_model_and_transforms(name, pretrained=None)
+        with _quiet_root_logger():
+            model, _, transform = open_clip.create_model_and_transforms(name, pretrained=None)
         open_clip.load_checkpoint(model, pretrained)
         weights = "sha256:" + file_sha256(pretrained)
     else:
@@ -140,7 +158,8 @@ def load_clip(name: str = "ViT-B-32", pretrained: str = "openai", device: str | 
 def save_random_weights(name: str, path: str | Path, seed: int = 0) -> Path:
     """Write a randomly initialised open_clip state dict (the offline stand-in for real weights)."""
     torch.manual_seed(seed)
-    model = open_clip.create_model(name, pretrained=None)
+    with _quiet_root_logger():
+        model = open_clip.create_model(name, pretrained=None)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)

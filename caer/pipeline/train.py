@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from ..cache import CacheError, FeatureCache
 from ..cache.schema import differences
-from .config import RunConfig, save_config
+from .config import FIELDS, RunConfig, save_config
 from .data import ViewMaker, load_body_boxes, load_face_boxes, read_annotations
 from .datasets import CachedClips, EpochSampler, RawClips
 from .encoder import ClipModel, autocast, load_clip, resolve_device
@@ -50,6 +50,32 @@ def build_model(cfg: RunConfig, device: torch.device, checkpoint: dict | None = 
     if checkpoint is not None:
         load_weights(model, checkpoint)
     return model, clip
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint written by ``caer train`` (clear errors for anything else)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "encoder" not in ckpt:
+        raise ValueError(f"{path}: not a caer checkpoint (made by caer train)")
+    return ckpt
+
+
+def checkpoint_config(ckpt: dict, overrides: dict | None = None) -> RunConfig:
+    """The run config saved in a checkpoint, with ``overrides`` (None values ignored)."""
+    values = {k: v for k, v in ckpt["config"].items() if k in FIELDS}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return RunConfig(**values)
+
+
+def clip_from_checkpoint(path: str | Path, device: torch.device) -> ClipModel:
+    """The image encoder of a checkpoint (fine-tuned by stage 3, or the base one), with its identity."""
+    ckpt = load_checkpoint(path)
+    model, clip = build_model(checkpoint_config(ckpt), device, ckpt)
+    clip.weights, clip.finetuned_from = ckpt["encoder"]["weights"], ckpt["encoder"].get("finetuned_from")
+    return clip
 
 
 def model_state(model: CAERModel, with_image_encoder: bool) -> dict:
@@ -133,7 +159,7 @@ def batch_logits(model: CAERModel, batch, source: str, text, device, encoder_gra
 
 
 @torch.no_grad()
-def predict(model: CAERModel, loader: DataLoader, source: str, device, use_amp: bool = False, tta_flip: bool = False,
+def predict(model: CAERModel, loader: DataLoader, source: str, device, use_amp: bool = False,
             progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(labels, logits [N, C], dataset indices) over a loader, in dataset order."""
     model.eval()
@@ -143,8 +169,6 @@ def predict(model: CAERModel, loader: DataLoader, source: str, device, use_amp: 
     for batch in loader:
         with autocast(device, use_amp):
             out = batch_logits(model, batch, source, text, device).float()
-            if tta_flip:
-                out = (out + batch_logits(model, _flipped(batch, source), source, text, device).float()) / 2
         labels.append(batch[2].numpy())
         logits.append(out.cpu().numpy())
         indices.append(batch[3].numpy())
@@ -154,12 +178,6 @@ def predict(model: CAERModel, loader: DataLoader, source: str, device, use_amp: 
         progress.remove_task(task)
     order = np.argsort(np.concatenate(indices))
     return np.concatenate(labels)[order], np.concatenate(logits)[order], np.concatenate(indices)[order]
-
-
-def _flipped(batch, source: str):
-    if source == "cache":
-        raise ValueError("--tta flip from the cache needs a cache extracted with --views 2")
-    return (batch[0], ~batch[1], *batch[2:])
 
 
 def progress_bar(console: Console) -> Progress:
@@ -446,4 +464,20 @@ def run(cfg: RunConfig, console: Console | None = None) -> list[StageResult]:
         result = train_stage(cfg, stage, console, init_from=init)
         results.append(result)
         init = result.best_path
+    if results and cfg.test_list:
+        test_report(results[-1].best_path, cfg, console)
     return results
+
+
+def test_report(checkpoint: Path, cfg: RunConfig, console: Console) -> None:
+    """Evaluate the run's final best checkpoint on the test split; write test_report.json (and .png) beside it."""
+    from .evaluate import evaluate
+
+    own_encoder = is_finetuned(load_checkpoint(checkpoint)["encoder"])
+    source = "raw" if own_encoder or cfg.source == "raw" else "cache"
+    report = evaluate(checkpoint, "test", source, console=console)
+    run_dir = Path(cfg.run_dir)
+    report.write_json(run_dir / "test_report.json")
+    report.plot(run_dir / "test_confusion.png")
+    console.print(report.tables())
+    console.print(f"test report: {run_dir / 'test_report.json'}")
