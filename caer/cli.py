@@ -270,6 +270,31 @@ def eval_(
         console.print(f"confusion matrix picture: {plot}")
 
 
+@app.command(rich_help_panel="Start here")
+@friendly_errors
+def demo(
+    out: Annotated[Optional[Path], typer.Option(help="Folder for everything the demo writes [default: ./caer-demo-<time>].")] = None,
+    clips: Annotated[int, typer.Option(help="Clips in the synthetic dataset.")] = 250,
+    frames: Annotated[int, typer.Option(help="Mean frames per clip.")] = 8,
+    epochs: Annotated[Optional[int], typer.Option(help="Stage-2 epochs [default: configs/tiny.yaml's].")] = None,
+    model: Annotated[str, typer.Option(help="open_clip model; the default is the offline tiny one.")] = "caer-tiny",
+    pretrained: Annotated[Optional[str], typer.Option(help="Weights for --model: an open_clip tag or a local file [default: random tiny weights].")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "cpu",
+):
+    """Run the whole pipeline offline: synth -> extract -> stages 1, 2, 3 -> test report (a minute or two on a laptop).
+
+    Examples:
+      [cyan]caer demo[/]
+      [cyan]caer demo --model ViT-B-32 --pretrained openai --device auto[/]
+    """
+    import time as _time
+
+    from .pipeline.demo import demo as run_demo
+
+    out = out or Path(f"caer-demo-{_time.strftime('%Y%m%d-%H%M%S')}")
+    run_demo(out, clips, frames, epochs, model, pretrained, device, console)
+
+
 def main() -> None:
     app()
 

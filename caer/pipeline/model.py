@@ -127,23 +127,27 @@ class PromptLearner(nn.Module):
         return F.normalize(encode_text_embeddings(clip_model, self.embeddings(), self.tokens), dim=-1)
 
 
-def slerp(a: torch.Tensor, b: torch.Tensor, weight: float, eps: float = 1e-4) -> torch.Tensor:
+def slerp(a: torch.Tensor, b: torch.Tensor, weight: float, eps: float = 1e-5) -> torch.Tensor:
     """Spherical interpolation from unit vectors ``a`` towards ``b`` (broadcast over leading dims).
 
-    Near-parallel pairs fall back to lerp + renormalise; antiparallel pairs (no unique arc) turn
-    towards a fixed direction orthogonal to ``a``. Finite values and gradients everywhere.
+    Near-parallel pairs (cos > 1 - eps) fall back to lerp + renormalise; near-antiparallel pairs
+    (cos < -1 + eps: no unique arc) turn towards a fixed direction orthogonal to ``a``. Finite
+    values and gradients everywhere.
     """
     dot = (a * b).sum(-1, keepdim=True)
+    # decide on the cosine, not on sin(theta): the clamp keeps sin(theta) >= ~1.4e-3, so a test on
+    # sin(theta) < eps never fired and antiparallel pairs came out shorter than unit (zero at weight 0.5)
+    near = dot.abs() > 1 - eps
     theta = torch.acos(dot.clamp(-1 + 1e-6, 1 - 1e-6))
     sin = torch.sin(theta)
-    safe = torch.where(sin < eps, torch.ones_like(sin), sin)
+    safe = torch.where(near, torch.ones_like(sin), sin)
     arc = (torch.sin((1 - weight) * theta) * a + torch.sin(weight * theta) * b) / safe
     lerp = F.normalize((1 - weight) * a + weight * b, dim=-1, eps=1e-12)
     # orthogonal helper for antiparallel pairs: Gram-Schmidt of the basis vector where |a| is smallest
     basis = F.one_hot(a.abs().argmin(-1), a.shape[-1]).to(a.dtype)
     ortho = F.normalize(basis - (basis * a).sum(-1, keepdim=True) * a, dim=-1)
     turn = math.cos(weight * math.pi) * a + math.sin(weight * math.pi) * ortho
-    return torch.where(sin < eps, torch.where(dot > 0, lerp, turn), arc)
+    return torch.where(near, torch.where(dot > 0, lerp, turn), arc)
 
 
 def _per_frame(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

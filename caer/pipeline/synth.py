@@ -74,10 +74,11 @@ def synthesise(s: SynthSettings) -> dict:
     labels = np.arange(s.clips) % s.classes
     rng.shuffle(labels)
     split_of = np.array(["train"] * s.clips, dtype=object)
-    order = rng.permutation(s.clips)
-    n_val = n_test = max(s.classes, s.clips // 5)
-    split_of[order[:n_val]] = "val"
-    split_of[order[n_val : n_val + n_test]] = "test"
+    for k in range(s.classes):  # stratified: each split holds every class in the same proportion
+        members = rng.permutation(np.flatnonzero(labels == k))
+        n_held = max(1, len(members) // 5)
+        split_of[members[:n_held]] = "val"
+        split_of[members[n_held : 2 * n_held]] = "test"
     face_boxes: dict[str, dict[str, list[int]]] = {}
     body_boxes: dict[str, list[int]] = {}
     lines: dict[str, list[str]] = {"train": [], "val": [], "test": []}

@@ -1,0 +1,166 @@
+"""The stages on the synthetic dataset (SPEC section 7): frozen means frozen, and the cache path gives the raw path's
+logits to float16 precision."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from rich.console import Console
+from torch.utils.data import default_collate
+
+from caer.cache import FeatureCache
+from caer.pipeline import train as train_module
+from caer.pipeline.config import load_config
+from caer.pipeline.train import batch_logits, build_model, split_dataset, train_stage
+
+from conftest import assert_fp16_equal
+
+
+def make_config(dataset, cache, weights, run_dir, **overrides):
+    train_list, val_list, test_list = map(str, dataset.annotations)
+    values = dict(
+        pretrained=str(weights), train_list=train_list, val_list=val_list, test_list=test_list, cache=str(cache),
+        face_boxes=str(dataset.face_boxes), run_dir=str(run_dir), workers=0, device="cpu",
+        epochs_stage1=1, epochs_stage2=1, epochs_stage3=1, batch_size=1,  # 2 training clips: 2 steps per epoch
+    )
+    return load_config("tiny", values | overrides)
+
+
+# ------------------------------------------------------------------------------------------ frozen means frozen
+
+def snapshot(model: torch.nn.Module) -> dict[str, bytes]:
+    """Bytes of every parameter and every buffer (non-persistent ones included), by name."""
+    out = {f"param {n}": p.detach().cpu().numpy().tobytes() for n, p in model.named_parameters()}
+    out |= {f"buffer {n}": b.detach().cpu().numpy().tobytes() for n, b in model.named_buffers()}
+    return out
+
+
+@pytest.fixture
+def held_models(monkeypatch):
+    """Hold on to the model train_stage builds, with a snapshot of its bytes taken before any training."""
+    held = []
+    real = train_module.build_model
+
+    def spy(*args, **kwargs):
+        model, clip = real(*args, **kwargs)
+        held.append((model, snapshot(model)))
+        return model, clip
+
+    monkeypatch.setattr(train_module, "build_model", spy)
+    return held
+
+
+TEMPORAL = ("adapter.", "temporal_face.", "temporal_context.", "fusion.", "norm_face.", "norm_context.")
+
+
+def trainable(stage: int, name: str) -> bool:
+    """What SPEC section 7's table says a stage trains (``name`` without the param/buffer prefix)."""
+    if stage == 1:
+        return name == "prompt_learner.ctx"
+    if stage == 2:
+        return name.startswith(TEMPORAL)
+    return name == "prompt_learner.ctx" or name.startswith(TEMPORAL) or name.startswith("clip.visual.")
+
+
+def may_change(stage: int, key: str) -> bool:
+    kind, name = key.split(" ", 1)
+    if kind == "param":
+        return trainable(stage, name)
+    # BatchNorm running statistics follow their module: updated only while it trains
+    return trainable(stage, name) and name.startswith(("norm_face.", "norm_context.", "clip.visual."))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_frozen_means_frozen(stage, dataset, zarr_cache, weights, tmp_path, held_models):
+    cfg = make_config(dataset, zarr_cache[0], weights, tmp_path / "run", stage=stage)
+    result = train_stage(cfg, stage, Console(file=io.StringIO(), width=200))
+    (model, before), = held_models
+    after = snapshot(model)
+    assert before.keys() == after.keys()
+
+    frozen = [k for k in before if not may_change(stage, k)]
+    assert any(k.startswith("param clip.transformer.") for k in frozen)  # the text tower is among them
+    assert "buffer t_desc" in frozen and "buffer prompt_learner.suffix" in frozen
+    if stage != 3:
+        assert any(k.startswith("param clip.visual.") for k in frozen)
+    if stage == 1:  # BatchNorm of the frozen temporal side: its running statistics must not move
+        assert "buffer norm_face.running_mean" in frozen and "buffer norm_context.running_var" in frozen
+    changed_frozen = [k for k in frozen if before[k] != after[k]]
+    assert not changed_frozen, f"stage {stage} changed frozen tensors: {changed_frozen[:10]}"
+
+    params = [k for k in before if k.startswith("param ") and may_change(stage, k)]
+    unchanged = [k for k in params if before[k] == after[k]]
+    assert params and not unchanged, f"stage {stage} left trainable parameters untouched: {unchanged[:10]}"
+    if stage == 3:
+        assert any(k.startswith("param clip.visual.") for k in params)  # the image encoder did change
+
+    # the saved checkpoint holds exactly the trained weights (and CLIP's image tower only once it has changed)
+    ckpt = torch.load(result.last_path, map_location="cpu", weights_only=False)
+    live = model.state_dict()
+    assert ckpt["model"] and all(torch.equal(v, live[k]) for k, v in ckpt["model"].items())
+    assert any(k.startswith("clip.visual.") for k in ckpt["model"]) == (stage == 3)
+    assert not any(k.startswith("clip.") and not k.startswith("clip.visual.") for k in ckpt["model"])
+
+
+# ------------------------------------------------------------------------------------------ cache == raw
+
+FP16_UNIT_ROUNDOFF = 2.0**-11
+
+
+def gather(dataset, keys):
+    return default_collate([dataset[k] for k in keys])
+
+
+@pytest.mark.parametrize("split, train", [("val", False), ("train", True), ("test", True)])
+def test_cache_and_raw_give_the_same_logits(split, train, dataset, zarr_cache, weights, tmp_path):
+    # T = 4 < every clip's length but one, so training-time sampling really draws frames
+    cfg = make_config(dataset, zarr_cache[0], weights, tmp_path / "run", num_frames=4)
+    cache = FeatureCache.open(zarr_cache[0])
+    assert cache.views == 2  # the conftest cache holds the flipped view
+    device = torch.device("cpu")
+    model, clip = build_model(cfg, device)
+    model.eval()  # no dropout; BatchNorm uses its running statistics
+    with torch.no_grad():
+        model.adapter.up.weight.normal_(0, 0.05)  # a non-identity adapter, so the whole face path is exercised
+        text = model.text_features()
+    cached = split_dataset(cfg, split, train, clip, cache, "cache")
+    raw = split_dataset(cfg, split, train, clip, cache, "raw")
+    assert len(cached) == len(raw) and cached.labels == raw.labels
+
+    epochs = range(3) if train else range(1)
+    flips, frames_by_epoch = [], []
+    for epoch in epochs:
+        keys = [(i, epoch) for i in range(len(cached))]
+        bc, br = gather(cached, keys), gather(raw, keys)
+        assert bc[0].dtype == torch.float16 and torch.equal(bc[2], br[2]) and torch.equal(bc[3], br[3])
+        flips += br[1].tolist()
+        with torch.no_grad():
+            logits_cache = batch_logits(model, bc, "cache", text, device)
+            logits_raw = batch_logits(model, br, "raw", text, device)
+            feats = model.encode_frames(br[0], br[1])  # the raw path's per-frame features [B, T, 2, D]
+            logits_rounded = model(feats[:, :, 0].half().float(), feats[:, :, 1].half().float(), text)
+        # the same frames and the same view: the cached features are the raw ones stored in float16
+        assert_fp16_equal(bc[0].numpy(), feats[:, :, 0].numpy(), f"{split} epoch {epoch} face")
+        assert_fp16_equal(bc[1].numpy(), feats[:, :, 1].numpy(), f"{split} epoch {epoch} context")
+        frames_by_epoch.append(bc[0])
+
+        # Tolerance: float16 storage perturbs each feature by at most a relative 2^-11 (~4.9e-4). Logits are
+        # cos(z, t) / tau with |cos| <= 1, so they live on a scale of 1 / tau; allowing the model a gain of 2 on
+        # that relative perturbation gives atol = 2 * 2^-11 / tau (~9.8e-3 at tau = 0.1). We see ~2e-4.
+        atol = 2 * FP16_UNIT_ROUNDOFF / cfg.temperature
+        diff = (logits_cache - logits_raw).abs().max().item()
+        assert diff <= atol, f"{split} epoch {epoch}: cache and raw logits differ by {diff:.3g} > {atol:.3g}"
+        assert diff > 0  # sanity: the raw path really ran in float32, it is not reading the cache
+        # and the whole difference is the float16 storage: rounding the raw features reproduces the cache's logits
+        assert torch.allclose(logits_cache, logits_rounded, atol=atol / 10, rtol=0)
+        margin = logits_raw.topk(2, dim=1).values
+        clear = (margin[:, 0] - margin[:, 1]) > 2 * atol
+        assert torch.equal(logits_cache.argmax(1)[clear], logits_raw.argmax(1)[clear])
+
+    if train:  # both views were drawn, and the frames changed with the epoch
+        assert any(flips) and not all(flips), flips
+        assert any(not torch.equal(frames_by_epoch[0], f) for f in frames_by_epoch[1:])
+    else:
+        assert not any(flips)
