@@ -1,0 +1,243 @@
+"""Benchmark: does `caer extract` keep the image encoder busy?
+
+Measures, with the same model, device, batch size and autocast:
+  (a) the bare encoder's images/s on ready, already-normalised tensors on the device, and
+  (b) `caer extract`'s images/s end to end (decode, crop, letterbox, resize in DataLoader workers;
+      normalise + encode on the device; write float16 features) on a synthetic RAER dataset,
+and prints both and their ratio. The goal is a ratio of at least 0.85: decoding, cropping and
+writing should hide behind the encoder. Model loading and warm-up are outside both timings.
+
+Not a test: run it by hand, e.g.
+
+    .venv/bin/python bench/extract.py                                   # ViT-B-32, random weights
+    .venv/bin/python bench/extract.py --model caer-tiny --clips 20      # a quick smoke run
+    .venv/bin/python bench/extract.py --device cuda --workers 12 --repeat 40
+
+Images are counted as the encoder sees them: 2 per frame (face, context) times --views.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from caer.cache.store import CacheWriter
+from caer.pipeline import extract as extract_module
+from caer.pipeline.encoder import autocast, load_clip, resolve_device
+from caer.pipeline.extract import ExtractSettings, extract
+from caer.pipeline.synth import SynthSettings, synthesise
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "cores usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch": torch.__version__,
+        "torch threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+        "python": platform.python_version(),
+    }
+    try:
+        info["load average (1 min)"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    return info
+
+
+def make_dataset(root: Path, args) -> tuple[list[Path], Path]:
+    """A synthetic RAER dataset; --repeat lists every clip R times (as symlinked clip dirs) to make it longer cheaply."""
+    synthesise(SynthSettings(root / "base", clips=args.clips, frames=args.frames, width=args.width, height=args.height,
+                             seed=args.seed))
+    base_boxes = json.loads((root / "base" / "face_boxes.json").read_text())
+    lines, boxes = [], {}
+    for r in range(args.repeat):
+        for split in ("train", "val", "test"):
+            for line in (root / "base" / f"{split}.txt").read_text().split("\n"):
+                if not line.strip():
+                    continue
+                clip_dir, n, label = line.split()
+                new = f"copy{r}/{clip_dir}"
+                (root / new).parent.mkdir(parents=True, exist_ok=True)
+                (root / new).symlink_to((root / "base" / clip_dir).resolve(), target_is_directory=True)
+                boxes[new] = base_boxes[clip_dir]
+                lines.append(f"{new} {n} {label}")
+    (root / "all.txt").write_text("\n".join(lines) + "\n")
+    (root / "warmup.txt").write_text("\n".join(lines[:4]) + "\n")
+    (root / "face_boxes.json").write_text(json.dumps(boxes))
+    return [root / "all.txt"], root / "face_boxes.json"
+
+
+def time_encoder(clip_model, batch_size: int, use_amp: bool, seconds: float) -> tuple[float, int]:
+    """Images/s of ``encode_image`` alone on a ready, normalised batch already on the device."""
+    device = clip_model.device
+    size = clip_model.preprocess.image_size
+    pixels = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=device)
+    x = clip_model.preprocess.normalize(pixels)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.no_grad(), autocast(device, use_amp):
+        for _ in range(3 if device.type == "cuda" else 1):  # warm-up
+            clip_model.model.encode_image(x)
+        sync()
+        start, n = time.perf_counter(), 0
+        while True:
+            clip_model.model.encode_image(x)
+            n += 1
+            if n % 5 == 0 or device.type != "cuda":
+                sync()
+                if time.perf_counter() - start >= seconds:
+                    break
+        sync()
+        elapsed = time.perf_counter() - start
+    return n * batch_size / elapsed, n
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="ViT-B-32", help="open_clip model (caer-tiny for a quick run)")
+    p.add_argument("--pretrained", default="random", help="weights: 'random' (no download), a tag, or a file")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--views", type=int, default=1)
+    p.add_argument("--clips", type=int, default=60, help="synthetic clips (before --repeat)")
+    p.add_argument("--frames", type=int, default=24, help="mean frames per clip")
+    p.add_argument("--width", type=int, default=320)
+    p.add_argument("--height", type=int, default=240)
+    p.add_argument("--repeat", type=int, default=1, help="list every clip this many times (symlinks): a longer run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", default="zarr", choices=["zarr", "h5"])
+    p.add_argument("--encoder-seconds", type=float, default=10.0, help="how long to time the bare encoder")
+    p.add_argument("--no-amp", action="store_true", help="no autocast on CUDA")
+    p.add_argument("--profile", action="store_true", help="cProfile the main process during extraction")
+    p.add_argument("--writer-threads", type=int, help="diagnostic: run extract's store writes on N threads")
+    p.add_argument("--diagnose", action="store_true",
+                   help="also time extraction with store writes disabled, and with writes and encoder disabled")
+    p.add_argument("--keep", action="store_true", help="keep the temporary dataset and cache")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args(argv)
+    use_amp = not args.no_amp
+
+    device = resolve_device(args.device)
+    print("machine:", json.dumps(machine()))
+    tmp = Path(tempfile.mkdtemp(prefix="caer-bench-"))
+    try:
+        t = time.perf_counter()
+        annotations, face_boxes = make_dataset(tmp, args)
+        print(f"dataset: {tmp} ({time.perf_counter() - t:.1f} s to make)", flush=True)
+        clip_model = load_clip(args.model, args.pretrained, device)
+        size = clip_model.preprocess.image_size
+
+        enc_ips, iters = time_encoder(clip_model, args.batch_size, use_amp, args.encoder_seconds)
+        print(f"encoder only: {enc_ips:,.1f} images/s ({iters} batches of {args.batch_size}, {size} px)", flush=True)
+
+        def settings(ann: list[Path], out: Path) -> ExtractSettings:
+            return ExtractSettings(annotations=ann, out=out, face_boxes=face_boxes, root=tmp, views=args.views,
+                                   format=args.format, batch_size=args.batch_size, workers=args.workers,
+                                   use_amp=use_amp, num_classes=5)
+
+        from rich.console import Console
+
+        quiet = Console(file=open(os.devnull, "w"))
+        if args.writer_threads:
+            extract_module.ThreadPoolExecutor = lambda max_workers: ThreadPoolExecutor(max_workers=args.writer_threads)
+        suffix = ".h5" if args.format == "h5" else ".zarr"
+        extract(settings([tmp / "warmup.txt"], tmp / f"warmup{suffix}"), clip_model, quiet)  # warm-up
+
+        # time spent in the device step (H2D copy, normalise, encode, D2H; it waits for the GPU)
+        encode_time = [0.0]
+        encode_pixels = extract_module.encode_pixels
+
+        def timed_encode(*a, **kw):
+            start = time.perf_counter()
+            try:
+                return encode_pixels(*a, **kw)
+            finally:
+                encode_time[0] += time.perf_counter() - start
+
+        extract_module.encode_pixels = timed_encode
+        profiler = None
+        if args.profile:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
+        start = time.perf_counter()
+        summary = extract(settings(annotations, tmp / f"bench{suffix}"), clip_model, quiet)
+        wall = time.perf_counter() - start
+        if profiler:
+            profiler.disable()
+        extract_module.encode_pixels = encode_pixels
+
+        images = summary.frames * 2 * args.views
+        ext_ips = images / wall
+        print(f"caer extract: {ext_ips:,.1f} images/s ({summary.clips_extracted} clips, {summary.frames} frames, "
+              f"{images} images in {wall:.1f} s; {summary.frames_without_face} frames without a face box; "
+              f"workers {args.workers}, batch {args.batch_size}, views {args.views}, {args.width}x{args.height} JPEGs)")
+        print(f"  of which in the device step (copy in, normalise, encode, copy out): {encode_time[0]:.1f} s "
+              f"({100 * encode_time[0] / wall:.0f}%); the bare encoder would need {images / enc_ips:.1f} s")
+        ratio = ext_ips / enc_ips
+        verdict = "meets" if ratio >= 0.85 else "misses"
+        print(f"ratio extract / encoder: {ratio:.3f} ({verdict} the 0.85 goal)")
+        if profiler:
+            import pstats
+
+            pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(25)
+        diagnostics = {}
+        if args.diagnose:
+            # Where the time goes: the same extraction with parts switched off (their features are not kept).
+            write = CacheWriter.write
+            dim, views = clip_model.embed_dim, args.views
+            switched = {
+                "no store writes": (lambda self, *a: None, None),
+                "no store writes, no encoder (decode + pack only)": (
+                    lambda self, *a: None,
+                    lambda clip, px, *a: torch.zeros(len(px), views, dim, dtype=torch.float16)),
+            }
+            for i, (name, (fake_write, fake_encode)) in enumerate(switched.items()):
+                CacheWriter.write = fake_write
+                if fake_encode:
+                    extract_module.encode_pixels = fake_encode
+                try:
+                    start = time.perf_counter()
+                    extract(settings(annotations, tmp / f"diag{i}{suffix}"), clip_model, quiet)
+                    seconds = time.perf_counter() - start
+                finally:
+                    CacheWriter.write, extract_module.encode_pixels = write, encode_pixels
+                diagnostics[name] = images / seconds
+                print(f"  {name}: {images / seconds:,.1f} images/s ({seconds:.1f} s)", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps({
+                "machine": machine(), "device": str(device), "model": args.model, "batch_size": args.batch_size,
+                "workers": args.workers, "views": args.views, "frame_size": [args.width, args.height],
+                "encoder_images_per_s": enc_ips, "extract_images_per_s": ext_ips, "ratio": ratio,
+                "frames": summary.frames, "extract_seconds": wall, "device_step_seconds": encode_time[0],
+                "writer_threads": args.writer_threads, "diagnostics": diagnostics,
+            }, indent=1))
+    finally:
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

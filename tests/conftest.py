@@ -1,0 +1,206 @@
+"""Shared fixtures: one small synthetic RAER dataset, tiny random CLIP weights, and one extracted cache.
+
+Everything here is offline: the encoder is the tiny ``caer-tiny`` config from ``configs/clip`` with
+randomly initialised weights saved to a file, exactly as a user would pass a local checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from caer.pipeline.encoder import load_clip, save_random_weights
+from caer.pipeline.extract import ExtractSettings, extract
+from caer.pipeline.synth import SynthSettings, synthesise
+
+# The tiny model's tensors are far too small to gain from intra-op threads, and on a 2-core machine with
+# anything else running, OpenMP spin-waiting makes a 2-thread forward pass ~100x slower than 1 thread.
+torch.set_num_threads(1)
+
+MODEL = "caer-tiny"
+NUM_CLASSES = 5
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    root: Path
+
+    @property
+    def annotations(self) -> list[Path]:
+        return [self.root / f"{s}.txt" for s in SPLITS]
+
+    @property
+    def face_boxes(self) -> Path:
+        return self.root / "face_boxes.json"
+
+    @property
+    def body_boxes(self) -> Path:
+        return self.root / "body_boxes.json"
+
+    def lines(self) -> list[tuple[Path, int, str]]:
+        """(annotation file, 1-based line number, clip dir) of every clip, in extraction order."""
+        out = []
+        for ann in self.annotations:
+            for n, line in enumerate(ann.read_text().splitlines(), start=1):
+                if line.strip():
+                    out.append((ann, n, line.split()[0]))
+        return out
+
+    def video_ids(self) -> list[str]:
+        return [v for _, _, v in self.lines()]
+
+    def boxes(self) -> dict:
+        return json.loads(self.face_boxes.read_text())
+
+    def copy(self, dest: Path) -> "Dataset":
+        shutil.copytree(self.root, dest)
+        return Dataset(dest)
+
+
+def extract_args(ds: Dataset, out: Path, weights: Path, *extra: str) -> list[str]:
+    """The `caer extract` arguments for ``ds`` with the tiny model (CLI form, without the program name)."""
+    return [
+        "extract", *map(str, ds.annotations), "--face-boxes", str(ds.face_boxes), "--out", str(out),
+        "--model", MODEL, "--pretrained", str(weights), "--device", "cpu", "--num-classes", str(NUM_CLASSES),
+        *extra,
+    ]
+
+
+def run_cli(args: list[str]):
+    """Run the `caer` Typer app in-process; returns click's Result (exit_code, output, stderr)."""
+    from caer.cli import app
+
+    return CliRunner().invoke(app, args)
+
+
+def squash(text: str) -> str:
+    """Text without any whitespace: rich wraps long lines (paths) at the console width."""
+    return re.sub(r"\s+", "", text)
+
+
+def assert_in_output(fragment: str, output: str) -> None:
+    assert squash(fragment) in squash(output), f"{fragment!r} not in output:\n{output}"
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Dataset:
+    """12 clips of 3..9 frames (128x96 JPEGs), some frames without a face box. Read-only: copy to change it."""
+    root = tmp_path_factory.mktemp("synth") / "ds"
+    synthesise(SynthSettings(root, clips=12, frames=6, classes=NUM_CLASSES, seed=0))
+    return Dataset(root)
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory) -> Path:
+    return save_random_weights(MODEL, tmp_path_factory.mktemp("weights") / "tiny.pt", seed=0)
+
+
+@pytest.fixture(scope="session")
+def clip_model(weights):
+    return load_clip(MODEL, str(weights), "cpu")
+
+
+def settings_for(ds: Dataset, out: Path, **kw) -> ExtractSettings:
+    base = dict(annotations=ds.annotations, out=out, face_boxes=ds.face_boxes, num_classes=NUM_CLASSES,
+                views=2, batch_size=16, workers=0)
+    return ExtractSettings(**(base | kw))
+
+
+@pytest.fixture(scope="session")
+def zarr_cache(tmp_path_factory, dataset, clip_model):
+    """The dataset extracted once into Zarr (views 2, in-process, no workers): (path, summary)."""
+    out = tmp_path_factory.mktemp("cache") / "features.zarr"
+    summary = extract(settings_for(dataset, out), clip_model)
+    return out, summary
+
+
+@pytest.fixture(scope="session")
+def h5_cache(tmp_path_factory, dataset, weights):
+    """The same extraction into HDF5, through the CLI and with 2 DataLoader worker processes."""
+    out = tmp_path_factory.mktemp("cache") / "features.h5"
+    result = run_cli(extract_args(dataset, out, weights, "--views", "2", "--batch-size", "16", "--workers", "2"))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+# --------------------------------------------------------------------------- the independent reference
+
+class Reference:
+    """open_clip used directly, as a user would: its own model, checkpoint loader and eval transform.
+
+    Crops are made here with PIL from the SPEC's words, not with ``caer.pipeline.data``, and go through
+    open_clip's full transform, not through caer's worker/device split of it.
+    """
+
+    def __init__(self, weights: Path, margin: float = 20):
+        import open_clip
+
+        from caer.pipeline.encoder import CLIP_CONFIG_DIR
+
+        open_clip.add_model_config(CLIP_CONFIG_DIR)
+        model, _, self.transform = open_clip.create_model_and_transforms(MODEL, pretrained=None)
+        open_clip.load_checkpoint(model, str(weights))
+        self.model = model.eval()
+        self.margin = margin
+
+    @staticmethod
+    def letterbox(img):
+        from PIL import Image
+
+        side = max(img.size)
+        canvas = Image.new("RGB", (side, side), (0, 0, 0))
+        canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+        return canvas
+
+    def crops(self, frame: Path, box, body=None):
+        """(face crop, context view) of a frame: box grown by the margin and clipped; whole frame letterboxed."""
+        from PIL import Image
+
+        with Image.open(frame) as f:
+            img = f.convert("RGB")
+        face = img
+        if box is not None:
+            l, t, r, b = box
+            m = self.margin
+            face = img.crop((max(0, l - m), max(0, t - m), min(img.width, r + m), min(img.height, b + m)))
+        context = img
+        if body is not None:
+            l, t, r, b = body
+            context = img.crop((max(0, l), max(0, t), min(img.width, r), min(img.height, b)))
+        return face, self.letterbox(context)
+
+    def encode(self, images, flip: bool = False):
+        """float32 numpy [N, D] features of PIL images; ``flip`` mirrors the preprocessed tensors (view 1)."""
+        import torch
+
+        x = torch.stack([self.transform(img) for img in images])
+        if flip:
+            x = x.flip(-1)
+        with torch.no_grad():
+            return self.model.encode_image(x).numpy()
+
+
+@pytest.fixture(scope="session")
+def reference(weights) -> Reference:
+    return Reference(weights)
+
+
+def assert_fp16_equal(cached, expected, what: str = "") -> None:
+    """``cached`` (float16) is ``expected`` (float32) to float16 precision: within one float16 ulp."""
+    import numpy as np
+
+    cached = np.asarray(cached)
+    expected = np.asarray(expected, dtype=np.float32)
+    assert cached.dtype == np.float16 and cached.shape == expected.shape, (what, cached.dtype, cached.shape, expected.shape)
+    ulp = np.spacing(np.abs(expected).astype(np.float16)).astype(np.float32)
+    err = np.abs(cached.astype(np.float32) - expected)
+    worst = np.unravel_index(np.argmax(err / ulp), err.shape)
+    assert (err <= ulp).all(), f"{what}: off by {err[worst]:.3g} ({err[worst] / ulp[worst]:.2f} ulp) at {worst}"
