@@ -38,7 +38,7 @@ def friendly_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (DataError, CacheError, ValueError, FileNotFoundError) as err:
-            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, markup=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -103,7 +103,7 @@ def extract(
     format: Annotated[str, typer.Option(help="zarr, h5, or auto (by the --out suffix).", rich_help_panel=OUTPUT)] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace a cache that was extracted with other settings.", rich_help_panel=OUTPUT)] = False,
     batch_size: Annotated[int, typer.Option(help="Images per encoder batch.", rich_help_panel=RUNTIME)] = 256,
-    workers: Annotated[int, typer.Option(help="Decoding/cropping worker processes.", rich_help_panel=RUNTIME)] = 4,
+    workers: Annotated[Optional[int], typer.Option(help="Decoding/cropping worker processes [default: CPU cores - 1, at most 16].", rich_help_panel=RUNTIME)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=RUNTIME)] = "auto",
     use_amp: Annotated[bool, typer.Option(help="Autocast (bf16/fp16) on CUDA.", rich_help_panel=RUNTIME)] = True,
 ):
@@ -119,8 +119,10 @@ def extract(
     settings = ExtractSettings(
         annotations=annotations, out=out, face_boxes=face_boxes, root=root, body_boxes=body_boxes, crop_body=crop_body,
         margin=margin, views=views, frame_stride=frame_stride, num_classes=num_classes, format=format,
-        batch_size=batch_size, workers=workers, use_amp=use_amp, skip_bad=skip_bad, overwrite=overwrite,
+        batch_size=batch_size, use_amp=use_amp, skip_bad=skip_bad, overwrite=overwrite,
     )
+    if workers is not None:
+        settings.workers = workers
     if from_checkpoint is not None:
         from .pipeline.train import clip_from_checkpoint
 

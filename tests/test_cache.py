@@ -143,8 +143,7 @@ def test_format_flag_overrides_the_suffix(tmp_path, dataset, weights):
 
 def test_disjoint_writers_share_one_zarr_store(tmp_path):
     """Several writers (later: one per GPU) write disjoint clips into one store at the same time."""
-    fp = fingerprint({"model": "m"}, margin=20, crop_body=False, views=1, frame_stride=1,
-                     face_boxes_sha256="x", body_boxes_sha256=None)
+    fp = fingerprint({"model": "m"}, margin=20, crop_body=False, views=1, frame_stride=1)
     out = tmp_path / "shared.zarr"
     writers = [CacheWriter(out, fp), CacheWriter(out, fp)]
     rng = np.random.default_rng(0)

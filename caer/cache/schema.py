@@ -7,7 +7,7 @@
         skipped             ["file:line: reason", ...] clips left out by --skip-bad
         summary             the last extraction's summary numbers
     /clips/<key>            float16 [2 streams (face, context), views, frames, D]; one chunk per clip
-        video_id, label (0-based), frame_names, frames_without_face, done
+        video_id, label (0-based), frame_names, frames_without_face, boxes_sha256, done
 
 ``<key>`` is the video id with "/" and "%" percent-escaped. A clip counts only once ``done`` is
 true, which is written after its features. In HDF5 every attribute value is a JSON string.
@@ -26,16 +26,17 @@ def clip_key(video_id: str) -> str:
     return urllib.parse.quote(video_id, safe="")
 
 
-def fingerprint(encoder_identity: dict, *, margin: float, crop_body: bool, views: int, frame_stride: int,
-                face_boxes_sha256: str, body_boxes_sha256: str | None) -> dict:
-    """The record that says whether two caches hold comparable features."""
+def fingerprint(encoder_identity: dict, *, margin: float, crop_body: bool, views: int, frame_stride: int) -> dict:
+    """The record that says whether two caches hold comparable features.
+
+    The boxes are not in it: each clip records a digest of its own boxes (``boxes_sha256``), so
+    fixing one clip's boxes redoes that clip only.
+    """
     return {
         "schema": SCHEMA_VERSION,
         "encoder": encoder_identity,
         "margin": margin,
         "crop_body": crop_body,
-        "body_boxes_sha256": body_boxes_sha256 if crop_body else None,
-        "face_boxes_sha256": face_boxes_sha256,
         "views": views,
         "frame_stride": frame_stride,
         "dtype": "float16",

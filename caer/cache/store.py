@@ -89,10 +89,12 @@ class CacheWriter:
                     + "\nUse another output path, or --overwrite to replace it."
                 )
         self._open_zarr()
-        self.done: set[str] = set(_zarr_done_clips(self.zarr_path))
+        self.done: dict[str, dict] = {}  # key -> attributes of every finished clip
         if self.format == "h5" and self.path.exists():
             with h5py.File(self.path, "r") as f:
-                self.done |= set(f[CLIPS].keys()) if CLIPS in f else set()
+                for key, ds in f.get(CLIPS, {}).items():
+                    self.done[key] = {a: json.loads(v) for a, v in ds.attrs.items()}
+        self.done.update(_zarr_done_clips(self.zarr_path))
 
     def _existing_attrs(self) -> dict | None:
         attrs = None
@@ -139,7 +141,7 @@ class CacheWriter:
         )
         arr[...] = data
         arr.attrs["done"] = True
-        self.done.add(key)
+        self.done[key] = {"video_id": video_id, **attrs, "done": True}
 
     def finish(self, splits: dict[str, list[str]], skipped: list[str], summary: dict) -> None:
         """Record splits, skipped clips and the summary; for HDF5, build the final file."""

@@ -8,6 +8,7 @@ Layout (README, "Data format"):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -201,6 +202,15 @@ class ViewMaker:
     body_boxes: dict[str, Box] = field(default_factory=dict)
     margin: float = 20.0
     crop_body: bool = False
+
+    def has_face_boxes(self, clip: Clip) -> bool:
+        return clip_lookup_key(clip.video_id) in self.face_boxes
+
+    def boxes_digest(self, clip: Clip) -> str:
+        """SHA-256 of the boxes that shape this clip's views (recorded per clip in the cache)."""
+        key = clip_lookup_key(clip.video_id)
+        boxes = {"face": self.face_boxes.get(key), "body": self.body_boxes.get(key) if self.crop_body else None}
+        return hashlib.sha256(json.dumps(boxes, sort_keys=True).encode()).hexdigest()
 
     def views(self, clip: Clip, frame: Path) -> tuple[Image.Image, Image.Image, bool]:
         """(face crop, letterboxed context view, whether the frame had a face box)."""

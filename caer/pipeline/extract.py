@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -15,7 +16,15 @@ from rich.table import Table
 
 from ..cache import CacheWriter, clip_key, fingerprint
 from .data import BadClip, Clip, DataError, ViewMaker, load_body_boxes, load_face_boxes, read_annotations
-from .encoder import ClipModel, Preprocess, autocast, file_sha256
+from .encoder import ClipModel, Preprocess, autocast
+
+
+MAX_PENDING_WRITES = 64
+
+
+def default_workers() -> int:
+    """Decoding processes: all cores but one for the main process, at most 16."""
+    return max(1, min(16, (os.cpu_count() or 2) - 1))
 
 
 @dataclass
@@ -32,7 +41,7 @@ class ExtractSettings:
     num_classes: int = 5
     format: str = "auto"
     batch_size: int = 256
-    workers: int = 4
+    workers: int = field(default_factory=default_workers)
     use_amp: bool = True
     skip_bad: bool = False
     overwrite: bool = False
@@ -178,14 +187,20 @@ def extract(settings: ExtractSettings, clip_model: ClipModel, console: Console |
     )
     if settings.crop_body and not settings.body_boxes:
         raise ValueError("--crop-body needs --body-boxes")
-    fp = fingerprint(
-        clip_model.identity(), margin=settings.margin, crop_body=settings.crop_body, views=settings.views,
-        frame_stride=settings.frame_stride, face_boxes_sha256=file_sha256(settings.face_boxes),
-        body_boxes_sha256=file_sha256(settings.body_boxes) if settings.body_boxes else None,
-    )
+    fp = fingerprint(clip_model.identity(), margin=settings.margin, crop_body=settings.crop_body, views=settings.views,
+                     frame_stride=settings.frame_stride)
     writer = CacheWriter(settings.out, fp, settings.format, settings.overwrite)
-    todo = [c for c in clips if clip_key(c.video_id) not in writer.done]
+    digests = {c.video_id: view_maker.boxes_digest(c) for c in clips}
+    # a finished clip is redone only if its boxes changed since it was extracted
+    todo = [c for c in clips if writer.done.get(clip_key(c.video_id), {}).get("boxes_sha256") != digests[c.video_id]]
     summary = ExtractSummary(clips_total=len(clips), clips_already_done=len(clips) - len(todo))
+    unboxed = [c.video_id for c in clips if not view_maker.has_face_boxes(c)]
+    if unboxed:
+        console.print(
+            f"[yellow]warning:[/] {len(unboxed)} of {len(clips)} clips have no entry in {settings.face_boxes} "
+            f"(first: {unboxed[0]!r}); their face view is the whole frame. Check that the file's keys match "
+            f"the clip dirs (root-relative or joined to --root {root}).", highlight=False, soft_wrap=True,
+        )
 
     loader = torch.utils.data.DataLoader(
         ClipFrames(todo, view_maker, clip_model.preprocess, settings.frame_stride),
@@ -203,7 +218,10 @@ def extract(settings: ExtractSettings, clip_model: ClipModel, console: Console |
             n = len(item["frame_names"])
             # features arrive [frames * 2, views, D] in frame-major order -> [2, views, frames, D]
             array = feats.view(n, 2, settings.views, -1).permute(1, 2, 0, 3).numpy()
-            attrs = {"label": clip.label, "frame_names": item["frame_names"], "frames_without_face": item["no_face"]}
+            attrs = {"label": clip.label, "frame_names": item["frame_names"], "frames_without_face": item["no_face"],
+                     "boxes_sha256": digests[clip.video_id]}
+            if len(writes) >= MAX_PENDING_WRITES:  # keep the queue of features waiting to be written bounded
+                writes.pop(0).result()
             writes.append(pool.submit(writer.write, clip.video_id, array, attrs))
             summary.frames += n
             summary.frames_without_face += item["no_face"]
