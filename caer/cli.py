@@ -161,6 +161,7 @@ def train(
     epochs_stage2: Annotated[Optional[int], _opt(T_STAGE, "Epochs of stage 2.", field="epochs_stage2")] = None,
     epochs_stage3: Annotated[Optional[int], _opt(T_STAGE, "Epochs of stage 3.", field="epochs_stage3")] = None,
     unfreeze_last: Annotated[Optional[int], _opt(T_STAGE, "Stage 3: unfreeze only the last N encoder blocks.", field="unfreeze_last")] = None,
+    rotate_degrees: Annotated[Optional[float], _opt(T_STAGE, "Stage 3 augmentation: random rotation in [-r, r] degrees per clip (plus a random flip).", field="rotate_degrees")] = None,
     grad_accum: Annotated[Optional[int], _opt(T_STAGE, "Accumulate gradients over N batches.", field="grad_accum")] = None,
     grad_checkpointing: Annotated[Optional[bool], _opt(T_STAGE, "Stage 3: activation checkpointing in the image encoder.", "--grad-checkpointing/--no-grad-checkpointing", field="grad_checkpointing")] = None,
     train_list: Annotated[Optional[Path], _opt(T_DATA, "Training annotation file.", field="train_list")] = None,
@@ -276,7 +277,7 @@ def eval_(
 @friendly_errors
 def demo(
     out: Annotated[Optional[Path], typer.Option(help="Folder for everything the demo writes [default: ./caer-demo-<time>].")] = None,
-    clips: Annotated[int, typer.Option(help="Clips in the synthetic dataset.")] = 250,
+    clips: Annotated[int, typer.Option(help="Clips in the synthetic dataset.")] = 400,
     frames: Annotated[int, typer.Option(help="Mean frames per clip.")] = 8,
     epochs: Annotated[Optional[int], typer.Option(help="Stage-2 epochs [default: configs/tiny.yaml's].")] = None,
     model: Annotated[str, typer.Option(help="open_clip model; the default is the offline tiny one.")] = "caer-tiny",

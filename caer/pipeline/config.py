@@ -90,6 +90,7 @@ class RunConfig:
     seed: int = 0
     # stage 3
     unfreeze_last: int | None = None  # None: the whole image encoder
+    rotate_degrees: float = 4.0  # train-time rotation in [-r, r], one angle per clip (with a random flip)
     grad_accum: int = 1
     grad_checkpointing: bool = False
     # run

@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -16,10 +17,14 @@ from .synth import SynthSettings, synthesise
 from .train import run
 
 
-def demo(out: Path, clips: int = 250, frames: int = 8, epochs: int | None = None, model: str = "caer-tiny",
+def demo(out: Path, clips: int = 400, frames: int = 8, epochs: int | None = None, model: str = "caer-tiny",
          pretrained: str | None = None, device: str = "cpu", console: Console | None = None) -> dict:
     """synth -> (tiny weights) -> extract -> stages 1, 2, 3 -> test report. Returns the test report as a dict."""
     console = console or Console()
+    if model == "caer-tiny":
+        # a width-64 model gains nothing from intra-op threads, and spin-waiting threads on a busy laptop
+        # slow it down many times over
+        torch.set_num_threads(1)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--out {out}: folder exists and is not empty; choose a new one")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -138,7 +139,7 @@ def split_dataset(cfg: RunConfig, split: str, train: bool, clip: ClipModel, cach
     stride = cache.fingerprint["frame_stride"] if cache is not None else cfg.frame_stride
     views = cache.views if cache is not None else (2 if augment else 1)
     return RawClips(clips, view_maker, clip.preprocess, cfg.num_frames, train, views=views, frame_stride=stride,
-                    seed=cfg.seed, rotate=4.0 if augment else 0.0)
+                    seed=cfg.seed, rotate=cfg.rotate_degrees if augment else 0.0)
 
 
 def make_loader(dataset, cfg: RunConfig, train: bool, weights: torch.Tensor | None = None) -> DataLoader:
@@ -237,6 +238,9 @@ def train_mode(model: CAERModel, stage: int) -> None:
             for m in modules:
                 m.eval()
     model.clip.transformer.eval()
+    if stage == 3:  # input-norm statistics stay those of stage 2: augmented raw frames would shift them
+        model.norm_face.eval()
+        model.norm_context.eval()
 
 
 def make_optimizer(model: CAERModel, cfg: RunConfig, stage: int):
@@ -279,6 +283,13 @@ def _set_rng_state(state: dict) -> None:
 def _append_metrics(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def _save_checkpoint(checkpoint: dict, path: Path) -> None:
+    """Write to a temporary file and rename it, so a stop mid-write never leaves a truncated checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
 
 
 def _drop_metrics_after(path: Path, stage: int, epoch: int) -> None:
@@ -345,6 +356,7 @@ def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
         console.print(f"resuming stage {stage} at epoch {start_epoch + 1}/{epochs} from {last_path}")
     else:
         torch.manual_seed(cfg.seed + stage)
+        _drop_metrics_after(metrics_path, stage, -1)  # a fresh start replaces this stage's earlier records
 
     prompts_train = "prompt" in TRAINABLE[stage]
     encoder_train = "image_encoder" in TRAINABLE[stage]
@@ -418,10 +430,12 @@ def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
             "encoder": finetuned_identity(model, encoder) if own_encoder else encoder,
             "cache_fingerprint": cache.fingerprint if cache else None, "metrics": record,
         }
-        torch.save(checkpoint, last_path)
-        if improved:
-            torch.save(checkpoint, best_path)
+        # metrics line first, then best, then last: a run stopped anywhere in between resumes from the
+        # previous last checkpoint, drops the lines logged after it and redoes this epoch
         _append_metrics(metrics_path, record)
+        if improved:
+            _save_checkpoint(checkpoint, best_path)
+        _save_checkpoint(checkpoint, last_path)
         console.print(
             f"stage {stage} epoch {epoch + 1:>3}/{epochs}  loss {record['losses']['loss']:.4f}  "
             f"train WAR {record['train_war']:6.2f} UAR {record['train_uar']:6.2f} | "

@@ -1,0 +1,112 @@
+"""`caer demo` end to end, and `caer eval` on the checkpoints it leaves (issues 4 and 5).
+
+One module-scoped demo run (a smaller size setting) provides the dataset, the cache (views 2) and
+the stage 1, 2 and 3 checkpoints that the eval tests use.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from rich.console import Console
+from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+from caer.pipeline.demo import demo
+from caer.pipeline.evaluate import evaluate
+
+from conftest import assert_in_output, run_cli
+
+CHANCE_UAR = 20.0
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run-here"
+    report = demo(out, clips=250, frames=8, console=Console(file=io.StringIO(), width=120))
+    return out, report
+
+
+def _predictions(report: dict) -> dict[str, int]:
+    return {p["video_id"]: p["pred"] for p in report["predictions"]}
+
+
+def test_demo_runs_every_stage_and_beats_chance(demo_run):
+    out, report = demo_run
+    run = out / "run"
+    for stage in (1, 2, 3):
+        assert (run / f"stage{stage}-best.pt").is_file() and (run / f"stage{stage}-last.pt").is_file()
+    saved = json.loads((run / "test_report.json").read_text())
+    assert saved == report
+    assert (run / "test_confusion.png").stat().st_size > 10_000
+    print(f"demo test UAR {report['uar']:.2f} WAR {report['war']:.2f}")
+    assert report["uar"] > CHANCE_UAR + 30, report["uar"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in records} == {1, 2, 3}
+
+
+def test_stage3_does_not_undo_stage2(demo_run):
+    out, _ = demo_run
+    records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    best = {s: max(r["valid_uar"] for r in records if r["stage"] == s) for s in (2, 3)}
+    print(f"best valid UAR: stage 2 {best[2]:.2f}, stage 3 {best[3]:.2f}")
+    assert best[3] >= best[2] - 10.0, best
+
+
+def test_report_metrics_equal_sklearn_over_its_own_predictions(demo_run):
+    _, report = demo_run
+    y = [p["label"] for p in report["predictions"]]
+    pred = [p["pred"] for p in report["predictions"]]
+    assert report["war"] == pytest.approx(100 * accuracy_score(y, pred), abs=0.005)
+    assert report["uar"] == pytest.approx(100 * balanced_accuracy_score(y, pred), abs=0.005)
+    cm = np.array(report["confusion_matrix"])
+    assert cm.sum() == len(y) and [row["support"] for row in report["per_class"]] == cm.sum(1).tolist()
+    for key in ("war", "uar", "per_class", "confusion_matrix", "classes", "checkpoint", "split", "source", "predictions"):
+        assert key in report
+
+
+def test_eval_cache_and_raw_agree_for_a_stage2_checkpoint(demo_run, tmp_path):
+    out, _ = demo_run
+    ckpt = out / "run" / "stage2-best.pt"
+    quiet = Console(file=io.StringIO())
+    cached = evaluate(ckpt, "test", "cache", console=quiet).as_dict()
+    raw = evaluate(ckpt, "test", "raw", console=quiet).as_dict()
+    assert _predictions(cached) == _predictions(raw)
+    assert cached["uar"] == raw["uar"]
+
+
+def test_stage3_checkpoint_needs_its_own_cache(demo_run, tmp_path):
+    out, _ = demo_run
+    ckpt = out / "run" / "stage3-best.pt"
+    data = out / "data"
+    refused = run_cli(["eval", str(ckpt), "--split", "test", "--source", "cache", "--device", "cpu"])
+    assert refused.exit_code == 2
+    assert_in_output("was extracted with another image encoder than this model's", refused.output)
+    assert_in_output("caer extract --from-checkpoint", refused.output)
+
+    new_cache = tmp_path / "stage3.zarr"
+    lists = [str(data / f"{s}.txt") for s in ("train", "val", "test")]
+    made = run_cli(["extract", *lists, "--face-boxes", str(data / "face_boxes.json"), "-o", str(new_cache),
+                    "--from-checkpoint", str(ckpt), "--device", "cpu", "--workers", "0"])
+    assert made.exit_code == 0, made.output
+    report = tmp_path / "r.json"
+    accepted = run_cli(["eval", str(ckpt), "--cache", str(new_cache), "--device", "cpu", "--json", str(report)])
+    assert accepted.exit_code == 0, accepted.output
+    quiet = Console(file=io.StringIO())
+    raw = evaluate(ckpt, "test", "raw", console=quiet).as_dict()
+    assert _predictions(json.loads(report.read_text())) == _predictions(raw)
+
+
+def test_eval_cli_writes_json_plot_and_tta(demo_run, tmp_path):
+    out, _ = demo_run
+    ckpt = out / "run" / "stage2-best.pt"
+    result = run_cli(["eval", str(ckpt), "--split", str(out / "data" / "val.txt"), "--tta", "flip", "--device", "cpu",
+                      "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "cm.png")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    val_ids = [line.split()[0] for line in (out / "data" / "val.txt").read_text().splitlines() if line.strip()]
+    assert [p["video_id"] for p in report["predictions"]] == val_ids
+    assert (tmp_path / "cm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_in_output("UAR", result.output)
