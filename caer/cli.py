@@ -44,6 +44,31 @@ def friendly_errors(fn):
     return wrapper
 
 
+@app.command(rich_help_panel="Start here")
+@friendly_errors
+def demo(
+    out: Annotated[Optional[Path], typer.Option(help="Folder for everything the demo writes \\[default: ./caer-demo-<time>].")] = None,
+    clips: Annotated[int, typer.Option(help="Clips in the synthetic dataset.")] = 400,
+    frames: Annotated[int, typer.Option(help="Mean frames per clip.")] = 8,
+    epochs: Annotated[Optional[int], typer.Option(help="Stage-2 epochs \\[default: configs/tiny.yaml's].")] = None,
+    model: Annotated[str, typer.Option(help="open_clip model; the default is the offline tiny one.")] = "caer-tiny",
+    pretrained: Annotated[Optional[str], typer.Option(help="Weights for --model: an open_clip tag or a local file \\[default: random tiny weights].")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "cpu",
+):
+    """Run the whole pipeline offline: synth -> extract -> stages 1, 2, 3 -> test report (a minute or two on a laptop).
+
+    Examples:
+      [cyan]caer demo[/]
+      [cyan]caer demo --model ViT-B-32 --pretrained openai --device auto[/]
+    """
+    import time as _time
+
+    from .pipeline.demo import demo as run_demo
+
+    out = out or Path(f"caer-demo-{_time.strftime('%Y%m%d-%H%M%S')}")
+    run_demo(out, clips, frames, epochs, model, pretrained, device, console)
+
+
 @app.command(rich_help_panel="Data")
 @friendly_errors
 def synth(
@@ -89,7 +114,7 @@ def extract(
     annotations: Annotated[list[Path], typer.Argument(help="Annotation files (train.txt val.txt ...); each is a split.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Cache to write: a .zarr folder or a .h5 file.", rich_help_panel=OUTPUT)],
     face_boxes: Annotated[Path, typer.Option(help="Face boxes JSON.", rich_help_panel=DATA)],
-    root: Annotated[Optional[Path], typer.Option(help="Dataset root the clip dirs are relative to [default: the first annotation file's folder].", rich_help_panel=DATA)] = None,
+    root: Annotated[Optional[Path], typer.Option(help="Dataset root the clip dirs are relative to \\[default: the first annotation file's folder].", rich_help_panel=DATA)] = None,
     body_boxes: Annotated[Optional[Path], typer.Option(help="Body boxes JSON (for --crop-body).", rich_help_panel=DATA)] = None,
     crop_body: Annotated[bool, typer.Option(help="Context view = body box crop instead of the whole frame.", rich_help_panel=DATA)] = False,
     margin: Annotated[float, typer.Option(help="Pixels added around each face box.", rich_help_panel=DATA)] = 20.0,
@@ -103,7 +128,7 @@ def extract(
     format: Annotated[str, typer.Option(help="zarr, h5, or auto (by the --out suffix).", rich_help_panel=OUTPUT)] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace a cache that was extracted with other settings.", rich_help_panel=OUTPUT)] = False,
     batch_size: Annotated[int, typer.Option(help="Images per encoder batch.", rich_help_panel=RUNTIME)] = 256,
-    workers: Annotated[Optional[int], typer.Option(help="Decoding/cropping worker processes [default: CPU cores - 1, at most 16].", rich_help_panel=RUNTIME)] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Decoding/cropping worker processes \\[default: CPU cores - 1, at most 16].", rich_help_panel=RUNTIME)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=RUNTIME)] = "auto",
     use_amp: Annotated[bool, typer.Option(help="Autocast (bf16/fp16) on CUDA.", rich_help_panel=RUNTIME)] = True,
 ):
@@ -240,14 +265,14 @@ def eval_(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint from caer train (e.g. runs/x/stage2-best.pt).")],
     split: Annotated[str, typer.Option(help="train, val, test, or an annotation file.")] = "test",
     source: Annotated[str, typer.Option(help="cache, or raw frames (needed for a stage-3 checkpoint unless re-extracted).")] = "cache",
-    cache: Annotated[Optional[Path], typer.Option(help="Feature cache [default: the one the checkpoint was trained on].")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="Feature cache \\[default: the one the checkpoint was trained on].")] = None,
     root: Annotated[Optional[Path], typer.Option(help="Dataset root for --source raw.")] = None,
-    face_boxes: Annotated[Optional[Path], typer.Option(help="Face boxes JSON for --source raw [default: the checkpoint's].")] = None,
+    face_boxes: Annotated[Optional[Path], typer.Option(help="Face boxes JSON for --source raw \\[default: the checkpoint's].")] = None,
     tta: Annotated[str, typer.Option(help="none, or flip: average the logits of the plain and mirrored view.")] = "none",
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the report (metrics, confusion matrix, predictions) as JSON.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of the row-normalised confusion matrix.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Clips per batch [default: the checkpoint's].")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Data-loader workers [default: the checkpoint's].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Clips per batch \\[default: the checkpoint's].")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Data-loader workers \\[default: the checkpoint's].")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
 ):
     """Evaluate a checkpoint: WAR, UAR, per-class recall/precision/F1 and the confusion matrix.
@@ -271,31 +296,6 @@ def eval_(
     if plot:
         report.plot(plot)
         console.print(f"confusion matrix picture: {plot}")
-
-
-@app.command(rich_help_panel="Start here")
-@friendly_errors
-def demo(
-    out: Annotated[Optional[Path], typer.Option(help="Folder for everything the demo writes [default: ./caer-demo-<time>].")] = None,
-    clips: Annotated[int, typer.Option(help="Clips in the synthetic dataset.")] = 400,
-    frames: Annotated[int, typer.Option(help="Mean frames per clip.")] = 8,
-    epochs: Annotated[Optional[int], typer.Option(help="Stage-2 epochs [default: configs/tiny.yaml's].")] = None,
-    model: Annotated[str, typer.Option(help="open_clip model; the default is the offline tiny one.")] = "caer-tiny",
-    pretrained: Annotated[Optional[str], typer.Option(help="Weights for --model: an open_clip tag or a local file [default: random tiny weights].")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "cpu",
-):
-    """Run the whole pipeline offline: synth -> extract -> stages 1, 2, 3 -> test report (a minute or two on a laptop).
-
-    Examples:
-      [cyan]caer demo[/]
-      [cyan]caer demo --model ViT-B-32 --pretrained openai --device auto[/]
-    """
-    import time as _time
-
-    from .pipeline.demo import demo as run_demo
-
-    out = out or Path(f"caer-demo-{_time.strftime('%Y%m%d-%H%M%S')}")
-    run_demo(out, clips, frames, epochs, model, pretrained, device, console)
 
 
 def main() -> None:
