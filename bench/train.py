@@ -1,0 +1,236 @@
+"""Benchmark: one training epoch of stage 1 and of stage 2 from the feature cache versus from raw frames.
+
+On one synthetic RAER dataset (`caer synth`, --width x --height JPEGs) this extracts a feature cache (2 views),
+then runs `caer.pipeline.train.train_stage` for one epoch of each of
+
+  stage 1 (prompt context vectors)            --source cache   and   --source raw
+  stage 2 (adapter, temporal encoders, fusion) --source cache   and   --source raw
+
+with configs/raer.yaml's settings (ViT-B-32 at 224 px, T = 16, both streams, batch 8, SGD) but random weights
+by default and --iec-base soft (stage 1 trains the prompts through the classification loss), the same data, workers and seed for both sources, and prints a markdown table of seconds per epoch
+and the ratio raw / cache. Goals (issue 3): stage 2 at least 100x faster from the cache, stage 1 at least 20x.
+
+What is timed: the "seconds" of the epoch's line in metrics.jsonl, i.e. the training pass over the train split
+plus the validation pass over the val split (the table also splits the two). Building the model, loading
+weights and computing t_desc happen before the epoch and are not timed; neither is the one-off extraction
+(reported separately, with the number of raw epochs it pays for). The first epoch of a run also starts the
+data-loader workers; with --epochs 2 or more the table shows the last epoch ("warm") and the first one apart.
+
+Not a test: run it by hand, e.g.
+
+    .venv/bin/python bench/train.py                                  # ViT-B-32, random weights
+    .venv/bin/python bench/train.py --clips 25 --workers 2           # small, for a CPU-only machine
+    .venv/bin/python bench/train.py --device cuda --clips 100 --workers 12
+    .venv/bin/python bench/train.py --model caer-tiny --pretrained tiny.pt --num-frames 8   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from caer.pipeline import train as train_module
+from caer.pipeline.config import load_config
+from caer.pipeline.encoder import load_clip, resolve_device
+from caer.pipeline.extract import ExtractSettings, extract
+from caer.pipeline.synth import SynthSettings, synthesise
+
+GOALS = {1: 20.0, 2: 100.0}
+TRAINS = {1: "prompt context vectors", 2: "adapter, temporal encoders, fusion"}
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "cores usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        info["load average (1 min)"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    return info
+
+
+class ValidationTimer:
+    """Wraps ``train.predict`` (the validation pass, once per epoch) to split each epoch into training and validation."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+        self.predict = train_module.predict
+
+    def __enter__(self):
+        def timed(*a, **kw):
+            start = time.perf_counter()
+            try:
+                return self.predict(*a, **kw)
+            finally:
+                self.seconds.append(time.perf_counter() - start)
+
+        train_module.predict = timed
+        return self
+
+    def __exit__(self, *exc):
+        train_module.predict = self.predict
+
+
+def time_epoch(args, tmp: Path, data: Path, cache: Path, stage: int, source: str, console: Console) -> dict:
+    run_dir = tmp / f"run-stage{stage}-{source}"
+    cfg = load_config("raer", dict(
+        model=args.model, pretrained=args.pretrained, num_frames=args.num_frames, streams="both",
+        # soft: the classification loss reaches the prompts, so stage 1 trains them from its first epoch (with
+        # raer.yaml's desc they get gradients only from the MI/DC losses, which are off during their warm-up)
+        iec_base="soft",
+        train_list=str(data / "train.txt"), val_list=str(data / "val.txt"), face_boxes=str(data / "face_boxes.json"),
+        cache=str(cache), source=source, stage=stage, epochs=args.epochs, epochs_stage1=args.epochs,
+        epochs_stage2=args.epochs, batch_size=args.batch_size, workers=args.workers, device=args.device,
+        use_amp=args.amp, seed=args.seed, run_dir=str(run_dir), cache_in_memory=args.cache_in_memory,
+    ))
+    with ValidationTimer() as val:
+        start = time.perf_counter()
+        train_module.train_stage(cfg, stage, console)
+        wall = time.perf_counter() - start
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert len(records) == len(val.seconds) == args.epochs, (len(records), len(val.seconds))
+    seconds = [r["seconds"] for r in records]
+    return {"stage": stage, "source": source, "seconds": seconds[-1], "valid_seconds": val.seconds[-1],
+            "train_seconds": seconds[-1] - val.seconds[-1], "first_epoch_seconds": seconds[0],
+            "epoch_seconds": seconds, "valid_epoch_seconds": val.seconds, "wall_with_setup": wall}
+
+
+def fmt(seconds: float) -> str:
+    return f"{seconds:.3f}" if seconds < 10 else f"{seconds:.1f}"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="ViT-B-32", help="open_clip model (caer-tiny for a quick run)")
+    p.add_argument("--pretrained", default="random", help="weights: 'random' (no download), an open_clip tag, or a file")
+    p.add_argument("--clips", type=int, default=60, help="synthetic clips in all splits (3/5 train, 1/5 val, 1/5 test)")
+    p.add_argument("--frames", type=int, default=16, help="mean frames per clip (lengths vary from half to 1.5x)")
+    p.add_argument("--num-frames", type=int, default=16, help="T: frames (TSN segments) per clip the model sees")
+    p.add_argument("--width", type=int, default=320)
+    p.add_argument("--height", type=int, default=240)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=8, help="clips per batch (configs/raer.yaml: 8)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loader workers (training and extraction)")
+    p.add_argument("--epochs", type=int, default=1, help="epochs per run; the table shows the last one (and the first apart)")
+    p.add_argument("--stages", type=int, nargs="+", default=[1, 2], choices=[1, 2])
+    p.add_argument("--no-amp", dest="amp", action="store_false", help="no autocast on CUDA (on the CPU it is off anyway)")
+    p.add_argument("--cache-in-memory", action="store_true", help="--source cache reads from RAM")
+    p.add_argument("--threads", type=int, help="torch intra-op threads [default: torch's]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verbose", action="store_true", help="show the training output")
+    p.add_argument("--keep", action="store_true", help="keep the temporary dataset, cache and runs")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    args.device = str(device)
+    args.amp = args.amp and device.type == "cuda"
+    console = Console() if args.verbose else Console(file=open(os.devnull, "w"))
+    info = machine()
+
+    tmp = Path(tempfile.mkdtemp(prefix="caer-bench-train-"))
+    try:
+        data = tmp / "ds"
+        counts = synthesise(SynthSettings(data, clips=args.clips, frames=args.frames, width=args.width,
+                                          height=args.height, seed=args.seed))
+        frames = {s: sum(int(line.split()[1]) for line in (data / f"{s}.txt").read_text().splitlines() if line.strip())
+                  for s in ("train", "val")}
+        print(f"dataset: {counts['train']} train clips ({frames['train']} frames), {counts['val']} val clips "
+              f"({frames['val']} frames), {args.width}x{args.height} JPEGs, in {tmp}", flush=True)
+
+        clip_model = load_clip(args.model, args.pretrained, device)
+        size = clip_model.preprocess.image_size
+        cache = tmp / "cache.zarr"
+        start = time.perf_counter()
+        summary = extract(ExtractSettings(
+            annotations=[data / "train.txt", data / "val.txt"], out=cache, face_boxes=data / "face_boxes.json",
+            views=2, batch_size=64, workers=args.workers, use_amp=args.amp, num_classes=5,
+        ), clip_model, console)
+        extract_seconds = time.perf_counter() - start
+        del clip_model
+        print(f"extraction (once): {extract_seconds:.1f} s for {summary.frames} frames x 2 streams x 2 views", flush=True)
+
+        results = {}
+        for stage in args.stages:
+            for source in ("cache", "raw"):
+                print(f"timing stage {stage} --source {source} ...", flush=True)
+                results[stage, source] = r = time_epoch(args, tmp, data, cache, stage, source, console)
+                print(f"  {fmt(r['seconds'])} s/epoch (train {fmt(r['train_seconds'])} s + valid "
+                      f"{fmt(r['valid_seconds'])} s); all epochs: {', '.join(map(fmt, r['epoch_seconds']))}", flush=True)
+
+        print()
+        print(f"## One epoch, --source cache vs --source raw ({args.model}, {size} px, T = {args.num_frames}, 2 streams)")
+        print()
+        print(f"- machine: {info['cpu']}, {info['cores usable']} of {info['cores']} cores, {info['torch threads']} torch "
+              f"threads, GPU: {info['gpu']}; device {device}, AMP {'on' if args.amp else 'off'}")
+        print(f"- data: `caer synth` {args.width}x{args.height}, {counts['train']} train clips ({frames['train']} frames), "
+              f"{counts['val']} val clips ({frames['val']} frames); batch {args.batch_size}, workers {args.workers}, "
+              f"weights {args.pretrained}")
+        which = f"epoch {args.epochs} of {args.epochs}" if args.epochs > 1 else "the only epoch, workers' start included"
+        print(f"- seconds per epoch = the `seconds` of metrics.jsonl ({which}): training pass + validation pass "
+              "(split below); model building and t_desc are not timed")
+        print()
+        first = " | raw / cache, first epoch" if args.epochs > 1 else ""
+        print(f"| stage | trains | cache s/epoch | raw s/epoch | raw / cache{first} | goal |")
+        print("|---|---|---:|---:|---:|" + ("---:|" if first else "") + "---|")
+        for stage in args.stages:
+            c, r = results[stage, "cache"], results[stage, "raw"]
+            ratio = r["seconds"] / c["seconds"]
+            verdict = "met" if ratio >= GOALS[stage] else "missed"
+            extra = f" | {r['first_epoch_seconds'] / c['first_epoch_seconds']:,.1f}x" if first else ""
+            print(f"| {stage} | {TRAINS[stage]} | {fmt(c['seconds'])} | {fmt(r['seconds'])} | {ratio:,.1f}x{extra} | "
+                  f">= {GOALS[stage]:.0f}x ({verdict}) |")
+        print()
+        print("| stage | source | train pass s | valid pass s | raw / cache, train pass | raw / cache, valid pass |")
+        print("|---|---|---:|---:|---:|---:|")
+        for stage in args.stages:
+            c, r = results[stage, "cache"], results[stage, "raw"]
+            for source, x in (("cache", c), ("raw", r)):
+                ratios = ("", "") if source == "cache" else (
+                    f"{r['train_seconds'] / c['train_seconds']:,.1f}x", f"{r['valid_seconds'] / c['valid_seconds']:,.1f}x")
+                print(f"| {stage} | {source} | {fmt(x['train_seconds'])} | {fmt(x['valid_seconds'])} | {ratios[0]} | {ratios[1]} |")
+        print()
+        saved = [results[s, "raw"]["seconds"] - results[s, "cache"]["seconds"] for s in args.stages]
+        print(f"The extraction ({extract_seconds:.1f} s, train + val) costs about "
+              f"{extract_seconds / max(saved):.1f} raw epochs of stage {args.stages[saved.index(max(saved))]}.")
+        if args.json:
+            args.json.write_text(json.dumps({
+                "machine": info, "device": str(device), "amp": args.amp, "model": args.model, "image_size": size,
+                "num_frames": args.num_frames, "batch_size": args.batch_size, "workers": args.workers,
+                "clips": counts, "frames": frames, "frame_size": [args.width, args.height],
+                "extract_seconds": extract_seconds, "results": [results[k] for k in sorted(results)],
+            }, indent=1))
+    finally:
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

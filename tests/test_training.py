@@ -1,0 +1,352 @@
+"""`caer train` stage 2 from the feature cache, end to end on a `caer synth` dataset (tiny random CLIP).
+
+- it learns: valid UAR far above chance (20 % for 5 classes);
+- both streams are needed: face-only misses the context classes (2, 4), context-only the face classes (1, 3);
+- ``--resume`` after a SIGKILL, or after a crash at any point of an epoch's bookkeeping, ends with exactly the
+  metrics of an uninterrupted run;
+- the CLI: both spellings of ``--lambda-mi``, flags over config-file values, the resolved ``config.yaml``, and
+  a cache of another image encoder refused with exit code 2.
+
+One module-scoped dataset (250 clips of ~8 frames) is extracted once (2 views) and shared by every test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from rich.console import Console
+
+from caer.cache import FeatureCache
+from caer.pipeline import train as train_module
+from caer.pipeline.config import CONFIG_DIR, load_config
+from caer.pipeline.encoder import save_random_weights
+from caer.pipeline.extract import extract
+from caer.pipeline.metrics import confusion_matrix
+from caer.pipeline.synth import SynthSettings, synthesise
+from caer.pipeline.train import build_model, make_loader, predict, split_dataset, train_stage
+
+from conftest import NUM_CLASSES, Dataset, assert_in_output, run_cli, settings_for
+
+CHANCE_UAR = 100.0 / NUM_CLASSES
+FACE_CLASSES = (1, 3)  # odd classes: a texture visible only in the face crop
+CONTEXT_CLASSES = (2, 4)  # even classes: a desk-object colour visible only in the context view
+
+# configs/tiny.yaml with lr 1e-3 instead of its 3e-3, and 15 epochs whatever the file says: with 3e-3 (AdamW)
+# an occasional seed stalls (seed 3 of 0-5: best valid UAR 66, train UAR 70); with 1e-3 seeds 0-5 all reached
+# a best valid UAR of 80-90 in 15 epochs (about 6 s each here).
+LR = 1e-3
+EPOCHS = 15
+
+
+def quiet() -> Console:
+    return Console(file=open(os.devnull, "w"), width=120)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Dataset:
+    """250 clips (150 train, 50 val, 50 test) of 4..12 frames, 128x96."""
+    root = tmp_path_factory.mktemp("train-synth") / "ds"
+    synthesise(SynthSettings(root, clips=250, frames=8, classes=NUM_CLASSES, seed=0))
+    return Dataset(root)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, synth, clip_model) -> Path:
+    out = tmp_path_factory.mktemp("train-cache") / "features.zarr"
+    extract(settings_for(synth, out, views=2, batch_size=64), clip_model, quiet())
+    return out
+
+
+def overrides(synth: Dataset, cache: Path, weights: Path, run_dir: Path, **kw) -> dict:
+    return dict(
+        pretrained=str(weights), train_list=str(synth.root / "train.txt"), val_list=str(synth.root / "val.txt"),
+        test_list=str(synth.root / "test.txt"), cache=str(cache), run_dir=str(run_dir), stage=2, lr=LR, seed=0,
+        epochs=EPOCHS,
+    ) | kw
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def comparable(records: list[dict]) -> list[dict]:
+    """Metric records without the wall-clock time."""
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, synth, cache, weights):
+    """Stage 2 runs by ``streams`` (both, face, context), trained on demand and kept for the module.
+
+    Each entry: config, StageResult, metrics records, and the best checkpoint's confusion matrix over
+    val + test pooled (about 20 clips per class).
+    """
+    runs: dict[str, dict] = {}
+
+    def get(streams: str) -> dict:
+        if streams not in runs:
+            run_dir = tmp_path_factory.mktemp(f"run-{streams}")
+            cfg = load_config("tiny", overrides(synth, cache, weights, run_dir, streams=streams))
+            started = time.perf_counter()
+            result = train_stage(cfg, 2, quiet())
+            seconds = time.perf_counter() - started
+            model, clip = build_model(cfg, torch.device("cpu"), torch.load(result.best_path, weights_only=False))
+            feature_cache = FeatureCache.open(cache)
+            cm = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+            for split in ("val", "test"):
+                data = split_dataset(cfg, split, False, clip, feature_cache, "cache")
+                labels, logits, _ = predict(model, make_loader(data, cfg, False), "cache", torch.device("cpu"))
+                cm += confusion_matrix(labels, logits.argmax(1), NUM_CLASSES)
+            runs[streams] = {"cfg": cfg, "result": result, "metrics": read_metrics(run_dir), "cm": cm, "seconds": seconds}
+        return runs[streams]
+
+    return get
+
+
+def recalls(cm: np.ndarray) -> np.ndarray:
+    return np.diag(cm) / np.maximum(cm.sum(1), 1)
+
+
+# ------------------------------------------------------------------------------------ learning
+
+def test_stage2_from_cache_reaches_valid_uar_far_above_chance(trained):
+    run = trained("both")
+    records = run["metrics"]
+    cfg = run["cfg"]
+    assert [r["epoch"] for r in records] == list(range(cfg.stage_epochs(2)))
+    assert all(r["stage"] == 2 for r in records)
+    best, last = records[-1]["best_valid_uar"], records[-1]["valid_uar"]
+    print(f"\nstage 2 from the cache, {len(records)} epochs in {run['seconds']:.1f} s: valid UAR "
+          f"{records[0]['valid_uar']:.2f} (epoch 1) -> {last:.2f} (last), best {best:.2f} (chance {CHANCE_UAR:.0f})")
+    assert best == max(r["valid_uar"] for r in records) == run["result"].best["valid_uar"]
+    # measured: 84.00 best, 82.00 last (seed 0); seeds 0-5 gave 80-90 best
+    assert best >= 60.0, f"best valid UAR {best:.2f} is not far above chance ({CHANCE_UAR:.0f})"
+    assert last >= 60.0, f"last valid UAR {last:.2f} is not far above chance ({CHANCE_UAR:.0f})"
+    assert records[-1]["train_uar"] >= 60.0
+    # the loss went down
+    assert records[-1]["losses"]["cls"] < records[0]["losses"]["cls"]
+
+
+def test_both_streams_beat_single_streams_on_the_classes_that_need_the_other_stream(trained):
+    both, face, context = (recalls(trained(s)["cm"]) for s in ("both", "face", "context"))
+    ctx_cls, face_cls = list(CONTEXT_CLASSES), list(FACE_CLASSES)
+    print("\nper-class recall (val + test pooled, best checkpoint):")
+    for name, r in (("both", both), ("face", face), ("context", context)):
+        print(f"  {name:8s} {np.round(100 * r, 1)}  UAR {100 * r.mean():.2f}")
+    print(f"  classes {CONTEXT_CLASSES} (context only): both {100 * both[ctx_cls].mean():.1f} vs face-only "
+          f"{100 * face[ctx_cls].mean():.1f}")
+    print(f"  classes {FACE_CLASSES} (face only): both {100 * both[face_cls].mean():.1f} vs context-only "
+          f"{100 * context[face_cls].mean():.1f}")
+    # The classes a single stream cannot see are where it loses. Measured (seed 0): 97.5 vs 27.5 on the context
+    # classes, 87.5 vs 40.0 on the face classes; over seeds 0-5 the margins were 62-70 and 27-48 points.
+    assert both[ctx_cls].mean() >= face[ctx_cls].mean() + 0.25
+    assert both[face_cls].mean() >= context[face_cls].mean() + 0.2
+    # ... while each single stream does see its own classes, and both streams see all of them
+    assert face[face_cls].mean() >= 0.7 and context[ctx_cls].mean() >= 0.7
+    assert both[face_cls + ctx_cls].min() >= 0.6
+    assert both.mean() > max(face.mean(), context.mean())
+
+
+# ------------------------------------------------------------------------------------ resume
+
+def cli_train_args(synth: Dataset, cache: Path, weights: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "train", "-c", "tiny", "--stage", "2", "--pretrained", str(weights), "--cache", str(cache),
+        "--train-list", str(synth.root / "train.txt"), "--val-list", str(synth.root / "val.txt"),
+        "--run-dir", str(run_dir), "--lr", str(LR), "--seed", "0", *extra,
+    ]
+
+
+def popen_caer(args: list[str], log: Path) -> subprocess.Popen:
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "120"}
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "caer.cli", *args], stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def test_resume_after_sigkill_gives_the_metrics_of_an_uninterrupted_run(tmp_path, synth, cache, weights):
+    epochs = 12
+    # --lambda_mi (underscore) and an --epochs flag over the config file's 15: both must reach config.yaml
+    extra = ("--epochs", str(epochs), "--lambda_mi", "0.3")
+    full_dir, cut_dir = tmp_path / "uninterrupted", tmp_path / "resumed"
+    full = popen_caer(cli_train_args(synth, cache, weights, full_dir, *extra), tmp_path / "full.log")
+    cut = popen_caer(cli_train_args(synth, cache, weights, cut_dir, *extra), tmp_path / "cut.log")
+    try:
+        metrics = cut_dir / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while cut.poll() is None and time.monotonic() < deadline:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+                cut.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.01)
+        assert cut.wait(timeout=30) == -signal.SIGKILL, "the run ended before it could be killed:\n" + (tmp_path / "cut.log").read_text()
+        done_before = len(read_metrics(cut_dir))
+        assert 2 <= done_before < epochs
+        assert full.wait(timeout=180) == 0, (tmp_path / "full.log").read_text()
+    finally:
+        for p in (full, cut):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    resumed = popen_caer(cli_train_args(synth, cache, weights, cut_dir, *extra, "--resume"), tmp_path / "resume.log")
+    assert resumed.wait(timeout=180) == 0, (tmp_path / "resume.log").read_text()
+    log = (tmp_path / "resume.log").read_text()
+    assert "resuming stage 2" in log
+
+    expected, got = read_metrics(full_dir), read_metrics(cut_dir)
+    print(f"\nkilled after {done_before} of {epochs} epochs; resumed run's last record: loss "
+          f"{got[-1]['losses']['loss']:.6f}, valid WAR {got[-1]['valid_war']:.2f} UAR {got[-1]['valid_uar']:.2f}")
+    assert [r["epoch"] for r in expected] == list(range(epochs))
+    assert comparable(got) == comparable(expected)  # every epoch: losses, WAR/UAR, bests, confusion, lr
+
+    # the checkpoints agree too
+    ck_full = torch.load(full_dir / "stage2-last.pt", weights_only=False)
+    ck_cut = torch.load(cut_dir / "stage2-last.pt", weights_only=False)
+    assert ck_full["epoch"] == ck_cut["epoch"] == epochs - 1 and ck_full["best"] == ck_cut["best"]
+    for key, value in ck_full["model"].items():
+        assert torch.equal(value, ck_cut["model"][key]), key
+
+    # the resolved config is saved in the run directory: config-file values, with the flags on top
+    saved = yaml.safe_load((full_dir / "config.yaml").read_text())
+    tiny = yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text())
+    assert saved["epochs"] == epochs != tiny["epochs"]
+    assert saved["lambda_mi"] == 0.3 != tiny["lambda_mi"]
+    assert saved["lr"] == LR != tiny["lr"]
+    assert saved["num_frames"] == tiny["num_frames"] and saved["descriptions"] == tiny["descriptions"]
+    assert saved["run_dir"] == str(full_dir) and saved["cache"] == str(cache)
+    assert load_config(full_dir / "config.yaml").to_dict() == saved  # and it loads back as a config
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, synth, cache, weights):
+    """An uninterrupted 5-epoch stage-2 run (the reference for the in-process crash tests)."""
+    run_dir = tmp_path_factory.mktemp("short")
+    cfg = load_config("tiny", overrides(synth, cache, weights, run_dir, epochs=5))
+    train_stage(cfg, 2, quiet())
+    return run_dir
+
+
+@pytest.mark.parametrize("where, epoch", [
+    ("metrics line", None), ("best checkpoint", None), ("last checkpoint", None), ("last checkpoint", 0),
+])
+def test_resume_after_a_crash_while_an_epoch_is_being_recorded(where, epoch, tmp_path, monkeypatch, synth, cache,
+                                                               weights, short_run):
+    """A stop between (or inside) the writes that end an epoch must not lose or duplicate an epoch on resume.
+
+    ``metrics line``: the process dies before the epoch's line is appended; ``last checkpoint`` / ``best
+    checkpoint``: it dies half-way through writing that file (a truncated file is left behind). The epoch is
+    one (after the first) that improves the best valid UAR, so that it writes a best checkpoint; or epoch 0,
+    before any last checkpoint exists (the resumed run starts afresh).
+    """
+    reference = read_metrics(short_run)
+    improving = [e for e in range(1, len(reference))
+                 if reference[e]["valid_uar"] > max(r["valid_uar"] for r in reference[:e])]
+    assert improving, "the reference run never improved after its first epoch"
+    crash_epoch = improving[0] if epoch is None else epoch
+    run_dir = tmp_path / "run"
+    cfg = load_config("tiny", overrides(synth, cache, weights, run_dir, epochs=5))
+    real_save, real_append = torch.save, train_module._append_metrics
+
+    def save(obj, f, *a, **kw):
+        name = Path(f).name
+        target = "stage2-last.pt" if where == "last checkpoint" else "stage2-best.pt"
+        if isinstance(obj, dict) and obj.get("epoch") == crash_epoch and name.startswith(target):
+            Path(f).write_bytes(b"PK\x03\x04 truncated")
+            raise Crash(where)
+        return real_save(obj, f, *a, **kw)
+
+    def append(path, record):
+        if where == "metrics line" and record["epoch"] == crash_epoch:
+            raise Crash(where)
+        return real_append(path, record)
+
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(train_module, "_append_metrics", append)
+    with pytest.raises(Crash):
+        train_stage(cfg, 2, quiet())
+    monkeypatch.undo()
+
+    resumed = load_config("tiny", overrides(synth, cache, weights, run_dir, epochs=5, resume=True))
+    result = train_stage(resumed, 2, quiet())
+    assert comparable(read_metrics(run_dir)) == comparable(reference)
+    best = torch.load(result.best_path, weights_only=False)
+    expected = torch.load(short_run / "stage2-best.pt", weights_only=False)
+    assert best["epoch"] == expected["epoch"] == result.best["epoch"]
+    for key, value in expected["model"].items():
+        assert torch.equal(value, best["model"][key]), key
+
+
+def test_a_fresh_run_replaces_the_stage_records_of_an_earlier_run_in_the_same_directory(tmp_path, synth, cache, weights):
+    run_dir = tmp_path / "run"
+    for _ in range(2):
+        train_stage(load_config("tiny", overrides(synth, cache, weights, run_dir, epochs=2)), 2, quiet())
+    assert [(r["stage"], r["epoch"]) for r in read_metrics(run_dir)] == [(2, 0), (2, 1)]
+
+
+# ------------------------------------------------------------------------------------ the CLI
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Run `caer train` in-process with the training itself replaced: returns the resolved configs."""
+    configs = []
+
+    def fake_run(cfg, console=None):
+        configs.append(cfg)
+        return []
+
+    monkeypatch.setattr(train_module, "run", fake_run)
+    return configs
+
+
+def test_cli_lambda_mi_spellings_and_flags_over_config_values(tmp_path, captured):
+    for flag in ("--lambda_mi", "--lambda-mi"):
+        result = run_cli(["train", "-c", "tiny", flag, "0.42", "--lambda_dc", "0.05"])
+        assert result.exit_code == 0, result.output
+        assert captured[-1].lambda_mi == 0.42 and captured[-1].lambda_dc == 0.05
+    result = run_cli(["train", "-c", "tiny", "--lambda-dc", "0.07"])
+    assert result.exit_code == 0, result.output
+    assert captured[-1].lambda_dc == 0.07
+    assert captured[-1].lambda_mi == 0.1  # configs/tiny.yaml's value stands when no flag is given
+
+    own = tmp_path / "mine.yaml"
+    tiny = yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text())
+    tiny.pop("lambda_mi")
+    own.write_text(yaml.safe_dump(tiny | {"lr": 0.005, "lambda-mi": 0.3, "batch_size": 4, "streams": "face"}))
+    result = run_cli(["train", "--config", str(own), "--lr", "0.002", "--streams", "context"])
+    assert result.exit_code == 0, result.output
+    cfg = captured[-1]
+    assert (cfg.lr, cfg.streams) == (0.002, "context")  # flags win
+    assert (cfg.lambda_mi, cfg.batch_size) == (0.3, 4)  # the file's values (a dashed key too) win over defaults
+    result = run_cli(["train", "--config", str(own), "--no-resume", "--resume"])
+    assert result.exit_code == 0 and captured[-1].resume is True
+
+
+def test_cli_refuses_a_cache_of_another_image_encoder(tmp_path, synth, cache, weights):
+    other = save_random_weights("caer-tiny", tmp_path / "other.pt", seed=1)
+    args = cli_train_args(synth, cache, other, tmp_path / "run", "--epochs", "1")
+    args[args.index("--pretrained") + 1] = str(other)
+    result = run_cli(args)
+    assert result.exit_code == 2, result.output
+    assert_in_output("was extracted with another image encoder than this model's", result.output)
+    assert_in_output("Re-extract the cache for this model", result.output)
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "run" / "stage2-last.pt").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+    # the same flags with the cache's own weights are accepted
+    ok = run_cli(cli_train_args(synth, cache, weights, tmp_path / "ok", "--epochs", "1"))
+    assert ok.exit_code == 0, ok.output
+    assert len(read_metrics(tmp_path / "ok")) == 1
