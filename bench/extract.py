@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -37,30 +36,7 @@ from caer.pipeline.encoder import autocast, load_clip, resolve_device
 from caer.pipeline.extract import ExtractSettings, extract
 from caer.pipeline.synth import SynthSettings, synthesise
 
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "cores usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch": torch.__version__,
-        "torch threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
-        "python": platform.python_version(),
-    }
-    try:
-        info["load average (1 min)"] = round(os.getloadavg()[0], 2)
-    except OSError:
-        pass
-    return info
+from machine import machine  # bench/machine.py (scripts run from bench/ are on sys.path)
 
 
 def make_dataset(root: Path, args) -> tuple[list[Path], Path]:

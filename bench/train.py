@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -44,33 +43,10 @@ from caer.pipeline.encoder import load_clip, resolve_device
 from caer.pipeline.extract import ExtractSettings, extract
 from caer.pipeline.synth import SynthSettings, synthesise
 
+from machine import machine  # bench/machine.py (scripts run from bench/ are on sys.path)
+
 GOALS = {1: 20.0, 2: 100.0}
 TRAINS = {1: "prompt context vectors", 2: "adapter, temporal encoders, fusion"}
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "cores usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-    try:
-        info["load average (1 min)"] = round(os.getloadavg()[0], 2)
-    except OSError:
-        pass
-    return info
 
 
 class ValidationTimer:

@@ -144,6 +144,8 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             name = key.replace("-", "_")
             if name not in FIELDS:
                 raise ValueError(f"{p}: unknown option {key!r}")
+            if name in values:
+                raise ValueError(f"{p}: option {name!r} is given twice (dashes and underscores are the same key)")
             values[name] = value
     for key, value in (overrides or {}).items():
         if value is not None:

@@ -359,6 +359,12 @@ def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
         _drop_metrics_after(metrics_path, stage, -1)  # a fresh start replaces this stage's earlier records
 
     prompts_train = "prompt" in TRAINABLE[stage]
+    ce_reaches_prompts = cfg.iec_base == "soft"  # with "desc" the classifier never sees the learnable prompts
+    if stage == 1 and not ce_reaches_prompts and cfg.lambda_mi == 0 and cfg.lambda_dc == 0:
+        raise ValueError(
+            "stage 1 trains only the prompts, and with --iec-base desc they learn only from the MI and DC losses, "
+            "which are both off (--lambda-mi 0, --lambda-dc 0): set one of them, or use --iec-base soft"
+        )
     encoder_train = "image_encoder" in TRAINABLE[stage]
     fixed_text = None
     if not prompts_train:  # stage 2: prompts are frozen, so text features are computed once per stage
@@ -372,6 +378,10 @@ def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
         w_dc = ramp_weight(epoch, cfg.lambda_dc, cfg.dc_warmup, cfg.dc_ramp) if prompts_train else 0.0
         train_loader.sampler.set_epoch(epoch)
         train_mode(model, stage)
+        idle = stage == 1 and not ce_reaches_prompts and w_mi == 0 and w_dc == 0
+        if idle:
+            console.print(f"[yellow]note:[/] stage 1 epoch {epoch + 1}: the MI and DC losses are still in warm-up and "
+                          "--iec-base desc keeps the classification loss away from the prompts: nothing trains")
         sums = {"loss": 0.0, "cls": 0.0, "mi": 0.0, "dc": 0.0}
         labels_seen, preds_seen = [], []
         with progress_bar(console) as progress:
@@ -389,8 +399,9 @@ def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
                     loss = loss_cls + w_mi * loss_mi + w_dc * loss_dc
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"stage {stage} epoch {epoch + 1}: the loss became {loss.item()}; lower the learning rate")
-                scaler.scale(loss / cfg.grad_accum).backward()
-                if (step + 1) % cfg.grad_accum == 0 or step + 1 == len(train_loader):
+                if not idle:
+                    scaler.scale(loss / cfg.grad_accum).backward()
+                if not idle and ((step + 1) % cfg.grad_accum == 0 or step + 1 == len(train_loader)):
                     if cfg.grad_clip:
                         scaler.unscale_(opt)
                         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
