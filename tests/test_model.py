@@ -357,3 +357,16 @@ def test_prompt_learner(tiny_clip, position, class_specific):
         assert (grad.flatten(1).norm(dim=1) > 0).all()  # every class's own context is reached
     else:
         assert grad.norm() > 0
+
+
+def test_text_encoding_cut_after_end_of_text_equals_open_clip_encode_text():
+    """encode_text_embeddings drops the padding after the last EOT token; the result must not change."""
+    from caer.pipeline.model import encode_text_embeddings
+
+    clip = load_clip("caer-tiny", "random")
+    tokens = clip.tokenizer(["a student yawning at the desk", "a confused face", "x"])
+    with torch.no_grad():
+        expected = clip.model.encode_text(tokens)
+        got = encode_text_embeddings(clip.model, clip.model.token_embedding(tokens), tokens)
+    assert int(tokens.argmax(-1).max()) + 1 < tokens.shape[1]  # the cut really happens
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

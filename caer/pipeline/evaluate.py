@@ -126,7 +126,7 @@ def evaluate(checkpoint: str | Path, split: str = "test", source: str = "cache",
         if not cfg.cache:
             raise ValueError("--source cache needs --cache (or the checkpoint's config must name one)")
         cache = FeatureCache.open(cfg.cache)
-        check_cache(cache, ckpt["encoder"], cfg)
+        check_cache(cache, ckpt["encoder"])
     elif cfg.cache and Path(cfg.cache).exists():
         cache = FeatureCache.open(cfg.cache)  # for its frame stride only
     dataset = split_dataset(cfg, split, False, clip, cache, source)

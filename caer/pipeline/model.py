@@ -78,10 +78,18 @@ class TemporalEncoder(nn.Module):
 
 
 def encode_text_embeddings(clip: nn.Module, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """open_clip's ``encode_text`` from token embeddings instead of token ids (for learnable prompts)."""
+    """open_clip's ``encode_text`` from token embeddings instead of token ids (for learnable prompts).
+
+    With CLIP's causal mask and end-of-text pooling, the padding after the last end-of-text token
+    cannot change the result, so the sequence is cut there: prompts of ~20 tokens cost ~20, not 77.
+    """
     cast = clip.transformer.get_cast_dtype()
-    x = embeddings.to(cast) + clip.positional_embedding.to(cast)
-    x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask))
+    mask = clip.attn_mask
+    if mask is not None and clip.text_pool_type == "argmax":
+        length = int(tokens.argmax(-1).max()) + 1
+        embeddings, tokens, mask = embeddings[:, :length], tokens[:, :length], mask[:length, :length]
+    x = embeddings.to(cast) + clip.positional_embedding[: embeddings.shape[1]].to(cast)
+    x = clip.ln_final(clip.transformer(x, attn_mask=mask))
     x = text_global_pool(x, tokens, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
     proj = clip.text_projection
     return proj(x) if isinstance(proj, nn.Linear) else x @ proj
@@ -185,7 +193,8 @@ class CAERModel(nn.Module):
         )
         with torch.no_grad():  # t_desc: fixed, computed once
             tokens = clip.tokenizer(cfg.descriptions).to(clip.device)
-            self.register_buffer("t_desc", F.normalize(self.clip.encode_text(tokens).float(), dim=-1))
+            t_desc = encode_text_embeddings(self.clip, self.clip.token_embedding(tokens), tokens)
+            self.register_buffer("t_desc", F.normalize(t_desc.float(), dim=-1))
         for p in self.text_parameters():
             p.requires_grad_(False)
 

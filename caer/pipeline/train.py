@@ -96,12 +96,7 @@ def load_weights(model: CAERModel, checkpoint: dict) -> None:
         raise CacheError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def encoder_identity(checkpoint: dict) -> dict:
-    """The image encoder a checkpoint's features come from (a stage-3 checkpoint has its own)."""
-    return checkpoint["encoder"]
-
-
-def check_cache(cache: FeatureCache, encoder: dict, cfg: RunConfig) -> None:
+def check_cache(cache: FeatureCache, encoder: dict) -> None:
     """Refuse a cache whose features did not come from this encoder."""
     diff = differences(encoder, cache.fingerprint["encoder"])
     if diff:
@@ -137,7 +132,8 @@ def split_dataset(cfg: RunConfig, split: str, train: bool, clip: ClipModel, cach
         cfg.margin, cfg.crop_body,
     )
     stride = cache.fingerprint["frame_stride"] if cache is not None else cfg.frame_stride
-    views = cache.views if cache is not None else (2 if augment else 1)
+    # training on raw frames picks a random view per clip: the cache's views, or (stage 3) always a random flip
+    views = 2 if augment else (cache.views if cache is not None else 1)
     return RawClips(clips, view_maker, clip.preprocess, cfg.num_frames, train, views=views, frame_stride=stride,
                     seed=cfg.seed, rotate=cfg.rotate_degrees if augment else 0.0)
 
@@ -309,7 +305,7 @@ def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
     metrics_path = run_dir / "metrics.jsonl"
     last_path, best_path = run_dir / f"stage{stage}-last.pt", run_dir / f"stage{stage}-best.pt"
     resume = cfg.resume and last_path.exists()
-    init = torch.load(last_path if resume else init_from, map_location="cpu", weights_only=False) if (resume or init_from) else None
+    init = load_checkpoint(last_path if resume else init_from) if (resume or init_from) else None
 
     source = "raw" if stage == 3 else cfg.source
     if stage == 3 and cfg.source == "cache":
@@ -319,14 +315,15 @@ def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
     model, clip = build_model(cfg, device, init)
     encoder = init["encoder"] if init is not None else clip.identity()
     cache = None
-    if cfg.cache and (source == "cache" or stage != 3):
+    if source == "cache":
+        if not cfg.cache:
+            raise ValueError("--source cache needs --cache (or use --source raw)")
         cache = FeatureCache.open(cfg.cache)
-        if source == "cache":
-            check_cache(cache, encoder, cfg)
-        if cfg.cache_in_memory and source == "cache":
+        check_cache(cache, encoder)
+        if cfg.cache_in_memory:
             cache.load_into_memory()
-    elif source == "cache":
-        raise ValueError("--source cache needs --cache (or use --source raw)")
+    elif cfg.cache and Path(cfg.cache).exists():
+        cache = FeatureCache.open(cfg.cache)  # raw frames are sampled with the cache's frame stride
     set_trainable(model, stage, cfg.unfreeze_last)
     if stage == 3 and cfg.grad_checkpointing:
         model.clip.visual.set_grad_checkpointing(True)
