@@ -189,20 +189,18 @@ def main(argv=None) -> None:
         print()
         print("| stage | source | train pass s | valid pass s | raw / cache, train pass | raw / cache, valid pass |")
         print("|---|---|---:|---:|---:|---:|")
-        for stage in args.stages:
-            if stage == 3:
-                r = results[3, "raw"]
-                print(f"| 3 | {TRAINS[3]} | - | {fmt(r['seconds'])} | 1x: both pipelines read raw frames |" + (" |" if first else "") + " - |")
-                continue
+        cached_stages = [s for s in args.stages if s != 3]
+        for stage in cached_stages:
             c, r = results[stage, "cache"], results[stage, "raw"]
             for source, x in (("cache", c), ("raw", r)):
                 ratios = ("", "") if source == "cache" else (
                     f"{r['train_seconds'] / c['train_seconds']:,.1f}x", f"{r['valid_seconds'] / c['valid_seconds']:,.1f}x")
                 print(f"| {stage} | {source} | {fmt(x['train_seconds'])} | {fmt(x['valid_seconds'])} | {ratios[0]} | {ratios[1]} |")
         print()
-        saved = [results[s, "raw"]["seconds"] - results[s, "cache"]["seconds"] for s in args.stages]
-        print(f"The extraction ({extract_seconds:.1f} s, train + val) costs about "
-              f"{extract_seconds / max(saved):.1f} raw epochs of stage {args.stages[saved.index(max(saved))]}.")
+        saved = [results[s, "raw"]["seconds"] - results[s, "cache"]["seconds"] for s in cached_stages]
+        if saved:
+            print(f"The extraction ({extract_seconds:.1f} s, train + val) costs about "
+                  f"{extract_seconds / max(saved):.1f} raw epochs of stage {cached_stages[saved.index(max(saved))]}.")
         if args.json:
             args.json.write_text(json.dumps({
                 "machine": info, "device": str(device), "amp": args.amp, "model": args.model, "image_size": size,
