@@ -93,7 +93,7 @@ def load_weights(model: CAERModel, checkpoint: dict) -> None:
     unexpected = [k for k in unexpected if not k.startswith("clip.visual.")]
     missing = [k for k in missing if not k.startswith("clip.")]
     if missing or unexpected:
-        raise CacheError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def check_cache(cache: FeatureCache, encoder: dict) -> None:
@@ -189,8 +189,8 @@ def confusion_table(cm: np.ndarray, classes: list[str], title: str) -> Table:
     t.add_column("true \\ pred")
     for name in classes:
         t.add_column(name[:10], justify="right")
-    for name, row in zip(classes, cm):
-        t.add_row(name, *(f"[bold]{v}[/]" if i == j else str(v) for j, v in enumerate(row) for i in [classes.index(name)]))
+    for i, (name, row) in enumerate(zip(classes, cm)):
+        t.add_row(name, *(f"[bold]{v}[/]" if j == i else str(v) for j, v in enumerate(row)))
     return t
 
 
@@ -487,11 +487,11 @@ def run(cfg: RunConfig, console: Console | None = None) -> list[StageResult]:
         results.append(result)
         init = result.best_path
     if results and cfg.test_list:
-        test_report(results[-1].best_path, cfg, console)
+        write_test_report(results[-1].best_path, cfg, console)
     return results
 
 
-def test_report(checkpoint: Path, cfg: RunConfig, console: Console) -> None:
+def write_test_report(checkpoint: Path, cfg: RunConfig, console: Console) -> None:
     """Evaluate the run's final best checkpoint on the test split; write test_report.json (and .png) beside it."""
     from .evaluate import evaluate
 
