@@ -7,6 +7,7 @@ import hashlib
 import importlib.resources
 import logging
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +117,13 @@ class ClipModel:
         return identity
 
 
+def _is_torchscript(path: str) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n == "constants.pkl" or n.endswith("/constants.pkl") for n in z.namelist())
+
+
 @contextlib.contextmanager
 def _quiet_root_logger():
     root = logging.getLogger()
@@ -139,7 +147,8 @@ def load_clip(name: str = "ViT-B-32", pretrained: str = "openai", device: str | 
     elif os.path.isfile(pretrained):
         with _quiet_root_logger():
             model, _, transform = open_clip.create_model_and_transforms(name, pretrained=None)
-        open_clip.load_checkpoint(model, pretrained)
+        # OpenAI's own .pt files are TorchScript archives, which torch.load refuses with weights_only=True
+        open_clip.load_checkpoint(model, pretrained, weights_only=not _is_torchscript(pretrained))
         weights = "sha256:" + file_sha256(pretrained)
     else:
         tags = open_clip.list_pretrained_tags_by_model(name)
