@@ -58,7 +58,10 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # not a torch file at all, or a truncated one
+        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "encoder" not in ckpt:
         raise ValueError(f"{path}: not a caer checkpoint (made by caer train)")
     return ckpt
