@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -148,13 +149,18 @@ def extract(
     )
     if workers is not None:
         settings.workers = workers
+    from .pipeline.distributed import local_device
+
+    target = local_device(resolve_device(device))
     if from_checkpoint is not None:
         from .pipeline.train import clip_from_checkpoint
 
-        clip_model = clip_from_checkpoint(from_checkpoint, resolve_device(device))
+        clip_model = clip_from_checkpoint(from_checkpoint, target)
     else:
-        clip_model = load_clip(model, pretrained, resolve_device(device))
+        clip_model = load_clip(model, pretrained, target)
     summary = run_extract(settings, clip_model, console)
+    if len(summary.clips_per_rank) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, rank 0 prints the summary
     console.print(summary.table())
     for line in summary.skipped:
         console.print(f"[yellow]skipped[/] {escape(line)}", highlight=False)

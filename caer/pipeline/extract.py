@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..cache import CacheWriter, clip_key, fingerprint
+from . import distributed
 from .data import BadClip, Clip, DataError, ViewMaker, load_body_boxes, load_face_boxes, read_annotations
 from .encoder import ClipModel, Preprocess, autocast
 
@@ -56,6 +57,7 @@ class ExtractSummary:
     frames_without_face: int = 0
     seconds: float = 0.0
     store_bytes: int = 0
+    clips_per_rank: list[int] = field(default_factory=list)  # clips each torchrun process extracted
     skipped: list[str] = field(default_factory=list)
 
     @property
@@ -75,6 +77,8 @@ class ExtractSummary:
         t.add_row("seconds", f"{self.seconds:.1f}")
         t.add_row("frames/s", f"{self.frames_per_second:.1f}")
         t.add_row("store size", f"{self.store_bytes / 2**20:.1f} MiB")
+        if len(self.clips_per_rank) > 1:
+            t.add_row("clips per torchrun process", ", ".join(map(str, self.clips_per_rank)))
         return t
 
 
@@ -189,13 +193,19 @@ def extract(settings: ExtractSettings, clip_model: ClipModel, console: Console |
         raise ValueError("--crop-body needs --body-boxes")
     fp = fingerprint(clip_model.identity(), margin=settings.margin, crop_body=settings.crop_body, views=settings.views,
                      frame_stride=settings.frame_stride)
-    writer = CacheWriter(settings.out, fp, settings.format, settings.overwrite)
+    rank, world = distributed.init()
+    if rank == 0:  # rank 0 checks (or replaces) the store before the others open it
+        writer = CacheWriter(settings.out, fp, settings.format, settings.overwrite)
+    distributed.barrier()
+    if rank != 0:
+        writer = CacheWriter(settings.out, fp, settings.format, overwrite=False)
     digests = {c.video_id: view_maker.boxes_digest(c) for c in clips}
     # a finished clip is redone only if its boxes changed since it was extracted
     todo = [c for c in clips if writer.done.get(clip_key(c.video_id), {}).get("boxes_sha256") != digests[c.video_id]]
     summary = ExtractSummary(clips_total=len(clips), clips_already_done=len(clips) - len(todo))
+    todo = todo[rank::world]  # under torchrun every rank writes its own disjoint share of the clips
     unboxed = [c.video_id for c in clips if not view_maker.has_face_boxes(c)]
-    if unboxed:
+    if unboxed and rank == 0:
         console.print(
             f"[yellow]warning:[/] {len(unboxed)} of {len(clips)} clips have no entry in {settings.face_boxes} "
             f"(first: {unboxed[0]!r}); their face view is the whole frame. Check that the file's keys match "
@@ -231,7 +241,7 @@ def extract(settings: ExtractSettings, clip_model: ClipModel, console: Console |
         TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), TextColumn("clips"),
         TextColumn("{task.fields[fps]:>7.1f} frames/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
     ]
-    with ThreadPoolExecutor(max_workers=1) as pool, Progress(*columns, console=console, transient=False) as progress:
+    with ThreadPoolExecutor(max_workers=1) as pool, Progress(*columns, console=console, disable=rank != 0) as progress:
         task = progress.add_task("extract", total=len(todo), fps=0.0)
         for item in loader:
             if "error" in item:
@@ -248,10 +258,15 @@ def extract(settings: ExtractSettings, clip_model: ClipModel, console: Console |
         store(packer.flush())
     for f in writes:
         f.result()
+    shares = distributed.gather((summary.clips_extracted, summary.frames, summary.frames_without_face, [str(b) for b in bad]))
     summary.seconds = time.perf_counter() - start
-    summary.skipped = [str(b) for b in bad]
-    writer.finish(splits, summary.skipped, summary.as_dict())
-    summary.store_bytes = writer.size_bytes()
+    summary.clips_extracted, summary.frames, summary.frames_without_face = (sum(s[i] for s in shares) for i in range(3))
+    summary.clips_per_rank = [s[0] for s in shares]
+    summary.skipped = sorted({line for s in shares for line in s[3]})
+    if rank == 0:
+        writer.finish(splits, summary.skipped, summary.as_dict())
+        summary.store_bytes = writer.size_bytes()
+    distributed.barrier()
     return summary
 
 

@@ -1,0 +1,40 @@
+"""Sharded extraction under torchrun: two processes write disjoint clips into one store (CPU, gloo)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from caer.cache import FeatureCache
+
+from conftest import assert_fp16_equal, extract_args
+
+
+def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "caer.cli", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+
+
+@pytest.mark.parametrize("suffix", ["zarr", "h5"])
+def test_two_processes_write_one_store_equal_to_a_single_process(tmp_path, dataset, weights, zarr_cache, suffix):
+    out = tmp_path / f"shared.{suffix}"
+    done = _torchrun(extract_args(dataset, out, weights, "--views", "2", "--workers", "0", "--batch-size", "16"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "clips per torchrun process" in done.stdout
+    shared, single = FeatureCache.open(out), FeatureCache.open(zarr_cache[0])
+    assert sorted(shared.video_ids) == sorted(single.video_ids)
+    per_rank = shared.attrs["summary"]["clips_per_rank"]
+    assert len(per_rank) == 2 and min(per_rank) > 0 and sum(per_rank) == len(single.video_ids)
+    assert shared.attrs["splits"] == single.attrs["splits"]
+    for v in single.video_ids:
+        assert shared.frame_names(v) == single.frame_names(v)
+        assert_fp16_equal(shared.clip(v), single.clip(v).astype(np.float32), v)
+
+    again = _torchrun(extract_args(dataset, out, weights, "--views", "2", "--workers", "0"))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert FeatureCache.open(out).attrs["summary"]["clips_extracted"] == 0
