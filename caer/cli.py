@@ -261,6 +261,8 @@ def train(
 
     cfg = load_config(config, overrides)
     results = run(cfg, console)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, rank 0 reports
     for r in results:
         console.print(f"stage {r.stage}: best valid UAR {r.best['valid_uar']:.2f} (epoch {r.best['epoch'] + 1}) -> {r.best_path}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -38,3 +39,22 @@ def test_two_processes_write_one_store_equal_to_a_single_process(tmp_path, datas
     again = _torchrun(extract_args(dataset, out, weights, "--views", "2", "--workers", "0"))
     assert again.returncode == 0, again.stdout + again.stderr
     assert FeatureCache.open(out).attrs["summary"]["clips_extracted"] == 0
+
+
+def test_ddp_training_on_two_processes(tmp_path, dataset, weights, zarr_cache):
+    """`caer train` under torchrun: each rank trains on its share, rank 0 alone records the epochs."""
+    run_dir = tmp_path / "run"
+    args = ["train", "-c", "tiny", "--pretrained", str(weights), "--cache", str(zarr_cache[0]),
+            "--train-list", str(dataset.root / "train.txt"), "--val-list", str(dataset.root / "val.txt"),
+            "--stage", "2", "--epochs", "3", "--batch-size", "2", "--workers", "0", "--device", "cpu",
+            "--run-dir", str(run_dir)]
+    done = _torchrun(args)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "on 2 processes" in done.stdout and done.stdout.count("best valid UAR") == 1
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    n_train = sum(1 for line in (dataset.root / "train.txt").read_text().splitlines() if line.strip())
+    # both ranks' predictions are counted: all training clips (padded to an even number), not half of them
+    assert all(r["train_clips"] == n_train + n_train % 2 for r in records)
+    assert records[0]["losses"]["loss"] != records[-1]["losses"]["loss"]
+    assert (run_dir / "stage2-best.pt").is_file() and (run_dir / "stage2-last.pt").is_file()

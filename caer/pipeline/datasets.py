@@ -30,17 +30,23 @@ def sample_indices(num_frames: int, segments: int, train: bool, rng: np.random.G
 
 
 class EpochSampler(Sampler):
-    """Yields ``(index, epoch)``: a seeded shuffle (or class-weighted draw) that depends only on seed and epoch."""
+    """Yields ``(index, epoch)``: a seeded shuffle (or class-weighted draw) that depends only on seed and epoch.
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True, weights: torch.Tensor | None = None):
+    Under DDP each of ``world`` ranks takes every ``world``-th item of the same order, padded by
+    wrapping around so that all ranks run the same number of steps.
+    """
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True, weights: torch.Tensor | None = None,
+                 rank: int = 0, world: int = 1):
         self.size, self.seed, self.shuffle, self.weights = size, seed, shuffle, weights
+        self.rank, self.world = rank, world
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.size
+        return -(-self.size // self.world)
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -50,7 +56,9 @@ class EpochSampler(Sampler):
             order = torch.randperm(self.size, generator=g)
         else:
             order = torch.arange(self.size)
-        return iter([(int(i), self.epoch) for i in order])
+        order = order.tolist()
+        order += order[: len(self) * self.world - len(order)]
+        return iter([(i, self.epoch) for i in order[self.rank :: self.world]])
 
 
 class _Clips(Dataset):

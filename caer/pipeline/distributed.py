@@ -8,11 +8,18 @@ import torch
 import torch.distributed as dist
 
 
-def init() -> tuple[int, int]:
-    """Join the process group that ``torchrun`` describes in the environment; (rank, world size)."""
+def init(device: torch.device | None = None) -> tuple[int, int]:
+    """Join the process group that ``torchrun`` describes in the environment; (rank, world size).
+
+    NCCL when ``device`` is a GPU (training), gloo otherwise (extraction exchanges only small objects).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")  # extraction exchanges only small Python objects between ranks
+        if device is not None and device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 

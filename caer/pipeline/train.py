@@ -26,12 +26,15 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ..cache import CacheError, FeatureCache
 from ..cache.schema import differences
 from .config import FIELDS, RunConfig, save_config
 from .data import ViewMaker, load_body_boxes, load_face_boxes, read_annotations
+from . import distributed
 from .datasets import CachedClips, EpochSampler, RawClips
 from .encoder import ClipModel, autocast, load_clip, resolve_device
 from .losses import class_balanced_weights, decorrelation_loss, log_prior, mutual_information_loss, ramp_weight
@@ -141,8 +144,9 @@ def split_dataset(cfg: RunConfig, split: str, train: bool, clip: ClipModel, cach
                     seed=cfg.seed, rotate=cfg.rotate_degrees if augment else 0.0)
 
 
-def make_loader(dataset, cfg: RunConfig, train: bool, weights: torch.Tensor | None = None) -> DataLoader:
-    sampler = EpochSampler(len(dataset), cfg.seed, shuffle=train, weights=weights if train else None)
+def make_loader(dataset, cfg: RunConfig, train: bool, weights: torch.Tensor | None = None,
+                rank: int = 0, world: int = 1) -> DataLoader:
+    sampler = EpochSampler(len(dataset), cfg.seed, shuffle=train, weights=weights if train else None, rank=rank, world=world)
     return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                       persistent_workers=cfg.workers > 0, pin_memory=torch.cuda.is_available())
 
@@ -156,6 +160,20 @@ def batch_logits(model: CAERModel, batch, source: str, text, device, encoder_gra
     with torch.set_grad_enabled(encoder_grad and torch.is_grad_enabled()):
         feats = model.encode_frames(pixels, flip)
     return model(feats[:, :, 0], feats[:, :, 1], text)
+
+
+class TrainStep(nn.Module):
+    """One training forward as a module, so that DDP sees every trainable parameter used inside it."""
+
+    def __init__(self, model: CAERModel, source: str, encoder_grad: bool):
+        super().__init__()
+        self.model, self.source, self.encoder_grad = model, source, encoder_grad
+
+    def forward(self, batch, fixed_text=None):
+        """(logits, t_desc, t_soft); text features are recomputed unless fixed (stage 2)."""
+        text = fixed_text if fixed_text is not None else self.model.text_features()
+        device = next(self.model.parameters()).device
+        return batch_logits(self.model, batch, self.source, text, device, self.encoder_grad).float(), *text
 
 
 @torch.no_grad()
@@ -300,11 +318,19 @@ def _drop_metrics_after(path: Path, stage: int, epoch: int) -> None:
 
 
 def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | None = None) -> StageResult:
-    """Train one stage; returns where its checkpoints are. ``init_from``: the previous stage's best checkpoint."""
-    device = resolve_device(cfg.device)
+    """Train one stage; returns where its checkpoints are. ``init_from``: the previous stage's best checkpoint.
+
+    Under ``torchrun`` it trains with DDP: every rank takes its share of each epoch's batches, and rank 0
+    alone validates, writes checkpoints and metrics, and prints.
+    """
+    device = distributed.local_device(resolve_device(cfg.device))
+    rank, world = distributed.init(device)
+    if rank != 0:
+        console = Console(quiet=True)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    if rank == 0:
+        save_config(cfg, run_dir / "config.yaml")
     metrics_path = run_dir / "metrics.jsonl"
     last_path, best_path = run_dir / f"stage{stage}-last.pt", run_dir / f"stage{stage}-best.pt"
     resume = cfg.resume and last_path.exists()
@@ -336,7 +362,7 @@ def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
     num_classes = len(cfg.classes)
     counts = np.bincount(train_set.labels, minlength=num_classes)
     sampler_weights = torch.tensor(1.0 / np.maximum(counts, 1))[train_set.labels].double() if cfg.use_weighted_sampler else None
-    train_loader = make_loader(train_set, cfg, True, sampler_weights)
+    train_loader = make_loader(train_set, cfg, True, sampler_weights, rank, world)
     val_loader = make_loader(val_set, cfg, False)
     ce_weight = class_balanced_weights(counts, cfg.cb_beta).to(device) if cfg.class_balanced_loss else None
     adjust = (cfg.logit_adj_tau * log_prior(counts)).to(device) if cfg.logit_adj else None
@@ -351,12 +377,14 @@ def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
         sched.load_state_dict(init["scheduler"])
         scaler.load_state_dict(init["scaler"])
         start_epoch, best = init["epoch"] + 1, init["best"]
-        _drop_metrics_after(metrics_path, stage, init["epoch"])
+        if rank == 0:
+            _drop_metrics_after(metrics_path, stage, init["epoch"])
         _set_rng_state(init["rng"])
         console.print(f"resuming stage {stage} at epoch {start_epoch + 1}/{epochs} from {last_path}")
     else:
         torch.manual_seed(cfg.seed + stage)
-        _drop_metrics_after(metrics_path, stage, -1)  # a fresh start replaces this stage's earlier records
+        if rank == 0:
+            _drop_metrics_after(metrics_path, stage, -1)  # a fresh start replaces this stage's earlier records
 
     prompts_train = "prompt" in TRAINABLE[stage]
     ce_reaches_prompts = cfg.iec_base == "soft"  # with "desc" the classifier never sees the learnable prompts
@@ -371,7 +399,11 @@ def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
         with torch.no_grad():
             fixed_text = tuple(t.detach() for t in model.text_features())
 
-    console.rule(f"stage {stage}: training {', '.join(sorted(TRAINABLE[stage]))} from the {source}")
+    step_module = TrainStep(model, source, encoder_grad=encoder_train)
+    if world > 1:
+        step_module = DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
+    console.rule(f"stage {stage}: training {', '.join(sorted(TRAINABLE[stage]))} from the {source}"
+                 + (f" on {world} processes" if world > 1 else ""))
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
         w_mi = ramp_weight(epoch, cfg.lambda_mi, cfg.mi_warmup, cfg.mi_ramp) if prompts_train else 0.0
@@ -390,8 +422,8 @@ def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
             for step, batch in enumerate(train_loader):
                 y = batch[2].to(device)
                 with autocast(device, cfg.use_amp):
-                    text = fixed_text or model.text_features()
-                    logits = batch_logits(model, batch, source, text, device, encoder_grad=encoder_train).float()
+                    # an idle step (nothing can learn) skips DDP, which expects a backward after each forward
+                    logits, *text = (step_module.module if idle and world > 1 else step_module)(batch, fixed_text)
                     train_logits = logits + adjust if adjust is not None else logits
                     loss_cls = F.cross_entropy(train_logits, y, weight=ce_weight, label_smoothing=cfg.label_smoothing)
                     loss_mi = mutual_information_loss(text[0], text[1]) if w_mi > 0 else logits.new_zeros(())
@@ -415,13 +447,20 @@ def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
                 preds_seen.append(logits.argmax(1).cpu().numpy())
                 progress.update(task, advance=1, info=f"loss {sums['loss'] / sum(map(len, labels_seen)):.4f}")
             sched.step()
-            train_cm = confusion_matrix(np.concatenate(labels_seen), np.concatenate(preds_seen), num_classes)
-            val_labels, val_logits, _ = predict(model, val_loader, source, device, cfg.use_amp, progress=progress)
+            shares = distributed.gather((np.concatenate(labels_seen), np.concatenate(preds_seen), sums))
+            train_cm = confusion_matrix(np.concatenate([x[0] for x in shares]), np.concatenate([x[1] for x in shares]),
+                                        num_classes)
+            sums = {k: sum(x[2][k] for x in shares) for k in sums}
+            if rank == 0:
+                val_labels, val_logits, _ = predict(model, val_loader, source, device, cfg.use_amp, progress=progress)
+        if rank != 0:  # rank 0 validates and records the epoch
+            distributed.barrier()
+            continue
         val_cm = confusion_matrix(val_labels, val_logits.argmax(1), num_classes)
         n_train = int(train_cm.sum())
         record = {
             "stage": stage, "epoch": epoch, "lr": [g["lr"] for g in opt.param_groups],
-            "losses": {k: v / n_train for k, v in sums.items()}, "w_mi": w_mi, "w_dc": w_dc,
+            "losses": {k: v / n_train for k, v in sums.items()}, "w_mi": w_mi, "w_dc": w_dc, "train_clips": n_train,
             "train_war": round(war(train_cm), 2), "train_uar": round(uar(train_cm), 2),
             "valid_war": round(war(val_cm), 2), "valid_uar": round(uar(val_cm), 2),
             "valid_confusion": val_cm.tolist(), "seconds": round(time.perf_counter() - t0, 3),
@@ -455,6 +494,8 @@ def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
             highlight=False,
         )
         console.print(confusion_table(val_cm, cfg.classes, f"valid confusion matrix, epoch {epoch + 1}"))
+        distributed.barrier()
+    best = distributed.gather(best)[0]
     if not best_path.exists():
         raise RuntimeError(f"stage {stage} ran no epochs (--epochs-stage{stage} 0?)")
     return StageResult(stage, best_path, last_path, best)
@@ -489,7 +530,7 @@ def run(cfg: RunConfig, console: Console | None = None) -> list[StageResult]:
         result = train_stage(cfg, stage, console, init_from=init)
         results.append(result)
         init = result.best_path
-    if results and cfg.test_list:
+    if results and cfg.test_list and distributed.init()[0] == 0:
         write_test_report(results[-1].best_path, cfg, console)
     return results
 
