@@ -205,13 +205,16 @@ class CAERModel(nn.Module):
         return [p for n, p in self.clip.named_parameters() if not n.startswith("visual.")]
 
     def temporal_modules(self) -> list[nn.Module]:
-        return [self.norm_face, self.norm_context, self.temporal_face, self.temporal_context, self.fusion]
+        """Input norms, temporal encoders and fusion of the streams in use (``--streams``)."""
+        face = [self.norm_face, self.temporal_face] if self.cfg.streams in ("both", "face") else []
+        context = [self.norm_context, self.temporal_context] if self.cfg.streams in ("both", "context") else []
+        return [*face, *context, self.fusion]
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Named groups the stages freeze and the optimiser gives their own learning rates."""
+        """Named groups the stages train, each with its own learning rate; parameters in none stay frozen."""
         return {
             "prompt": list(self.prompt_learner.parameters()),
-            "adapter": list(self.adapter.parameters()),
+            "adapter": list(self.adapter.parameters()) if self.cfg.streams != "context" else [],
             "temporal": [p for m in self.temporal_modules() for p in m.parameters()],
             "image_encoder": list(self.clip.visual.parameters()),
         }

@@ -226,7 +226,8 @@ class StageResult:
 
 
 def set_trainable(model: CAERModel, stage: int, unfreeze_last: int | None) -> None:
-    """Freeze everything a stage does not train (and put frozen modules in eval mode: no dropout)."""
+    """Freeze everything but the groups a stage trains (the text tower and unused streams are never trained)."""
+    model.requires_grad_(False)
     for name, params in model.parameter_groups().items():
         for p in params:
             p.requires_grad_(name in TRAINABLE[stage])
@@ -242,8 +243,6 @@ def set_trainable(model: CAERModel, stage: int, unfreeze_last: int | None) -> No
                 p.requires_grad_(True)
         if visual.proj is not None:
             visual.proj.requires_grad_(True)
-    for p in model.text_parameters():
-        p.requires_grad_(False)
 
 
 def train_mode(model: CAERModel, stage: int) -> None:
