@@ -60,7 +60,7 @@ def main() -> None:
         rows.append((stage, source, rec["seconds"], peak, rec["losses"]["loss"]))
         print(f"stage {stage} {source:5s}: epoch+valid {rec['seconds']:.2f}s  peak GPU mem {peak:.1f} GiB  loss {rec['losses']['loss']:.4f}", flush=True)
     by = {(r[0], r[1]): r[2] for r in rows}
-    print(f"| stage | cache s | raw s | raw/cache |\n|---|---|---|---|")
+    print("| stage | cache s | raw s | raw/cache |\n|---|---|---|---|")
     for st in (1, 2):
         print(f"| {st} | {by[(st, 'cache')]:.2f} | {by[(st, 'raw')]:.2f} | {by[(st, 'raw')] / by[(st, 'cache')]:.1f}x |")
     shutil.rmtree(tmp)

@@ -27,7 +27,6 @@ from conftest import (
     extract_args,
     run_cli,
     settings_for,
-    squash,
 )
 
 # --------------------------------------------------------------------------- features equal open_clip's

@@ -7,15 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from rich.console import Console, Group
 from rich.table import Table
 from sklearn.metrics import precision_recall_fscore_support
 
-from ..cache import FeatureCache
 from .encoder import resolve_device
 from .metrics import confusion_matrix, uar, war
-from .train import build_model, check_cache, checkpoint_config, load_checkpoint, make_loader, predict, progress_bar, split_dataset
+from .train import build_model, checkpoint_config, load_checkpoint, make_loader, open_cache, predict, progress_bar, split_dataset
 
 
 @dataclass
@@ -121,14 +119,7 @@ def evaluate(checkpoint: str | Path, split: str = "test", source: str = "cache",
     cfg = checkpoint_config(ckpt, overrides)
     device = resolve_device(cfg.device)
     model, clip = build_model(cfg, device, ckpt)
-    cache = None
-    if source == "cache":
-        if not cfg.cache:
-            raise ValueError("--source cache needs --cache (or the checkpoint's config must name one)")
-        cache = FeatureCache.open(cfg.cache)
-        check_cache(cache, ckpt["encoder"])
-    elif cfg.cache and Path(cfg.cache).exists():
-        cache = FeatureCache.open(cfg.cache)  # for its frame stride only
+    cache = open_cache(cfg, source, ckpt["encoder"])
     dataset = split_dataset(cfg, split, False, clip, cache, source)
     loader = make_loader(dataset, cfg, train=False)
     with progress_bar(console) as progress:

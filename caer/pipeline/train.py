@@ -113,6 +113,20 @@ def check_cache(cache: FeatureCache, encoder: dict) -> None:
         )
 
 
+def open_cache(cfg: RunConfig, source: str, encoder: dict) -> FeatureCache | None:
+    """The cache to read features from (checked against ``encoder``), or, for raw frames, the one whose
+    frame stride they are sampled with (if there is one)."""
+    if source == "cache":
+        if not cfg.cache:
+            raise ValueError("--source cache needs --cache (or use --source raw)")
+        cache = FeatureCache.open(cfg.cache)
+        check_cache(cache, encoder)
+        if cfg.cache_in_memory:
+            cache.load_into_memory()
+        return cache
+    return FeatureCache.open(cfg.cache) if cfg.cache and Path(cfg.cache).exists() else None
+
+
 def split_dataset(cfg: RunConfig, split: str, train: bool, clip: ClipModel, cache: FeatureCache | None, source: str,
                   augment: bool = False):
     """The dataset of one split ("train", "val" or "test") from the cache or from raw frames."""
@@ -342,16 +356,7 @@ def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
         console.print("[yellow]note:[/] --use-amp does nothing on the CPU; training in float32")
     model, clip = build_model(cfg, device, init)
     encoder = init["encoder"] if init is not None else clip.identity()
-    cache = None
-    if source == "cache":
-        if not cfg.cache:
-            raise ValueError("--source cache needs --cache (or use --source raw)")
-        cache = FeatureCache.open(cfg.cache)
-        check_cache(cache, encoder)
-        if cfg.cache_in_memory:
-            cache.load_into_memory()
-    elif cfg.cache and Path(cfg.cache).exists():
-        cache = FeatureCache.open(cfg.cache)  # raw frames are sampled with the cache's frame stride
+    cache = open_cache(cfg, source, encoder)
     set_trainable(model, stage, cfg.unfreeze_last)
     if stage == 3 and cfg.grad_checkpointing:
         model.clip.visual.set_grad_checkpointing(True)
