@@ -246,6 +246,7 @@ def train(
     use_amp: Annotated[Optional[bool], _opt(T_OPT, "bf16/fp16 autocast on CUDA (no-op on CPU).", "--use-amp/--no-amp", field="use_amp")] = None,
     seed: Annotated[Optional[int], _opt(T_OPT, "Random seed (data order, sampled frames, init).", field="seed")] = None,
     run_dir: Annotated[Optional[Path], _opt(T_RUN, "Where config, metrics.jsonl and checkpoints go.", field="run_dir")] = None,
+    init_from: Annotated[Optional[Path], _opt(T_RUN, "Checkpoint a single stage starts from \\[default: stage{N-1}-best.pt of the run dir, if there].", field="init_from")] = None,
     resume: Annotated[Optional[bool], _opt(T_RUN, "Continue a stopped run from its last checkpoint.", "--resume/--no-resume", field="resume")] = None,
     device: Annotated[Optional[str], _opt(T_RUN, "auto, cpu, cuda or cuda:N.", field="device")] = None,
 ):

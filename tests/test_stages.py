@@ -164,3 +164,24 @@ def test_cache_and_raw_give_the_same_logits(split, train, dataset, zarr_cache, w
         assert any(not torch.equal(frames_by_epoch[0], f) for f in frames_by_epoch[1:])
     else:
         assert not any(flips)
+
+
+# ------------------------------------------------------------------------------------------ chaining single stages
+
+def test_a_single_stage_starts_from_the_previous_stage_of_its_run_dir(dataset, zarr_cache, weights, tmp_path):
+    quiet = Console(file=io.StringIO())
+    run_dir = tmp_path / "run"
+    train_module.run(make_config(dataset, zarr_cache[0], weights, run_dir, stage=1, test_list=None), quiet)
+    out = io.StringIO()
+    train_module.run(make_config(dataset, zarr_cache[0], weights, run_dir, stage=2, test_list=None), Console(file=out))
+    assert "stage 2 starts from" in out.getvalue()
+    stage1 = torch.load(run_dir / "stage1-best.pt", weights_only=False)["model"]
+    stage2 = torch.load(run_dir / "stage2-best.pt", weights_only=False)["model"]
+    key = "prompt_learner.ctx"
+    assert torch.equal(stage1[key], stage2[key])  # stage 2 keeps (frozen) the prompts stage 1 learned
+
+    fresh = tmp_path / "fresh"  # no stage-1 checkpoint there: stage 2 starts from scratch, and says so
+    out = io.StringIO()
+    train_module.run(make_config(dataset, zarr_cache[0], weights, fresh, stage=2, test_list=None), Console(file=out))
+    assert "starts from scratch" in out.getvalue()
+    assert not torch.equal(stage1[key], torch.load(fresh / "stage2-best.pt", weights_only=False)["model"][key])

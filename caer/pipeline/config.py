@@ -98,6 +98,7 @@ class RunConfig:
     staged_training: bool = False
     run_dir: str = "runs/caer"
     resume: bool = False
+    init_from: str | None = None  # checkpoint a single stage starts from [default: the run dir's previous stage's best]
     device: str = "auto"
 
     def model_config(self) -> ModelConfig:

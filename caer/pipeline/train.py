@@ -526,7 +526,17 @@ def run(cfg: RunConfig, console: Console | None = None) -> list[StageResult]:
     if any(s not in (1, 2, 3) for s in stages):
         raise ValueError(f"--stage must be 1, 2 or 3, got {cfg.stage}")
     results: list[StageResult] = []
-    init = None
+    init = Path(cfg.init_from) if cfg.init_from else None
+    if init is None and not cfg.staged_training and cfg.stage > 1:
+        previous = Path(cfg.run_dir) / f"stage{cfg.stage - 1}-best.pt"
+        if previous.exists():
+            init = previous
+    if not cfg.staged_training:
+        if init is not None:
+            console.print(f"stage {cfg.stage} starts from {init}")
+        elif cfg.stage > 1:
+            console.print(f"[yellow]note:[/] stage {cfg.stage} starts from scratch: no --init-from and no "
+                          f"stage{cfg.stage - 1}-best.pt in {cfg.run_dir}")
     for stage in stages:
         if cfg.staged_training and cfg.stage_epochs(stage) == 0:
             console.print(f"[dim]stage {stage}: 0 epochs, skipped[/]")
