@@ -32,12 +32,17 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype on this device: bf16, or fp16 where bf16 is unsupported; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def autocast(device: torch.device, enabled: bool = True):
-    """bf16 (or fp16 where bf16 is unsupported) autocast on CUDA; a no-op elsewhere."""
-    if not enabled or device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    """Autocast to ``amp_dtype`` on CUDA; a no-op elsewhere."""
+    dtype = amp_dtype(device) if enabled else None
+    return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def file_sha256(path: str | Path) -> str:

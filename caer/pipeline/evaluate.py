@@ -13,7 +13,10 @@ from sklearn.metrics import precision_recall_fscore_support
 
 from .encoder import resolve_device
 from .metrics import confusion_matrix, uar, war
-from .train import build_model, checkpoint_config, load_checkpoint, make_loader, open_cache, predict, progress_bar, split_dataset
+from .train import (
+    build_model, checkpoint_config, is_finetuned, load_checkpoint, make_loader, open_cache, predict, progress_bar,
+    split_dataset,
+)
 
 
 @dataclass
@@ -113,10 +116,12 @@ def evaluate(checkpoint: str | Path, split: str = "test", source: str = "cache",
             raise ValueError(f"--split must be train, val, test or an annotation file, got {split!r}")
         overrides = {**(overrides or {}), "test_list": str(split)}
         split = "test"
-    if source not in ("cache", "raw"):
+    if source not in ("cache", "raw", "auto"):
         raise ValueError(f"--source must be cache or raw, got {source!r}")
     ckpt = load_checkpoint(checkpoint)
     cfg = checkpoint_config(ckpt, overrides)
+    if source == "auto":  # a fine-tuned encoder (stage 3) has no cache of its own unless one was re-extracted
+        source = "raw" if is_finetuned(ckpt["encoder"]) or not cfg.cache else "cache"
     device = resolve_device(cfg.device)
     model, clip = build_model(cfg, device, ckpt)
     cache = open_cache(cfg, source, ckpt["encoder"])

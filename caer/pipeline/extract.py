@@ -159,13 +159,13 @@ class _BatchPacker:
         return done
 
 
-def collect_clips(settings: ExtractSettings) -> tuple[list[Clip], dict[str, list[str]], list[BadClip]]:
+def collect_clips(settings: ExtractSettings, root: Path) -> tuple[list[Clip], dict[str, list[str]], list[BadClip]]:
     """Parse every annotation file; clips listed in several splits are extracted once."""
     clips: dict[str, Clip] = {}
     splits: dict[str, list[str]] = {}
     bad: list[BadClip] = []
     for path in settings.annotations:
-        found, skipped = read_annotations(path, settings.root, settings.num_classes, settings.skip_bad)
+        found, skipped = read_annotations(path, root, settings.num_classes, settings.skip_bad)
         bad += skipped
         splits[Path(path).stem] = [c.video_id for c in found]
         for c in found:
@@ -181,8 +181,7 @@ def extract(settings: ExtractSettings, clip_model: ClipModel, console: Console |
     if settings.frame_stride < 1:
         raise ValueError(f"--frame-stride must be at least 1, got {settings.frame_stride}")
     root = settings.root or Path(settings.annotations[0]).parent
-    settings.root = root
-    clips, splits, bad = collect_clips(settings)
+    clips, splits, bad = collect_clips(settings, root)
     view_maker = ViewMaker(
         face_boxes=load_face_boxes(settings.face_boxes, root),
         body_boxes=load_body_boxes(settings.body_boxes, root) if settings.body_boxes else {},

@@ -36,7 +36,7 @@ from .config import FIELDS, RunConfig, save_config
 from .data import ViewMaker, load_body_boxes, load_face_boxes, read_annotations
 from . import distributed
 from .datasets import CachedClips, EpochSampler, RawClips
-from .encoder import ClipModel, autocast, load_clip, resolve_device
+from .encoder import ClipModel, amp_dtype, autocast, load_clip, resolve_device
 from .losses import class_balanced_weights, decorrelation_loss, log_prior, mutual_information_loss, ramp_weight
 from .metrics import confusion_matrix, uar, war
 from .model import CAERModel
@@ -192,10 +192,10 @@ class TrainStep(nn.Module):
 
 @torch.no_grad()
 def predict(model: CAERModel, loader: DataLoader, source: str, device, use_amp: bool = False,
-            progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(labels, logits [N, C], dataset indices) over a loader, in dataset order."""
+            progress: Progress | None = None, text=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, logits [N, C], dataset indices) over a loader, in dataset order; ``text``: precomputed text features."""
     model.eval()
-    text = model.text_features()
+    text = text if text is not None else model.text_features()
     labels, logits, indices = [], [], []
     task = progress.add_task("eval", total=len(loader), info="") if progress else None
     for batch in loader:
@@ -325,9 +325,9 @@ def _save_checkpoint(checkpoint: dict, path: Path) -> None:
 def _drop_metrics_after(path: Path, stage: int, epoch: int) -> None:
     """On resume, forget epochs logged after the checkpoint we resume from."""
     if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        keep = [line for line in lines if not (json.loads(line)["stage"] == stage and json.loads(line)["epoch"] > epoch)]
-        path.write_text("".join(line + "\n" for line in keep))
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        keep = [r for r in records if not (r["stage"] == stage and r["epoch"] > epoch)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 
 def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | None = None) -> StageResult:
@@ -372,8 +372,8 @@ def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
     adjust = (cfg.logit_adj_tau * log_prior(counts)).to(device) if cfg.logit_adj else None
 
     opt, sched = make_optimizer(model, cfg, stage)
-    amp_fp16 = cfg.use_amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_fp16)
+    # fp16 needs loss scaling; bf16 does not
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.use_amp and amp_dtype(device) == torch.float16)
     epochs = cfg.stage_epochs(stage)
     start_epoch, best = 0, {"valid_uar": -1.0, "valid_war": -1.0, "epoch": -1}
     if resume:
@@ -456,7 +456,7 @@ def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
                                         num_classes)
             sums = {k: sum(x[2][k] for x in shares) for k in sums}
             if rank == 0:
-                val_labels, val_logits, _ = predict(model, val_loader, source, device, cfg.use_amp, progress=progress)
+                val_labels, val_logits, _ = predict(model, val_loader, source, device, cfg.use_amp, progress, fixed_text)
         if rank != 0:  # rank 0 validates and records the epoch
             distributed.barrier()
             continue
@@ -553,9 +553,7 @@ def write_test_report(checkpoint: Path, cfg: RunConfig, console: Console) -> Non
     """Evaluate the run's final best checkpoint on the test split; write test_report.json (and .png) beside it."""
     from .evaluate import evaluate
 
-    own_encoder = is_finetuned(load_checkpoint(checkpoint)["encoder"])
-    source = "raw" if own_encoder or cfg.source == "raw" else "cache"
-    report = evaluate(checkpoint, "test", source, console=console)
+    report = evaluate(checkpoint, "test", "raw" if cfg.source == "raw" else "auto", console=console)
     run_dir = Path(cfg.run_dir)
     report.write_json(run_dir / "test_report.json")
     report.plot(run_dir / "test_confusion.png")
