@@ -16,9 +16,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from caer.pipeline.encoder import load_clip, save_random_weights
-from caer.pipeline.extract import ExtractSettings, extract
-from caer.pipeline.synth import SynthSettings, synthesise
+from caer.config import ExtractConfig, SynthConfig, from_flat
+from caer.data.synth import synthesise
+from caer.model.encoder import load_backbone, save_random_weights
+from caer.pipeline.extract import extract
 
 # The tiny model's tensors are far too small to gain from intra-op threads, and on a 2-core machine with
 # anything else running, OpenMP spin-waiting makes a 2-thread forward pass ~100x slower than 1 thread.
@@ -94,7 +95,7 @@ def assert_in_output(fragment: str, output: str) -> None:
 def dataset(tmp_path_factory) -> Dataset:
     """12 clips of 3..9 frames (128x96 JPEGs), some frames without a face box. Read-only: copy to change it."""
     root = tmp_path_factory.mktemp("synth") / "ds"
-    synthesise(SynthSettings(root, clips=12, frames=6, classes=NUM_CLASSES, seed=0))
+    synthesise(SynthConfig(str(root), clips=12, frames=6, classes=NUM_CLASSES, seed=0))
     return Dataset(root)
 
 
@@ -105,13 +106,14 @@ def weights(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def clip_model(weights):
-    return load_clip(MODEL, str(weights), "cpu")
+    return load_backbone(MODEL, str(weights), "cpu")
 
 
-def settings_for(ds: Dataset, out: Path, **kw) -> ExtractSettings:
+def settings_for(ds: Dataset, out: Path, **kw) -> ExtractConfig:
+    """Extraction settings for ``ds`` with the tiny model; ``kw`` are flat option names (``views``, ``margin``, ...)."""
     base = dict(annotations=ds.annotations, out=out, face_boxes=ds.face_boxes, num_classes=NUM_CLASSES,
-                views=2, batch_size=16, workers=0)
-    return ExtractSettings(**(base | kw))
+                views=2, batch_size=16, workers=0, model=MODEL, device="cpu")
+    return from_flat(ExtractConfig, base | kw)
 
 
 @pytest.fixture(scope="session")
@@ -143,7 +145,7 @@ class Reference:
     def __init__(self, weights: Path, margin: float = 20):
         import open_clip
 
-        from caer.pipeline.encoder import CLIP_CONFIG_DIR
+        from caer.model.encoder import CLIP_CONFIG_DIR
 
         open_clip.add_model_config(CLIP_CONFIG_DIR)
         model, _, self.transform = open_clip.create_model_and_transforms(MODEL, pretrained=None)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import zarr
 
-from caer.cache import SCHEMA_VERSION, CacheError, CacheWriter, FeatureCache, clip_key
+from caer.cache import SCHEMA_VERSION, CacheError, CacheWriter, FeatureCache, store_key
 from caer.cache.schema import fingerprint
-from caer.pipeline.encoder import save_random_weights
+from caer.model.encoder import save_random_weights
 
 from conftest import MODEL, assert_fp16_equal, assert_in_output, extract_args, run_cli
 
@@ -118,7 +118,7 @@ def test_plain_zarr_and_h5py_read_the_documented_schema(zarr_cache, h5_cache):
         arr = z["clips"][key]
         assert arr.dtype == np.float16 and arr.shape[:2] == (2, 2) and arr.shape[3] == 64
         assert arr.chunks == arr.shape  # one chunk per clip: no two clips share a chunk
-        assert arr.attrs["done"] is True and clip_key(arr.attrs["video_id"]) == key
+        assert arr.attrs["done"] is True and store_key(arr.attrs["video_id"]) == key
         assert len(arr.attrs["frame_names"]) == arr.shape[2]
     with h5py.File(h5_cache, "r") as f:
         assert json.loads(f.attrs["caer_schema"]) == SCHEMA_VERSION

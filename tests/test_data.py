@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from caer.pipeline.data import (
+from caer.data.raer import (
     Clip,
     DataError,
     ViewMaker,
@@ -23,7 +23,7 @@ from caer.pipeline.data import (
     read_annotations,
     read_image,
 )
-from caer.pipeline.encoder import Preprocess
+from caer.model.encoder import Preprocess
 
 
 def _write_frames(clip_dir: Path, names: list[str], size=(64, 48), colour=(10, 20, 30)) -> None:

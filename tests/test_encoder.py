@@ -8,7 +8,7 @@ import open_clip
 import pytest
 import torch
 
-from caer.pipeline.encoder import load_clip, save_random_weights
+from caer.model.encoder import load_backbone, save_random_weights
 
 from conftest import MODEL
 
@@ -20,7 +20,7 @@ def _reference(seed: int):
 
 def test_state_dict_file_loads_the_same_weights(tmp_path):
     path = save_random_weights(MODEL, tmp_path / "w.pt", seed=3)
-    clip = load_clip(MODEL, str(path))
+    clip = load_backbone(MODEL, str(path))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(clip.model.encode_image(x), _reference(3).encode_image(x))
@@ -56,7 +56,7 @@ def test_torchscript_archive_loads_like_an_openai_pt_file(tmp_path):
     _torchscript_archive(reference.state_dict(), tmp_path / "openai-style.pt")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch warns that it dispatches the archive to torch.jit.load
-        clip = load_clip(MODEL, str(tmp_path / "openai-style.pt"))
+        clip = load_backbone(MODEL, str(tmp_path / "openai-style.pt"))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(clip.model.encode_image(x), reference.encode_image(x))
@@ -64,6 +64,6 @@ def test_torchscript_archive_loads_like_an_openai_pt_file(tmp_path):
 
 def test_unknown_tag_or_missing_file_is_a_clear_error():
     with pytest.raises(ValueError, match="not a file and not an open_clip tag"):
-        load_clip(MODEL, "no-such-weights")
+        load_backbone(MODEL, "no-such-weights")
     with pytest.raises(ValueError, match="unknown open_clip model"):
-        load_clip("ViT-Nope", "random")
+        load_backbone("ViT-Nope", "random")

@@ -14,6 +14,7 @@ import pytest
 from rich.console import Console
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
+from caer.config import DemoConfig
 from caer.pipeline.demo import demo
 from caer.pipeline.evaluate import evaluate
 
@@ -25,7 +26,7 @@ CHANCE_UAR = 20.0
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run-here"
-    report = demo(out, clips=250, frames=8, console=Console(file=io.StringIO(), width=120))
+    report = demo(DemoConfig(out=str(out), clips=250, frames=8), console=Console(file=io.StringIO(), width=120))
     return out, report
 
 
@@ -92,7 +93,8 @@ def test_stage3_checkpoint_needs_its_own_cache(demo_run, tmp_path):
                     "--from-checkpoint", str(ckpt), "--device", "cpu", "--workers", "0"])
     assert made.exit_code == 0, made.output
     report = tmp_path / "r.json"
-    accepted = run_cli(["eval", str(ckpt), "--cache", str(new_cache), "--device", "cpu", "--json", str(report)])
+    accepted = run_cli(["eval", str(ckpt), "--source", "cache", "--cache", str(new_cache), "--device", "cpu",
+                        "--json", str(report)])
     assert accepted.exit_code == 0, accepted.output
     quiet = Console(file=io.StringIO())
     raw = evaluate(ckpt, "test", "raw", console=quiet).as_dict()

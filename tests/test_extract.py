@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from caer.cache import FeatureCache, clip_key
+from caer.cache import FeatureCache, store_key
 from caer.cache.store import CacheWriter
 from caer.pipeline import extract as extract_module
 from caer.pipeline.extract import extract
@@ -367,7 +367,7 @@ def test_sigkill_part_way_then_resume_equals_a_clean_run(fmt, tmp_path, dataset,
     result = run_cli(args)
     assert result.exit_code == 0, result.output
 
-    remaining = [v for v in ids if clip_key(v) not in done]
+    remaining = [v for v in ids if store_key(v) not in done]
     assert sorted(written) == sorted(remaining)  # finished clips were neither encoded nor written again
     assert sum(encoded) == 2 * sum(clean_b2.num_frames(v) for v in remaining)
     assert re.search(rf"clips already done\s*│\s*{len(done)}\s", result.output), result.output

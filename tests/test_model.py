@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
-from caer.pipeline.datasets import sample_indices
-from caer.pipeline.encoder import load_clip
-from caer.pipeline.losses import class_balanced_weights, decorrelation_loss, mutual_information_loss, ramp_weight
-from caer.pipeline.metrics import confusion_matrix, uar, war
-from caer.pipeline.model import CAERModel, ExpressionAdapter, ModelConfig, PromptLearner, slerp
+from caer.data.datasets import sample_indices
+from caer.model.encoder import load_backbone
+from caer.model.losses import class_balanced_weights, decorrelation_loss, mutual_information_loss, ramp_weight
+from caer.model.metrics import confusion_matrix, uar, war
+from caer.config import ModelConfig
+from caer.model.caer_model import CAERModel, ExpressionAdapter, PromptLearner, slerp
 
 from conftest import MODEL
 
@@ -28,7 +29,7 @@ DESCRIPTIONS = [f"a student showing {name.lower()} in the classroom" for name in
 @pytest.fixture(scope="module")
 def tiny_clip():
     """Our own tiny CLIP (random weights): CAERModel freezes its text tower, so the shared fixture stays untouched."""
-    return load_clip(MODEL, "random", "cpu")
+    return load_backbone(MODEL, "random", "cpu")
 
 
 def unit(*shape, seed=0, dtype=torch.float64) -> torch.Tensor:
@@ -361,9 +362,9 @@ def test_prompt_learner(tiny_clip, position, class_specific):
 
 def test_text_encoding_cut_after_end_of_text_equals_open_clip_encode_text():
     """encode_text_embeddings drops the padding after the last EOT token; the result must not change."""
-    from caer.pipeline.model import encode_text_embeddings
+    from caer.model.caer_model import encode_text_embeddings
 
-    clip = load_clip("caer-tiny", "random")
+    clip = load_backbone("caer-tiny", "random")
     tokens = clip.tokenizer(["a student yawning at the desk", "a confused face", "x"])
     with torch.no_grad():
         expected = clip.model.encode_text(tokens)

@@ -11,9 +11,11 @@ from rich.console import Console
 from torch.utils.data import default_collate
 
 from caer.cache import FeatureCache
+from caer.config import load_config
+from caer.data.loaders import split_dataset
+from caer.model.checkpoint import build_model
 from caer.pipeline import train as train_module
-from caer.pipeline.config import load_config
-from caer.pipeline.train import batch_logits, build_model, split_dataset, train_stage
+from caer.pipeline.train import train_stage
 
 from conftest import assert_fp16_equal
 
@@ -125,8 +127,8 @@ def test_cache_and_raw_give_the_same_logits(split, train, dataset, zarr_cache, w
     with torch.no_grad():
         model.adapter.up.weight.normal_(0, 0.05)  # a non-identity adapter, so the whole face path is exercised
         text = model.text_features()
-    cached = split_dataset(cfg, split, train, clip, cache, "cache")
-    raw = split_dataset(cfg, split, train, clip, cache, "raw")
+    cached = split_dataset(cfg, split, train, clip.preprocess, cache, "cache")
+    raw = split_dataset(cfg, split, train, clip.preprocess, cache, "raw")
     assert len(cached) == len(raw) and cached.labels == raw.labels
 
     epochs = range(3) if train else range(1)
@@ -134,22 +136,23 @@ def test_cache_and_raw_give_the_same_logits(split, train, dataset, zarr_cache, w
     for epoch in epochs:
         keys = [(i, epoch) for i in range(len(cached))]
         bc, br = gather(cached, keys), gather(raw, keys)
-        assert bc[0].dtype == torch.float16 and torch.equal(bc[2], br[2]) and torch.equal(bc[3], br[3])
-        flips += br[1].tolist()
+        assert bc.face.dtype == torch.float16 and br.face.dtype == torch.uint8  # one record type, two sources
+        assert torch.equal(bc.label, br.label) and torch.equal(bc.index, br.index)
+        flips += br.flip.tolist()
         with torch.no_grad():
-            logits_cache = batch_logits(model, bc, "cache", text, device)
-            logits_raw = batch_logits(model, br, "raw", text, device)
-            feats = model.encode_frames(br[0], br[1])  # the raw path's per-frame features [B, T, 2, D]
-            logits_rounded = model(feats[:, :, 0].half().float(), feats[:, :, 1].half().float(), text)
+            logits_cache = model(bc.face, bc.context, text, bc.flip)
+            logits_raw = model(br.face, br.context, text, br.flip)
+            face, context = model.frame_features(br.face, br.context, br.flip)  # the raw path's features [B, T, D]
+            logits_rounded = model(face.half().float(), context.half().float(), text)
         # the same frames and the same view: the cached features are the raw ones stored in float16
-        assert_fp16_equal(bc[0].numpy(), feats[:, :, 0].numpy(), f"{split} epoch {epoch} face")
-        assert_fp16_equal(bc[1].numpy(), feats[:, :, 1].numpy(), f"{split} epoch {epoch} context")
-        frames_by_epoch.append(bc[0])
+        assert_fp16_equal(bc.face.numpy(), face.numpy(), f"{split} epoch {epoch} face")
+        assert_fp16_equal(bc.context.numpy(), context.numpy(), f"{split} epoch {epoch} context")
+        frames_by_epoch.append(bc.face)
 
         # Tolerance: float16 storage perturbs each feature by at most a relative 2^-11 (~4.9e-4). Logits are
         # cos(z, t) / tau with |cos| <= 1, so they live on a scale of 1 / tau; allowing the model a gain of 2 on
         # that relative perturbation gives atol = 2 * 2^-11 / tau (~9.8e-3 at tau = 0.1). We see ~2e-4.
-        atol = 2 * FP16_UNIT_ROUNDOFF / cfg.temperature
+        atol = 2 * FP16_UNIT_ROUNDOFF / cfg.model.temperature
         diff = (logits_cache - logits_raw).abs().max().item()
         assert diff <= atol, f"{split} epoch {epoch}: cache and raw logits differ by {diff:.3g} > {atol:.3g}"
         assert diff > 0  # sanity: the raw path really ran in float32, it is not reading the cache

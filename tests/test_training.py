@@ -27,13 +27,16 @@ import yaml
 from rich.console import Console
 
 from caer.cache import FeatureCache
+from caer.config import CONFIG_DIR, SynthConfig, load_config
+from caer.data.loaders import make_loader, split_dataset
+from caer.data.synth import synthesise
+from caer.model.checkpoint import build_model
+from caer.model.encoder import save_random_weights
+from caer.model.metrics import confusion_matrix
 from caer.pipeline import train as train_module
-from caer.pipeline.config import CONFIG_DIR, load_config
-from caer.pipeline.encoder import save_random_weights
+from caer.pipeline.evaluate import predict
 from caer.pipeline.extract import extract
-from caer.pipeline.metrics import confusion_matrix
-from caer.pipeline.synth import SynthSettings, synthesise
-from caer.pipeline.train import build_model, make_loader, predict, split_dataset, train_stage
+from caer.pipeline.train import train_stage
 
 from conftest import NUM_CLASSES, Dataset, assert_in_output, run_cli, settings_for
 
@@ -56,7 +59,7 @@ def quiet() -> Console:
 def synth(tmp_path_factory) -> Dataset:
     """250 clips (150 train, 50 val, 50 test) of 4..12 frames, 128x96."""
     root = tmp_path_factory.mktemp("train-synth") / "ds"
-    synthesise(SynthSettings(root, clips=250, frames=8, classes=NUM_CLASSES, seed=0))
+    synthesise(SynthConfig(str(root), clips=250, frames=8, classes=NUM_CLASSES, seed=0))
     return Dataset(root)
 
 
@@ -104,8 +107,8 @@ def trained(tmp_path_factory, synth, cache, weights):
             feature_cache = FeatureCache.open(cache)
             cm = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
             for split in ("val", "test"):
-                data = split_dataset(cfg, split, False, clip, feature_cache, "cache")
-                labels, logits, _ = predict(model, make_loader(data, cfg, False), "cache", torch.device("cpu"))
+                data = split_dataset(cfg, split, False, clip.preprocess, feature_cache, "cache")
+                labels, logits = predict(model, make_loader(data, cfg, False), torch.device("cpu"))
                 cm += confusion_matrix(labels, logits.argmax(1), NUM_CLASSES)
             runs[streams] = {"cfg": cfg, "result": result, "metrics": read_metrics(run_dir), "cm": cm, "seconds": seconds}
         return runs[streams]
@@ -316,11 +319,11 @@ def test_cli_lambda_mi_spellings_and_flags_over_config_values(tmp_path, captured
     for flag in ("--lambda_mi", "--lambda-mi"):
         result = run_cli(["train", "-c", "tiny", flag, "0.42", "--lambda_dc", "0.05"])
         assert result.exit_code == 0, result.output
-        assert captured[-1].lambda_mi == 0.42 and captured[-1].lambda_dc == 0.05
+        assert captured[-1].loss.lambda_mi == 0.42 and captured[-1].loss.lambda_dc == 0.05
     result = run_cli(["train", "-c", "tiny", "--lambda-dc", "0.07"])
     assert result.exit_code == 0, result.output
-    assert captured[-1].lambda_dc == 0.07
-    assert captured[-1].lambda_mi == 0.1  # configs/tiny.yaml's value stands when no flag is given
+    assert captured[-1].loss.lambda_dc == 0.07
+    assert captured[-1].loss.lambda_mi == 0.1  # configs/tiny.yaml's value stands when no flag is given
 
     own = tmp_path / "mine.yaml"
     tiny = yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text())
@@ -329,10 +332,10 @@ def test_cli_lambda_mi_spellings_and_flags_over_config_values(tmp_path, captured
     result = run_cli(["train", "--config", str(own), "--lr", "0.002", "--streams", "context"])
     assert result.exit_code == 0, result.output
     cfg = captured[-1]
-    assert (cfg.lr, cfg.streams) == (0.002, "context")  # flags win
-    assert (cfg.lambda_mi, cfg.batch_size) == (0.3, 4)  # the file's values (a dashed key too) win over defaults
+    assert (cfg.optim.lr, cfg.model.streams) == (0.002, "context")  # flags win
+    assert (cfg.loss.lambda_mi, cfg.optim.batch_size) == (0.3, 4)  # the file's values (a dashed key too) win over defaults
     result = run_cli(["train", "--config", str(own), "--no-resume", "--resume"])
-    assert result.exit_code == 0 and captured[-1].resume is True
+    assert result.exit_code == 0 and captured[-1].run.resume is True
 
 
 def test_cli_refuses_a_cache_of_another_image_encoder(tmp_path, synth, cache, weights):

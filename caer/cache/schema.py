@@ -22,7 +22,8 @@ STREAMS = ("face", "context")
 CLIPS = "clips"
 
 
-def clip_key(video_id: str) -> str:
+def store_key(video_id: str) -> str:
+    """The name of a clip's array in the store: its video id with "/" and "%" escaped."""
     return urllib.parse.quote(video_id, safe="")
 
 

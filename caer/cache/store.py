@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import zarr
 
-from .schema import CLIPS, SCHEMA_VERSION, STREAMS, clip_key, differences
+from .schema import CLIPS, SCHEMA_VERSION, STREAMS, store_key, differences
 
 
 class CacheError(Exception):
@@ -133,7 +133,7 @@ class CacheWriter:
 
     def write(self, video_id: str, features: np.ndarray, attrs: dict) -> None:
         """Store one clip's features [2, views, frames, D]; it counts as done only once this returns."""
-        key = clip_key(video_id)
+        key = store_key(video_id)
         data = np.ascontiguousarray(features, dtype=np.float16)
         arr = self.root.create_array(
             f"{CLIPS}/{key}", shape=data.shape, chunks=data.shape, dtype="float16", compressors=None,
@@ -232,6 +232,16 @@ class FeatureCache:
     @property
     def fingerprint(self) -> dict:
         return self.attrs["fingerprint"]
+
+    def check_encoder(self, identity: dict) -> None:
+        """Refuse to serve features that another image encoder than ``identity`` made."""
+        diff = differences(identity, self.fingerprint["encoder"])
+        if diff:
+            raise CacheError(
+                f"{self.path} was extracted with another image encoder than this model's:\n  " + "\n  ".join(diff)
+                + "\nRe-extract the cache for this model (caer extract --from-checkpoint CKPT for a stage-3 checkpoint),"
+                " or use --source raw."
+            )
 
     @property
     def views(self) -> int:

@@ -10,52 +10,49 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from .config import load_config
-from .encoder import load_clip, resolve_device, save_random_weights
-from .extract import ExtractSettings, extract
-from .synth import SynthSettings, synthesise
+from ..config import DemoConfig, ExtractConfig, SynthConfig, from_flat, load_config
+from ..data.synth import synthesise
+from ..model.encoder import save_random_weights
+from .extract import extract
 from .train import run
 
 
-def demo(out: Path, clips: int = 400, frames: int = 8, epochs: int | None = None, model: str = "caer-tiny",
-         pretrained: str | None = None, device: str = "cpu", console: Console | None = None) -> dict:
+def demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     """synth -> (tiny weights) -> extract -> stages 1, 2, 3 -> test report. Returns the test report as a dict."""
     console = console or Console()
-    if model == "caer-tiny":
+    if cfg.model == "caer-tiny":
         # a width-64 model gains nothing from intra-op threads, and spin-waiting threads on a busy laptop
         # slow it down many times over
         torch.set_num_threads(1)
-    out = Path(out)
+    out = Path(cfg.out or f"caer-demo-{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--out {out}: folder exists and is not empty; choose a new one")
     start = time.perf_counter()
     data = out / "data"
     console.rule("1/4 caer synth")
-    counts = synthesise(SynthSettings(data, clips=clips, frames=frames))
+    counts = synthesise(SynthConfig(str(data), clips=cfg.clips, frames=cfg.frames))
     console.print(f"{sum(counts.values())} clips in {data}: {counts}")
+    pretrained = cfg.pretrained
     if pretrained is None:
-        if model != "caer-tiny":
+        if cfg.model != "caer-tiny":
             raise ValueError("--pretrained is needed with --model (e.g. --pretrained openai, or a local checkpoint file)")
-        pretrained = str(save_random_weights(model, out / "tiny-clip.pt"))
+        pretrained = str(save_random_weights(cfg.model, out / "tiny-clip.pt"))
         console.print(f"random tiny CLIP weights: {pretrained}")
 
     console.rule("2/4 caer extract")
-    annotations = [data / f"{s}.txt" for s in ("train", "val", "test")]
+    annotations = [str(data / f"{s}.txt") for s in ("train", "val", "test")]
+    shared = {"model": cfg.model, "pretrained": pretrained, "device": cfg.device, "face_boxes": str(data / "face_boxes.json")}
     cache = out / "cache.zarr"
-    summary = extract(
-        ExtractSettings(annotations=annotations, out=cache, face_boxes=data / "face_boxes.json", views=2, workers=0),
-        load_clip(model, pretrained, resolve_device(device)), console,
-    )
+    summary = extract(from_flat(ExtractConfig, shared | {"annotations": annotations, "out": str(cache), "views": 2,
+                                                         "workers": 0}), console=console)
     console.print(summary.table())
 
     console.rule("3/4 caer train --staged-training")
-    overrides = {
-        "model": model, "pretrained": pretrained, "device": device, "cache": str(cache), "face_boxes": str(data / "face_boxes.json"),
-        "train_list": str(annotations[0]), "val_list": str(annotations[1]), "test_list": str(annotations[2]),
-        "run_dir": str(out / "run"), "staged_training": True, "epochs": epochs,
-    }
-    cfg = load_config("tiny", overrides)
-    results = run(cfg, console)
+    cfg_run = load_config("tiny", shared | {
+        "cache": str(cache), "train_list": annotations[0], "val_list": annotations[1], "test_list": annotations[2],
+        "run_dir": str(out / "run"), "staged_training": True, "epochs": cfg.epochs,
+    })
+    results = run(cfg_run, console)
 
     console.rule("4/4 results")
     report = json.loads((out / "run" / "test_report.json").read_text())

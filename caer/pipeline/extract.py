@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -14,38 +13,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..cache import CacheWriter, clip_key, fingerprint
-from . import distributed
-from .data import BadClip, Clip, DataError, ViewMaker, load_body_boxes, load_face_boxes, read_annotations
-from .encoder import ClipModel, Preprocess, autocast
+from .. import runtime
+from ..cache import CacheWriter, fingerprint, store_key
+from ..config import ExtractConfig
+from ..data.datasets import ClipFrames
+from ..data.raer import BadClip, Clip, DataError, ViewMaker, read_annotations
+from ..model.checkpoint import backbone_from_checkpoint
+from ..model.encoder import CLIPBackbone, load_backbone
 
 
 MAX_PENDING_WRITES = 64
-
-
-def default_workers() -> int:
-    """Decoding processes: all cores but one for the main process, at most 16."""
-    return max(1, min(16, (os.cpu_count() or 2) - 1))
-
-
-@dataclass
-class ExtractSettings:
-    annotations: list[Path]
-    out: Path
-    face_boxes: Path
-    root: Path | None = None
-    body_boxes: Path | None = None
-    crop_body: bool = False
-    margin: float = 20.0
-    views: int = 1
-    frame_stride: int = 1
-    num_classes: int = 5
-    format: str = "auto"
-    batch_size: int = 256
-    workers: int = field(default_factory=default_workers)
-    use_amp: bool = True
-    skip_bad: bool = False
-    overwrite: bool = False
 
 
 @dataclass
@@ -82,40 +59,14 @@ class ExtractSummary:
         return t
 
 
-class ClipFrames(torch.utils.data.Dataset):
-    """One item per clip: uint8 pixels [frames, 2 (face, context), 3, S, S], decoded in workers.
-
-    Bad input does not raise across the process boundary: the item carries the error instead.
-    """
-
-    def __init__(self, clips: list[Clip], view_maker: ViewMaker, preprocess: Preprocess, frame_stride: int):
-        self.clips, self.view_maker, self.preprocess, self.stride = clips, view_maker, preprocess, frame_stride
-
-    def __len__(self) -> int:
-        return len(self.clips)
-
-    def __getitem__(self, i: int) -> dict:
-        clip = self.clips[i]
-        frames = clip.frames[:: self.stride]
-        try:
-            pixels, no_face = [], 0
-            for frame in frames:
-                face, context, has_box = self.view_maker.views(clip, frame)
-                no_face += not has_box
-                pixels.append(torch.stack([self.preprocess.to_uint8(face), self.preprocess.to_uint8(context)]))
-        except DataError as err:
-            return {"index": i, "error": str(err)}
-        return {"index": i, "pixels": torch.stack(pixels), "frame_names": [f.name for f in frames], "no_face": no_face}
-
-
-def encode_pixels(clip: ClipModel, pixels: torch.Tensor, views: int, use_amp: bool) -> torch.Tensor:
+def encode_pixels(backbone: CLIPBackbone, pixels: torch.Tensor, views: int, use_amp: bool) -> torch.Tensor:
     """uint8 images [N, 3, S, S] -> float16 features [N, views, D] on the CPU; view 1 is the mirror image."""
-    device = clip.device
-    x = clip.preprocess.normalize(pixels.to(device, non_blocking=True))
-    with torch.no_grad(), autocast(device, use_amp):
-        feats = [clip.model.encode_image(x)]
+    device = backbone.device
+    x = backbone.preprocess.normalize(pixels.to(device, non_blocking=True))
+    with torch.no_grad(), runtime.autocast(device, use_amp):
+        feats = [backbone.model.encode_image(x)]
         if views == 2:
-            feats.append(clip.model.encode_image(x.flip(-1)))
+            feats.append(backbone.model.encode_image(x.flip(-1)))
     return torch.stack(feats, dim=1).to(torch.float16).cpu()
 
 
@@ -159,13 +110,13 @@ class _BatchPacker:
         return done
 
 
-def collect_clips(settings: ExtractSettings, root: Path) -> tuple[list[Clip], dict[str, list[str]], list[BadClip]]:
+def collect_clips(cfg: ExtractConfig, root: Path) -> tuple[list[Clip], dict[str, list[str]], list[BadClip]]:
     """Parse every annotation file; clips listed in several splits are extracted once."""
     clips: dict[str, Clip] = {}
     splits: dict[str, list[str]] = {}
     bad: list[BadClip] = []
-    for path in settings.annotations:
-        found, skipped = read_annotations(path, root, settings.num_classes, settings.skip_bad)
+    for path in cfg.annotations:
+        found, skipped = read_annotations(path, root, cfg.num_classes, cfg.skip_bad)
         bad += skipped
         splits[Path(path).stem] = [c.video_id for c in found]
         for c in found:
@@ -173,105 +124,136 @@ def collect_clips(settings: ExtractSettings, root: Path) -> tuple[list[Clip], di
     return list(clips.values()), splits, bad
 
 
-def extract(settings: ExtractSettings, clip_model: ClipModel, console: Console | None = None) -> ExtractSummary:
-    """Extract features of every clip in ``settings.annotations`` into ``settings.out`` (resumable)."""
-    console = console or Console()
-    if settings.views not in (1, 2):
-        raise ValueError(f"--views must be 1 or 2, got {settings.views}")
-    if settings.frame_stride < 1:
-        raise ValueError(f"--frame-stride must be at least 1, got {settings.frame_stride}")
-    root = settings.root or Path(settings.annotations[0]).parent
-    clips, splits, bad = collect_clips(settings, root)
-    view_maker = ViewMaker(
-        face_boxes=load_face_boxes(settings.face_boxes, root),
-        body_boxes=load_body_boxes(settings.body_boxes, root) if settings.body_boxes else {},
-        margin=settings.margin,
-        crop_body=settings.crop_body,
+def load_encoder(cfg: ExtractConfig) -> CLIPBackbone:
+    """The frozen image encoder: ``--model``/``--pretrained``, or a checkpoint's (``--from-checkpoint``)."""
+    device = runtime.local_device(runtime.resolve_device(cfg.runtime.device))
+    if cfg.from_checkpoint:
+        return backbone_from_checkpoint(cfg.from_checkpoint, device)
+    return load_backbone(cfg.encoder.model, cfg.encoder.pretrained, device)
+
+
+def open_writer(cfg: ExtractConfig, backbone: CLIPBackbone, rank: int) -> CacheWriter:
+    """The store to write into; rank 0 checks (or replaces) it before the other ranks open it."""
+    fp = fingerprint(backbone.identity(), margin=cfg.crop.margin, crop_body=cfg.crop.crop_body, views=cfg.views,
+                     frame_stride=cfg.crop.frame_stride)
+    writer = CacheWriter(cfg.out, fp, cfg.format, cfg.overwrite) if rank == 0 else None
+    runtime.barrier()
+    return writer or CacheWriter(cfg.out, fp, cfg.format, overwrite=False)
+
+
+class _ClipWriter:
+    """Writes finished clips into the store from a background thread, with a bounded queue of pending writes."""
+
+    def __init__(self, writer: CacheWriter, views: int, digests: dict[str, str], summary: ExtractSummary):
+        self.writer, self.views, self.digests, self.summary = writer, views, digests, summary
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending: deque[Future] = deque()
+
+    def put(self, done: list[tuple[Clip, dict, torch.Tensor]]) -> None:
+        for clip, item, feats in done:
+            n = len(item["frame_names"])
+            # features arrive [frames * 2, views, D] in frame-major order -> [2, views, frames, D]
+            array = feats.view(n, 2, self.views, -1).permute(1, 2, 0, 3).numpy()
+            attrs = {"label": clip.label, "frame_names": item["frame_names"], "frames_without_face": item["no_face"],
+                     "boxes_sha256": self.digests[clip.video_id]}
+            if len(self.pending) >= MAX_PENDING_WRITES:
+                self.pending.popleft().result()
+            self.pending.append(self.pool.submit(self.writer.write, clip.video_id, array, attrs))
+            self.summary.frames += n
+            self.summary.frames_without_face += item["no_face"]
+            self.summary.clips_extracted += 1
+        while self.pending and self.pending[0].done():  # surface a failed write early
+            self.pending.popleft().result()
+
+    def close(self) -> None:
+        """Wait for every write (re-raising the first failure)."""
+        try:
+            while self.pending:
+                self.pending.popleft().result()
+        finally:
+            self.pool.shutdown()
+
+
+def _progress(console: Console, rank: int) -> Progress:
+    columns = [
+        TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), TextColumn("clips"),
+        TextColumn("{task.fields[fps]:>7.1f} frames/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+    ]
+    return Progress(*columns, console=console, disable=rank != 0)
+
+
+def encode_clips(cfg: ExtractConfig, backbone: CLIPBackbone, todo: list[Clip], view_maker: ViewMaker,
+                 out: _ClipWriter, bad: list[BadClip], console: Console, rank: int) -> None:
+    """Decode and crop in worker processes, encode in full batches, hand finished clips to ``out``."""
+    workers = cfg.runtime.num_workers()
+    loader = torch.utils.data.DataLoader(
+        ClipFrames(todo, view_maker, backbone.preprocess, cfg.crop.frame_stride),
+        batch_size=None, shuffle=False, num_workers=workers, pin_memory=backbone.device.type == "cuda",
+        persistent_workers=False, prefetch_factor=4 if workers else None,
     )
-    if settings.crop_body and not settings.body_boxes:
-        raise ValueError("--crop-body needs --body-boxes")
-    fp = fingerprint(clip_model.identity(), margin=settings.margin, crop_body=settings.crop_body, views=settings.views,
-                     frame_stride=settings.frame_stride)
-    rank, world = distributed.init()
-    if rank == 0:  # rank 0 checks (or replaces) the store before the others open it
-        writer = CacheWriter(settings.out, fp, settings.format, settings.overwrite)
-    distributed.barrier()
-    if rank != 0:
-        writer = CacheWriter(settings.out, fp, settings.format, overwrite=False)
+    packer = _BatchPacker(cfg.batch_size, lambda x: encode_pixels(backbone, x, cfg.views, cfg.runtime.use_amp))
+    start = time.perf_counter()
+
+    def finished(done: list[tuple[dict, torch.Tensor]]) -> list:
+        return [(todo[item["index"]], item, feats) for item, feats in done]
+
+    with _progress(console, rank) as progress:
+        task = progress.add_task("extract", total=len(todo), fps=0.0)
+        for item in loader:
+            if "error" in item:
+                if not cfg.skip_bad:
+                    raise DataError(item["error"] + "\n(clips finished so far are kept; fix the input and re-run, "
+                                    "or use --skip-bad)")
+                bad.append(BadClip(todo[item["index"]].source, todo[item["index"]].video_id, item["error"]))
+            else:
+                out.put(finished(packer.add(item)))
+            progress.update(task, advance=1, fps=out.summary.frames / max(time.perf_counter() - start, 1e-9))
+        out.put(finished(packer.flush()))
+
+
+def extract(cfg: ExtractConfig, backbone: CLIPBackbone | None = None, console: Console | None = None) -> ExtractSummary:
+    """Extract features of every clip in ``cfg.annotations`` into ``cfg.out`` (resumable); ``backbone``
+    defaults to the encoder the config names."""
+    console = console or Console()
+    if not cfg.crop.face_boxes:
+        raise ValueError("caer extract needs --face-boxes")
+    backbone = backbone or load_encoder(cfg)
+    root = cfg.crop.root or Path(cfg.annotations[0]).parent
+    clips, splits, bad = collect_clips(cfg, root)
+    view_maker = ViewMaker.from_config(cfg.crop, root)
+    rank, world = runtime.init()
+    writer = open_writer(cfg, backbone, rank)
     digests = {c.video_id: view_maker.boxes_digest(c) for c in clips}
     # a finished clip is redone only if its boxes changed since it was extracted
-    todo = [c for c in clips if writer.done.get(clip_key(c.video_id), {}).get("boxes_sha256") != digests[c.video_id]]
+    todo = [c for c in clips if writer.done.get(store_key(c.video_id), {}).get("boxes_sha256") != digests[c.video_id]]
     summary = ExtractSummary(clips_total=len(clips), clips_already_done=len(clips) - len(todo))
     todo = todo[rank::world]  # under torchrun every rank writes its own disjoint share of the clips
     unboxed = [c.video_id for c in clips if not view_maker.has_face_boxes(c)]
     if unboxed and rank == 0:
         console.print(
-            f"[yellow]warning:[/] {len(unboxed)} of {len(clips)} clips have no entry in {settings.face_boxes} "
+            f"[yellow]warning:[/] {len(unboxed)} of {len(clips)} clips have no entry in {cfg.crop.face_boxes} "
             f"(first: {unboxed[0]!r}); their face view is the whole frame. Check that the file's keys match "
             f"the clip dirs (root-relative or joined to --root {root}).", highlight=False, soft_wrap=True,
         )
-
-    loader = torch.utils.data.DataLoader(
-        ClipFrames(todo, view_maker, clip_model.preprocess, settings.frame_stride),
-        batch_size=None, shuffle=False, num_workers=settings.workers,
-        pin_memory=clip_model.device.type == "cuda", persistent_workers=False,
-        prefetch_factor=4 if settings.workers else None,
-    )
-    packer = _BatchPacker(settings.batch_size, lambda x: encode_pixels(clip_model, x, settings.views, settings.use_amp))
     start = time.perf_counter()
-    writes: list[Future] = []
+    out = _ClipWriter(writer, cfg.views, digests, summary)
+    try:
+        encode_clips(cfg, backbone, todo, view_maker, out, bad, console, rank)
+    finally:
+        out.close()
+    _finish(writer, splits, bad, summary, time.perf_counter() - start, rank)
+    return summary
 
-    def store(done: list[tuple[dict, torch.Tensor]]) -> None:
-        for item, feats in done:
-            clip = todo[item["index"]]
-            n = len(item["frame_names"])
-            # features arrive [frames * 2, views, D] in frame-major order -> [2, views, frames, D]
-            array = feats.view(n, 2, settings.views, -1).permute(1, 2, 0, 3).numpy()
-            attrs = {"label": clip.label, "frame_names": item["frame_names"], "frames_without_face": item["no_face"],
-                     "boxes_sha256": digests[clip.video_id]}
-            if len(writes) >= MAX_PENDING_WRITES:  # keep the queue of features waiting to be written bounded
-                writes.pop(0).result()
-            writes.append(pool.submit(writer.write, clip.video_id, array, attrs))
-            summary.frames += n
-            summary.frames_without_face += item["no_face"]
-            summary.clips_extracted += 1
 
-    columns = [
-        TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), TextColumn("clips"),
-        TextColumn("{task.fields[fps]:>7.1f} frames/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-    ]
-    with ThreadPoolExecutor(max_workers=1) as pool, Progress(*columns, console=console, disable=rank != 0) as progress:
-        task = progress.add_task("extract", total=len(todo), fps=0.0)
-        for item in loader:
-            if "error" in item:
-                if not settings.skip_bad:
-                    raise DataError(item["error"] + "\n(clips finished so far are kept; fix the input and re-run, or use --skip-bad)")
-                bad.append(BadClip(todo[item["index"]].source, todo[item["index"]].video_id, item["error"]))
-                progress.advance(task)
-                continue
-            before = summary.clips_extracted
-            store(packer.add(item))
-            progress.update(task, advance=1, fps=summary.frames / max(time.perf_counter() - start, 1e-9))
-            if summary.clips_extracted != before:
-                writes = [f for f in writes if not _raise_if_failed(f)]
-        store(packer.flush())
-    for f in writes:
-        f.result()
-    shares = distributed.gather((summary.clips_extracted, summary.frames, summary.frames_without_face, [str(b) for b in bad]))
-    summary.seconds = time.perf_counter() - start
+def _finish(writer: CacheWriter, splits: dict, bad: list[BadClip], summary: ExtractSummary, seconds: float,
+            rank: int) -> None:
+    """Sum the ranks' shares into the summary; rank 0 records splits, skipped clips and the summary."""
+    shares = runtime.gather((summary.clips_extracted, summary.frames, summary.frames_without_face, [str(b) for b in bad]))
+    summary.seconds = seconds
     summary.clips_extracted, summary.frames, summary.frames_without_face = (sum(s[i] for s in shares) for i in range(3))
     summary.clips_per_rank = [s[0] for s in shares]
     summary.skipped = sorted({line for s in shares for line in s[3]})
     if rank == 0:
         writer.finish(splits, summary.skipped, summary.as_dict())
         summary.store_bytes = writer.size_bytes()
-    distributed.barrier()
-    return summary
-
-
-def _raise_if_failed(future: Future) -> bool:
-    """True when the write finished (re-raising its error if it failed)."""
-    if future.done():
-        future.result()
-        return True
-    return False
+    runtime.barrier()

@@ -10,28 +10,17 @@ the desk object, which lies outside the face crop, so only the context stream se
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ..config import SynthConfig
+
 FACE_TEXTURES = ("horizontal", "vertical", "checker", "diagonal")
 OBJECT_COLOURS = ((200, 50, 50), (50, 170, 60), (50, 70, 210), (210, 200, 40), (170, 60, 190), (40, 190, 190))
 SKIN = np.array([190, 150, 120], dtype=np.float32)
 NEUTRAL_OBJECT = (128, 128, 128)
-
-
-@dataclass
-class SynthSettings:
-    out: Path
-    clips: int = 60
-    frames: int = 12  # mean clip length; lengths vary from half to 1.5 times this
-    width: int = 128
-    height: int = 96
-    classes: int = 5
-    seed: int = 0
-    missing_face_rate: float = 0.1
 
 
 def class_signal(label: int) -> tuple[str | None, tuple[int, int, int]]:
@@ -52,7 +41,7 @@ def _texture(kind: str | None, size: int) -> np.ndarray:
     return np.where(band % 2 == 0, 1.0, -1.0).astype(np.float32)
 
 
-def _frame(rng, s: SynthSettings, background, face_box, object_box, texture, colour) -> np.ndarray:
+def _frame(rng, s: SynthConfig, background, face_box, object_box, texture, colour) -> np.ndarray:
     img = np.empty((s.height, s.width, 3), np.float32)
     img[:] = background
     l, t, r, b = face_box
@@ -63,7 +52,7 @@ def _frame(rng, s: SynthSettings, background, face_box, object_box, texture, col
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def synthesise(s: SynthSettings) -> dict:
+def synthesise(s: SynthConfig) -> dict:
     """Write frames, ``train/val/test.txt``, ``face_boxes.json`` and ``body_boxes.json`` under ``s.out``."""
     if s.classes < 2:
         raise ValueError("--classes must be at least 2")

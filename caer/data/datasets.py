@@ -8,14 +8,36 @@ frames are the same with any number of workers and after ``--resume``.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from ..cache import FeatureCache
-from .data import Clip, ViewMaker
-from .encoder import Preprocess
+from ..model.encoder import Preprocess
+from .raer import Clip, DataError, ViewMaker
+
+
+class Batch(NamedTuple):
+    """Clips for the model, with the same fields from the cache and from raw frames (one item, or collated).
+
+    ``face``, ``context``: cached features [B, T, D] float16, or frames [B, T, 3, S, S] uint8;
+    ``flip``: mirror the frames (raw frames only: a cached item's view is chosen when it is read);
+    ``label``: 0-based class; ``index``: the item's index in its dataset.
+    """
+
+    face: torch.Tensor
+    context: torch.Tensor
+    flip: torch.Tensor
+    label: torch.Tensor
+    index: torch.Tensor
+
+    def to(self, device: torch.device) -> "Batch":
+        return self._replace(face=self.face.to(device, non_blocking=True),
+                             context=self.context.to(device, non_blocking=True),
+                             flip=self.flip.to(device), label=self.label.to(device))
 
 
 def sample_indices(num_frames: int, segments: int, train: bool, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -62,10 +84,16 @@ class EpochSampler(Sampler):
 
 
 class _Clips(Dataset):
-    def __init__(self, video_ids: list[str], labels: list[int], segments: int, train: bool, views: int, seed: int):
+    """Shared by both sources: which frames and which view an item uses.
+
+    ``eval_view`` is the view used when not training (1 = the mirror image, for flip TTA).
+    """
+
+    def __init__(self, video_ids: list[str], labels: list[int], segments: int, train: bool, views: int, seed: int,
+                 eval_view: int = 0):
         self.video_ids, self.labels = video_ids, labels
         self.segments, self.train, self.views, self.seed = segments, train, views, seed
-        self.eval_view = 0  # the view used when not training (1 = mirror image, for flip TTA)
+        self.eval_view = eval_view
 
     def __len__(self) -> int:
         return len(self.video_ids)
@@ -80,10 +108,10 @@ class _Clips(Dataset):
 
 
 class CachedClips(_Clips):
-    """Items ``(face [T, D] float16, context [T, D] float16, label, index)`` read from the feature cache."""
+    """Items ``Batch(face [T, D] float16, context [T, D] float16, ...)`` read from the feature cache."""
 
-    def __init__(self, cache: FeatureCache, video_ids, labels, segments, train, seed=0):
-        super().__init__(video_ids, labels, segments, train, cache.views, seed)
+    def __init__(self, cache: FeatureCache, video_ids, labels, segments, train, seed=0, eval_view: int = 0):
+        super().__init__(video_ids, labels, segments, train, cache.views, seed, eval_view)
         self.cache = cache
 
     def __getitem__(self, key):
@@ -91,18 +119,18 @@ class CachedClips(_Clips):
         feats = self.cache.clip(self.video_ids[index])  # [2, views, frames, D]
         frames, view = self._choose(key, feats.shape[2])
         chosen = torch.from_numpy(feats[:, view, frames])
-        return chosen[0], chosen[1], self.labels[index], index
+        return Batch(chosen[0], chosen[1], False, self.labels[index], index)
 
 
 class RawClips(_Clips):
-    """Items ``(pixels [T, 2, 3, S, S] uint8, flip, label, index)`` decoded from frame files.
+    """Items ``Batch(face [T, 3, S, S] uint8, context [T, 3, S, S] uint8, flip, ...)`` decoded from frame files.
 
     The same frames and views as ``CachedClips`` for the same key; ``flip`` = view 1, the mirror image.
     """
 
     def __init__(self, clips: list[Clip], view_maker: ViewMaker, preprocess: Preprocess, segments, train,
-                 views: int = 1, frame_stride: int = 1, seed=0, rotate: float = 0.0):
-        super().__init__([c.video_id for c in clips], [c.label for c in clips], segments, train, views, seed)
+                 views: int = 1, frame_stride: int = 1, seed=0, rotate: float = 0.0, eval_view: int = 0):
+        super().__init__([c.video_id for c in clips], [c.label for c in clips], segments, train, views, seed, eval_view)
         self.clips, self.view_maker, self.preprocess, self.stride = clips, view_maker, preprocess, frame_stride
         self.rotate = rotate  # stage-3 augmentation: one random angle in [-rotate, rotate] degrees per clip
 
@@ -121,4 +149,31 @@ class RawClips(_Clips):
                     views = [v.rotate(angle, resample=Image.BICUBIC) for v in views]
                 decoded[i] = torch.stack([self.preprocess.to_uint8(v) for v in views])
             pixels.append(decoded[i])
-        return torch.stack(pixels), bool(view), self.labels[index], index
+        pixels = torch.stack(pixels)  # [T, 2, 3, S, S]
+        return Batch(pixels[:, 0], pixels[:, 1], bool(view), self.labels[index], index)
+
+
+class ClipFrames(Dataset):
+    """Extraction's items: every frame of one clip, ``{"pixels": uint8 [frames, 2 (face, context), 3, S, S]}``.
+
+    Bad input does not raise across the worker-process boundary: the item carries the error instead.
+    """
+
+    def __init__(self, clips: list[Clip], view_maker: ViewMaker, preprocess: Preprocess, frame_stride: int):
+        self.clips, self.view_maker, self.preprocess, self.stride = clips, view_maker, preprocess, frame_stride
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, i: int) -> dict:
+        clip = self.clips[i]
+        frames = clip.frames[:: self.stride]
+        try:
+            pixels, no_face = [], 0
+            for frame in frames:
+                face, context, has_box = self.view_maker.views(clip, frame)
+                no_face += not has_box
+                pixels.append(torch.stack([self.preprocess.to_uint8(face), self.preprocess.to_uint8(context)]))
+        except DataError as err:
+            return {"index": i, "error": str(err)}
+        return {"index": i, "pixels": torch.stack(pixels), "frame_names": [f.name for f in frames], "no_face": no_face}

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from ..config import CropConfig
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 Box = tuple[float, float, float, float]
@@ -103,9 +105,13 @@ def read_annotations(
     return clips, bad
 
 
-def _clip_key(key: str, roots: list[str]) -> str:
-    """Normalise a box-file key to the root-relative clip dir (keys may be root-joined or relative)."""
-    norm = os.path.normpath(key)
+def clip_dir_key(path: str, roots: list[str] = ()) -> str:
+    """The one spelling of a clip directory used for lookups: normalised and root-relative.
+
+    Box files may key clips by the root-relative dir or by the dir joined to the root; ``roots``
+    are the root's spellings to strip.
+    """
+    norm = os.path.normpath(path)
     for r in roots:
         if norm == r:
             return "."
@@ -144,7 +150,7 @@ def load_face_boxes(path: str | Path, root: str | Path) -> dict[str, dict[str, B
     for key, frames in _load_json(path).items():
         if not isinstance(frames, dict):
             raise DataError(f"{path}: entry {key!r} must map frame file names to boxes")
-        boxes[_clip_key(key, roots)] = {
+        boxes[clip_dir_key(key, roots)] = {
             name: _check_box(box, f"{path}: {key}/{name}") for name, box in frames.items()
         }
     return boxes
@@ -154,11 +160,7 @@ def load_body_boxes(path: str | Path, root: str | Path) -> dict[str, Box]:
     """Body boxes as ``{root-relative clip dir: box}``, one box per clip."""
     path = Path(path)
     roots = _roots(Path(root))
-    return {_clip_key(k, roots): _check_box(v, f"{path}: {k}") for k, v in _load_json(path).items()}
-
-
-def clip_lookup_key(video_id: str) -> str:
-    return os.path.normpath(video_id)
+    return {clip_dir_key(k, roots): _check_box(v, f"{path}: {k}") for k, v in _load_json(path).items()}
 
 
 def clip_box(box: Box, width: int, height: int, margin: float, where: str) -> tuple[int, int, int, int]:
@@ -200,22 +202,33 @@ class ViewMaker:
 
     face_boxes: dict[str, dict[str, Box]] = field(default_factory=dict)
     body_boxes: dict[str, Box] = field(default_factory=dict)
-    margin: float = 20.0
+    margin: float = CropConfig.margin
     crop_body: bool = False
 
+    @classmethod
+    def from_config(cls, crop: CropConfig, root: str | Path) -> "ViewMaker":
+        """The view maker of a crop configuration, its box files read relative to ``root``."""
+        if crop.crop_body and not crop.body_boxes:
+            raise ValueError("--crop-body needs --body-boxes")
+        return cls(
+            load_face_boxes(crop.face_boxes, root) if crop.face_boxes else {},
+            load_body_boxes(crop.body_boxes, root) if crop.body_boxes else {},
+            crop.margin, crop.crop_body,
+        )
+
     def has_face_boxes(self, clip: Clip) -> bool:
-        return clip_lookup_key(clip.video_id) in self.face_boxes
+        return clip_dir_key(clip.video_id) in self.face_boxes
 
     def boxes_digest(self, clip: Clip) -> str:
         """SHA-256 of the boxes that shape this clip's views (recorded per clip in the cache)."""
-        key = clip_lookup_key(clip.video_id)
+        key = clip_dir_key(clip.video_id)
         boxes = {"face": self.face_boxes.get(key), "body": self.body_boxes.get(key) if self.crop_body else None}
         return hashlib.sha256(json.dumps(boxes, sort_keys=True).encode()).hexdigest()
 
     def views(self, clip: Clip, frame: Path) -> tuple[Image.Image, Image.Image, bool]:
         """(face crop, letterboxed context view, whether the frame had a face box)."""
         img = read_image(frame)
-        key = clip_lookup_key(clip.video_id)
+        key = clip_dir_key(clip.video_id)
         box = self.face_boxes.get(key, {}).get(frame.name)
         if box is None:
             face = img

@@ -1,4 +1,7 @@
-"""Loading the open_clip model: by name, with weights from a tag, a local file, or random init."""
+"""The CLIP backbone (open_clip): by name, with weights from a tag, a local file, or random init.
+
+Everything here that knows open_clip's internals (transform layout, block names) stays in this file.
+"""
 
 from __future__ import annotations
 
@@ -20,29 +23,6 @@ CLIP_CONFIG_DIR = Path(str(importlib.resources.files("caer.configs") / "clip"))
 open_clip.add_model_config(CLIP_CONFIG_DIR)  # makes the offline tiny model ("caer-tiny") known by name
 
 RANDOM_WEIGHTS = "random"  # --pretrained value: random init with a fixed seed (tests, timing)
-
-
-def resolve_device(spec: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present; ``cpu`` / ``cuda`` / ``cuda:N`` are taken as given."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {spec}: CUDA is not available on this machine")
-    return device
-
-
-def amp_dtype(device: torch.device) -> torch.dtype | None:
-    """The autocast dtype on this device: bf16, or fp16 where bf16 is unsupported; None off CUDA."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def autocast(device: torch.device, enabled: bool = True):
-    """Autocast to ``amp_dtype`` on CUDA; a no-op elsewhere."""
-    dtype = amp_dtype(device) if enabled else None
-    return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def file_sha256(path: str | Path) -> str:
@@ -90,8 +70,8 @@ class Preprocess:
 
 
 @dataclass
-class ClipModel:
-    """An open_clip model with its tokenizer, preprocessing and identity (what its features depend on)."""
+class CLIPBackbone:
+    """An open_clip model (image and text towers) with its tokenizer, preprocessing and identity."""
 
     model: open_clip.CLIP
     tokenizer: object
@@ -140,7 +120,7 @@ def _quiet_root_logger():
         root.setLevel(level)
 
 
-def load_clip(name: str = "ViT-B-32", pretrained: str = "openai", device: str | torch.device = "cpu") -> ClipModel:
+def load_backbone(name: str = "ViT-B-32", pretrained: str = "openai", device: str | torch.device = "cpu") -> CLIPBackbone:
     """Build an open_clip model by name; ``pretrained`` is a tag, a local checkpoint file, or ``random``."""
     if name not in open_clip.list_models():
         raise ValueError(f"--model {name!r}: unknown open_clip model (try ViT-B-32, or caer-tiny for tests)")
@@ -166,7 +146,7 @@ def load_clip(name: str = "ViT-B-32", pretrained: str = "openai", device: str | 
     model = model.to(device).eval()
     image_size = model.visual.image_size
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
-    return ClipModel(model, open_clip.get_tokenizer(name), Preprocess.from_transform(transform, image_size), name, weights)
+    return CLIPBackbone(model, open_clip.get_tokenizer(name), Preprocess.from_transform(transform, image_size), name, weights)
 
 
 def save_random_weights(name: str, path: str | Path, seed: int = 0) -> Path:
@@ -178,3 +158,25 @@ def save_random_weights(name: str, path: str | Path, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
     return path
+
+
+def unfreeze_last_blocks(visual: torch.nn.Module, count: int) -> None:
+    """Let only the last ``count`` transformer blocks of an open_clip ViT (and its output norm and
+    projection) train; the rest of the image tower stays frozen."""
+    blocks = visual.transformer.resblocks
+    if not 1 <= count <= len(blocks):
+        raise ValueError(f"--unfreeze-last must be in 1..{len(blocks)}")
+    visual.requires_grad_(False)
+    for module in [*blocks[-count:], visual.ln_post]:
+        module.requires_grad_(True)
+    if visual.proj is not None:
+        visual.proj.requires_grad_(True)
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 over a module's weights (names and values): the identity of a fine-tuned encoder."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()

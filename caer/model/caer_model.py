@@ -10,55 +10,37 @@ logits = cos(z, prototype) / temperature.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 from torch import nn
 
-from .encoder import ClipModel
+from ..config import AdapterMode, IECBase, ModelConfig, Streams, TokenPosition
+from .encoder import CLIPBackbone, unfreeze_last_blocks
 
-
-@dataclass
-class ModelConfig:
-    classes: list[str]
-    descriptions: list[str]
-    num_frames: int = 16
-    streams: str = "both"  # both | face | context (single-stream ablations)
-    input_norm: bool = True  # BatchNorm of the frame features before adapter and temporal encoders
-    adapter: bool = True
-    adapter_reduction: int = 4
-    adapter_scale: float = 1.0
-    adapter_mode: str = "residual"  # residual | replace (the reference's ReLU replacement)
-    temporal_layers: int = 1
-    temporal_heads: int | None = None  # default: D // 64 (8 for D = 512)
-    temporal_mlp: int | None = None  # default: 2 * D (1024 for D = 512)
-    dropout: float = 0.1
-    contexts_number: int = 8
-    class_specific_contexts: bool = True
-    class_token_position: str = "end"  # end | middle | front
-    temperature: float = 0.2
-    slerp_weight: float = 0.0
-    iec_base: str = "desc"  # desc | soft
+# the parameter groups each stage trains (SPEC section 7); the text tower is never trained
+STAGE_GROUPS = {
+    1: ("prompt",),
+    2: ("adapter", "temporal"),
+    3: ("prompt", "adapter", "temporal", "image_encoder"),
+}
 
 
 class ExpressionAdapter(nn.Module):
     """EAA: bottleneck D -> D/r -> D. Residual with a zero-initialised up-projection, so training starts from CLIP's features."""
 
-    def __init__(self, dim: int, reduction: int = 4, scale: float = 1.0, mode: str = "residual"):
+    def __init__(self, dim: int, reduction: int = 4, scale: float = 1.0, mode: AdapterMode = AdapterMode.residual):
         super().__init__()
-        if mode not in ("residual", "replace"):
-            raise ValueError(f"adapter mode must be residual or replace, got {mode!r}")
+        mode = AdapterMode(mode)
         self.down, self.up = nn.Linear(dim, dim // reduction), nn.Linear(dim // reduction, dim)
         self.scale, self.mode = scale, mode
-        if mode == "residual":
+        if mode == AdapterMode.residual:
             nn.init.zeros_(self.up.weight)
             nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(F.relu(self.down(x)))
-        return x + self.scale * h if self.mode == "residual" else F.relu(h)
+        return x + self.scale * h if self.mode == AdapterMode.residual else F.relu(h)
 
 
 class TemporalEncoder(nn.Module):
@@ -98,10 +80,10 @@ def encode_text_embeddings(clip: nn.Module, embeddings: torch.Tensor, tokens: to
 class PromptLearner(nn.Module):
     """CoOp: ``n_ctx`` learnable context vectors around each class name, through the frozen text encoder."""
 
-    def __init__(self, clip: ClipModel, classes: list[str], n_ctx: int, class_specific: bool, position: str):
+    def __init__(self, clip: CLIPBackbone, classes: list[str], n_ctx: int, class_specific: bool,
+                 position: TokenPosition = TokenPosition.end):
         super().__init__()
-        if position not in ("end", "middle", "front"):
-            raise ValueError(f"class token position must be end, middle or front, got {position!r}")
+        position = TokenPosition(position)
         model = clip.model
         width = model.token_embedding.weight.shape[1]
         shape = (len(classes), n_ctx, width) if class_specific else (n_ctx, width)
@@ -119,14 +101,14 @@ class PromptLearner(nn.Module):
 
     def embeddings(self) -> torch.Tensor:
         ctx = self.ctx if self.ctx.dim() == 3 else self.ctx.expand(len(self.prefix), -1, -1)
-        if self.position == "end":
+        if self.position == TokenPosition.end:
             return torch.cat([self.prefix, ctx, self.suffix], dim=1)
         rows = []
         half = self.n_ctx // 2
         for k, n in enumerate(self.name_lens):
             name, rest = self.suffix[k : k + 1, :n], self.suffix[k : k + 1, n:]
             c = ctx[k : k + 1]
-            parts = [c[:, :half], name, c[:, half:]] if self.position == "middle" else [name, c]
+            parts = [c[:, :half], name, c[:, half:]] if self.position == TokenPosition.middle else [name, c]
             rows.append(torch.cat([self.prefix[k : k + 1], *parts, rest], dim=1))
         return torch.cat(rows)
 
@@ -164,26 +146,27 @@ def _per_frame(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class CAERModel(nn.Module):
-    """Both streams -> ``z``; class prototypes from the text side; cosine logits (see the module docstring)."""
+    """Both streams -> ``z``; class prototypes from the text side; cosine logits (see the module docstring).
 
-    def __init__(self, clip: ClipModel, cfg: ModelConfig):
+    The model also owns which of its parameters each training stage trains (``prepare_stage``).
+    """
+
+    def __init__(self, clip: CLIPBackbone, cfg: ModelConfig):
         super().__init__()
         if len(cfg.classes) != len(cfg.descriptions):
             raise ValueError(f"{len(cfg.classes)} classes but {len(cfg.descriptions)} descriptions in the config")
-        if cfg.streams not in ("both", "face", "context"):
-            raise ValueError(f"streams must be both, face or context, got {cfg.streams!r}")
-        if cfg.iec_base not in ("desc", "soft"):
-            raise ValueError(f"--iec-base must be desc or soft, got {cfg.iec_base!r}")
         self.cfg = cfg
+        self.streams, self.iec_base = Streams(cfg.streams), IECBase(cfg.iec_base)
         self.clip = clip.model  # image + text towers; the text tower is always frozen
         self.preprocess = clip.preprocess
         d = clip.embed_dim
         heads = cfg.temporal_heads or max(1, d // 64)
         mlp = cfg.temporal_mlp or 2 * d
-        self.adapter = ExpressionAdapter(d, cfg.adapter_reduction, cfg.adapter_scale, cfg.adapter_mode) if cfg.adapter else nn.Identity()
+        self.adapter = (ExpressionAdapter(d, cfg.adapter_reduction, cfg.adapter_scale, cfg.adapter_mode)
+                        if cfg.adapter else nn.Identity())
         self.temporal_face = TemporalEncoder(d, cfg.num_frames, cfg.temporal_layers, heads, mlp, cfg.dropout)
         self.temporal_context = TemporalEncoder(d, cfg.num_frames, cfg.temporal_layers, heads, mlp, cfg.dropout)
-        self.fusion = nn.Linear(d * (2 if cfg.streams == "both" else 1), d)
+        self.fusion = nn.Linear(d * (2 if self.streams == Streams.both else 1), d)
         # CLIP features of one dataset share a large common direction; centring and scaling each
         # dimension (BatchNorm over frames) lets the temporal encoders learn in far fewer steps.
         self.norm_face = nn.BatchNorm1d(d) if cfg.input_norm else nn.Identity()
@@ -195,29 +178,58 @@ class CAERModel(nn.Module):
             tokens = clip.tokenizer(cfg.descriptions).to(clip.device)
             t_desc = encode_text_embeddings(self.clip, self.clip.token_embedding(tokens), tokens)
             self.register_buffer("t_desc", F.normalize(t_desc.float(), dim=-1))
-        for p in self.text_parameters():
-            p.requires_grad_(False)
+        for name, p in self.clip.named_parameters():  # the text tower (all of CLIP but ``visual``) never trains
+            if not name.startswith("visual."):
+                p.requires_grad_(False)
 
-    # ----------------------------------------------------------------- parameter groups
+    # ----------------------------------------------------------------- what each stage trains
 
-    def text_parameters(self):
-        """The CLIP text tower (everything of ``clip`` but ``visual``): always frozen."""
-        return [p for n, p in self.clip.named_parameters() if not n.startswith("visual.")]
+    def uses(self, stream: Streams) -> bool:
+        return self.streams in (Streams.both, stream)
 
     def temporal_modules(self) -> list[nn.Module]:
         """Input norms, temporal encoders and fusion of the streams in use (``--streams``)."""
-        face = [self.norm_face, self.temporal_face] if self.cfg.streams in ("both", "face") else []
-        context = [self.norm_context, self.temporal_context] if self.cfg.streams in ("both", "context") else []
+        face = [self.norm_face, self.temporal_face] if self.uses(Streams.face) else []
+        context = [self.norm_context, self.temporal_context] if self.uses(Streams.context) else []
         return [*face, *context, self.fusion]
 
-    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Named groups the stages train, each with its own learning rate; parameters in none stay frozen."""
+    def group_modules(self) -> dict[str, list[nn.Module]]:
+        """Named groups the stages train, each with its own learning rate. Modules of unused streams are
+        in no group: they never train (DDP needs every trainable parameter to be used)."""
         return {
-            "prompt": list(self.prompt_learner.parameters()),
-            "adapter": list(self.adapter.parameters()) if self.cfg.streams != "context" else [],
-            "temporal": [p for m in self.temporal_modules() for p in m.parameters()],
-            "image_encoder": list(self.clip.visual.parameters()),
+            "prompt": [self.prompt_learner],
+            "adapter": [self.adapter] if self.uses(Streams.face) else [],
+            "temporal": self.temporal_modules(),
+            "image_encoder": [self.clip.visual],
         }
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {name: [p for m in modules for p in m.parameters()] for name, modules in self.group_modules().items()}
+
+    def prepare_stage(self, stage: int, unfreeze_last: int | None = None) -> None:
+        """Make exactly the groups of ``STAGE_GROUPS[stage]`` trainable; everything else is frozen."""
+        self.requires_grad_(False)
+        for name, modules in self.group_modules().items():
+            if name in STAGE_GROUPS[stage]:
+                for m in modules:
+                    m.requires_grad_(True)
+        if stage == 3 and unfreeze_last is not None:
+            unfreeze_last_blocks(self.clip.visual, unfreeze_last)
+
+    def train_for_stage(self, stage: int) -> None:
+        """Training mode for the groups a stage trains; frozen groups stay in eval mode (no dropout, fixed norms)."""
+        self.train()
+        for name, modules in self.group_modules().items():
+            if name not in STAGE_GROUPS[stage]:
+                for m in modules:
+                    m.eval()
+        self.clip.transformer.eval()
+        if stage == 3:  # input-norm statistics stay those of stage 2: augmented raw frames would shift them
+            self.norm_face.eval()
+            self.norm_context.eval()
+
+    def encoder_trains(self) -> bool:
+        return any(p.requires_grad for p in self.clip.visual.parameters())
 
     # ----------------------------------------------------------------- forward pieces
 
@@ -225,35 +237,44 @@ class CAERModel(nn.Module):
         """(t_desc, t_soft), both [C, D] and L2-normalised."""
         return self.t_desc, self.prompt_learner(self.clip).float()
 
-    def encode_frames(self, pixels: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
-        """uint8 frames [B, T, 2, 3, S, S] -> per-frame features [B, T, 2, D] via the CLIP image encoder.
+    def frame_features(self, face: torch.Tensor, context: torch.Tensor, flip: torch.Tensor | None = None):
+        """Per-frame features [B, T, D] of both streams.
 
-        ``flip`` [B] bool mirrors a clip's images (view 1 of the cache).
+        Cached features pass through. uint8 frames [B, T, 3, S, S] go through the CLIP image encoder
+        (with gradients only when it trains); ``flip`` [B] bool mirrors a clip's images (view 1).
         """
-        b, t = pixels.shape[:2]
-        x = self.preprocess.normalize(pixels)
+        if face.dtype != torch.uint8:
+            return face.float(), context.float()
+        b, t = face.shape[:2]
+        x = self.preprocess.normalize(torch.stack([face, context], dim=2))
         if flip is not None:
             x = torch.where(flip.view(b, 1, 1, 1, 1, 1), x.flip(-1), x)
-        return self.clip.encode_image(x.flatten(0, 2)).float().view(b, t, 2, -1)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoder_trains()):
+            feats = self.clip.encode_image(x.flatten(0, 2)).float().view(b, t, 2, -1)
+        return feats[:, :, 0], feats[:, :, 1]
 
     def embed(self, face: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Per-frame features [B, T, D] of both streams -> fused, L2-normalised ``z`` [B, D]."""
         parts = []
-        if self.cfg.streams in ("both", "face"):
+        if self.uses(Streams.face):
             parts.append(self.temporal_face(self.adapter(_per_frame(self.norm_face, face.float()))))
-        if self.cfg.streams in ("both", "context"):
+        if self.uses(Streams.context):
             parts.append(self.temporal_context(_per_frame(self.norm_context, context.float())))
         return F.normalize(self.fusion(torch.cat(parts, dim=-1)), dim=-1)
 
     def logits(self, z: torch.Tensor, t_desc: torch.Tensor, t_soft: torch.Tensor) -> torch.Tensor:
         """cos(z, prototype_k) / temperature, prototypes pulled towards ``z`` by slerp when IEC is on."""
-        base = t_desc if self.cfg.iec_base == "desc" else t_soft
+        base = t_desc if self.iec_base == IECBase.desc else t_soft
         if self.cfg.slerp_weight > 0:
             base = slerp(base.unsqueeze(0), z.unsqueeze(1), self.cfg.slerp_weight)  # [B, C, D]
             return (base * z.unsqueeze(1)).sum(-1) / self.cfg.temperature
         return z @ base.t() / self.cfg.temperature
 
-    def forward(self, face: torch.Tensor, context: torch.Tensor, text: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Logits [B, C] from per-frame features; pass precomputed ``text`` when the prompts are frozen."""
+    def forward(self, face: torch.Tensor, context: torch.Tensor, text: tuple[torch.Tensor, torch.Tensor] | None = None,
+                flip: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, C] from cached features or raw frames of both streams (see ``frame_features``).
+
+        Pass precomputed ``text`` (``text_features()``) when the prompts are frozen.
+        """
         t_desc, t_soft = text if text is not None else self.text_features()
-        return self.logits(self.embed(face, context), t_desc, t_soft)
+        return self.logits(self.embed(*self.frame_features(face, context, flip)), t_desc, t_soft)

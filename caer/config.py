@@ -1,0 +1,526 @@
+"""Every option of every command, declared once.
+
+A command's settings are a *record*: a dataclass whose fields are options (declared with ``option``)
+or parts (other records). The CLI builds its flags from these declarations, config files use the
+same names as keys, and both are checked against the same types, choices and ranges.
+
+Run configs are flat in files (``lr: 0.01``, not ``optim: {lr: 0.01}``): every key is also a flag.
+Values come from the defaults, then a YAML file (``--config``), then the flags that were given.
+"""
+
+import dataclasses
+import enum
+import importlib.resources
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+CONFIG_DIR = Path(str(importlib.resources.files("caer.configs")))
+
+
+# ------------------------------------------------------------------------------------------ choices
+
+class Source(enum.StrEnum):
+    """Where training and evaluation read a clip from."""
+
+    cache = "cache"
+    raw = "raw"
+
+
+class EvalSource(enum.StrEnum):
+    auto = "auto"  # cache, unless the checkpoint's encoder was fine-tuned (stage 3) or there is no cache
+    cache = "cache"
+    raw = "raw"
+
+
+class Streams(enum.StrEnum):
+    both = "both"
+    face = "face"
+    context = "context"
+
+
+class AdapterMode(enum.StrEnum):
+    residual = "residual"
+    replace = "replace"
+
+
+class TokenPosition(enum.StrEnum):
+    end = "end"
+    middle = "middle"
+    front = "front"
+
+
+class IECBase(enum.StrEnum):
+    desc = "desc"
+    soft = "soft"
+
+
+class Optimizer(enum.StrEnum):
+    sgd = "sgd"
+    adamw = "adamw"
+
+
+class Scheduler(enum.StrEnum):
+    cosine = "cosine"
+    step = "step"
+
+
+class StoreFormat(enum.StrEnum):
+    auto = "auto"
+    zarr = "zarr"
+    h5 = "h5"
+
+
+class TTA(enum.StrEnum):
+    none = "none"
+    flip = "flip"
+
+
+# ------------------------------------------------------------------------------------------ declaring
+
+def option(default=None, help: str = "", *, flags: tuple[str, ...] = (), min: float | None = None,
+           max: float | None = None, panel: str | None = None, argument: bool = False, shown: str | None = None,
+           factory=None):
+    """Declare an option: its default, help text, flag spellings, allowed range and help panel.
+
+    ``flags`` replaces the flag derived from the name (``--name`` and, for booleans, ``--no-name``);
+    ``shown`` is the default as ``--help`` should print it when the value itself says little.
+    """
+    meta = {"help": help, "flags": flags, "min": min, "max": max, "panel": panel, "argument": argument, "shown": shown}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def part(cls):
+    """A record inside a record (its options keep their own names in files and on the command line)."""
+    return field(default_factory=cls, metadata={"part": True})
+
+
+def is_part(f: dataclasses.Field) -> bool:
+    return bool(f.metadata.get("part"))
+
+
+def options(record) -> list[tuple[dataclasses.Field, str]]:
+    """Every option of a record class (parts flattened), with the help panel it belongs to."""
+    out = []
+    for f in dataclasses.fields(record):
+        if is_part(f):
+            out += options(f.default_factory)
+        else:
+            out.append((f, f.metadata.get("panel") or getattr(record, "PANEL", "Options")))
+    return out
+
+
+def option_type(f: dataclasses.Field):
+    """The declared type without ``| None``."""
+    args = [a for a in typing.get_args(f.type) if a is not type(None)]
+    if isinstance(f.type, types.UnionType) and len(args) == 1:
+        return args[0]
+    return f.type
+
+
+def coerce(f: dataclasses.Field, value, where: str):
+    """A value from a file or a checkpoint, checked against the declaration (type, choices, range)."""
+    if value is None:
+        return None
+    kind = option_type(f)
+    try:
+        if isinstance(kind, type) and issubclass(kind, enum.Enum):
+            value = kind(value)
+        elif kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError
+        elif kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            value = int(value)
+        elif kind is float:
+            value = float(value)  # YAML reads 1e-5 (no dot) as a string
+        elif kind is str:
+            value = str(value)
+        elif typing.get_origin(kind) is list:
+            if not isinstance(value, list):
+                raise ValueError
+            value = [str(v) for v in value]
+    except ValueError:
+        if isinstance(kind, type) and issubclass(kind, enum.Enum):
+            raise ValueError(f"{where}: {value!r} is not one of {', '.join(m.value for m in kind)}") from None
+        raise ValueError(f"{where}: expected {getattr(kind, '__name__', kind)}, got {value!r}") from None
+    check_range(f, value, where)
+    return value
+
+
+def check_range(f: dataclasses.Field, value, where: str) -> None:
+    low, high = f.metadata.get("min"), f.metadata.get("max")
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"{low if low is not None else '-inf'}..{high if high is not None else 'inf'}"
+        raise ValueError(f"{where}: {value} is outside {bounds}")
+
+
+def from_flat(record, values: dict, where: str = "config"):
+    """Build a record from flat ``{option name: value}`` (unknown keys are an error naming ``where``)."""
+    known = {f.name for f, _ in options(record)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown option {unknown[0]!r}")
+    return _build(record, values, where)
+
+
+def _build(record, values: dict, where: str):
+    kwargs = {}
+    for f in dataclasses.fields(record):
+        if is_part(f):
+            kwargs[f.name] = _build(f.default_factory, values, where)
+        elif f.name in values:
+            kwargs[f.name] = coerce(f, values[f.name], f"{where}: {f.name}")
+    return record(**kwargs)
+
+
+def to_flat(obj) -> dict:
+    """``{option name: value}`` of a record, enums as their plain values (for YAML, JSON and checkpoints)."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if is_part(f):
+            out |= to_flat(value)
+        else:
+            out[f.name] = value.value if isinstance(value, enum.Enum) else value
+    return out
+
+
+# ------------------------------------------------------------------------------------------ shared parts
+
+def default_workers() -> int:
+    """All cores but one for the main process, at most 16."""
+    import os
+
+    return max(1, min(16, (os.cpu_count() or 2) - 1))
+
+
+@dataclass
+class EncoderConfig:
+    """The CLIP image encoder whose features everything else reads."""
+
+    PANEL = "Encoder"
+    model: str = option("ViT-B-32", "open_clip model name (caer-tiny is the offline test model).")
+    pretrained: str = option("openai", "Weights: an open_clip tag (needs internet once), a local file "
+                             "(open_clip state dict or OpenAI .pt), or 'random'.")
+
+
+@dataclass
+class CropConfig:
+    """How a frame becomes its face crop and context view (SPEC section 3)."""
+
+    PANEL = "Crops"
+    root: str | None = option(None, "Dataset root the clip dirs are relative to.",
+                              shown="the first annotation file's folder")
+    face_boxes: str | None = option(None, "Face boxes JSON.")
+    body_boxes: str | None = option(None, "Body boxes JSON (for --crop-body).")
+    crop_body: bool = option(False, "Context view = the body box crop instead of the whole frame.")
+    margin: float = option(20.0, "Pixels added around each face box.", min=0)
+    frame_stride: int = option(1, "Keep every k-th frame (raw frames with a cache use the cache's).", min=1)
+
+
+@dataclass
+class RuntimeConfig:
+    PANEL = "Runtime"
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.")
+    use_amp: bool = option(True, "bf16/fp16 autocast on CUDA (no effect on the CPU).", flags=("--use-amp/--no-amp",))
+    workers: int | None = option(None, "Worker processes that decode frames or load batches.", min=0,
+                                 shown="CPU cores - 1, at most 16")
+
+    def num_workers(self) -> int:
+        return default_workers() if self.workers is None else self.workers
+
+
+# ------------------------------------------------------------------------------------------ caer train
+
+@dataclass
+class DataConfig:
+    PANEL = "Data"
+    train_list: str | None = option(None, "Training annotation file.")
+    val_list: str | None = option(None, "Validation annotation file.")
+    test_list: str | None = option(None, "Test annotation file.")
+    cache: str | None = option(None, "Feature cache from caer extract.")
+    source: Source = option(Source.cache, "cache, or raw (decode frames and run the encoder every step, as the reference).")
+    cache_in_memory: bool = option(False, "Load the whole cache into RAM.")
+
+
+DEFAULT_CLASSES = ["Neutrality", "Enjoyment", "Confusion", "Fatigue", "Distraction"]
+
+
+@dataclass
+class ModelConfig:
+    """The CAER model on top of CLIP (SPEC section 5)."""
+
+    PANEL = "Model"
+    classes: list[str] = option(help="Class names, in label order (repeat the flag per class).",
+                                factory=lambda: list(DEFAULT_CLASSES), shown="the RAER classes")
+    descriptions: list[str] = option(help="One descriptive sentence per class (t_desc; repeat the flag per class).",
+                                     factory=list, shown="the config's")
+    num_frames: int = option(16, "T: frames (TSN segments) per clip.", min=1)
+    streams: Streams = option(Streams.both, "both, or face / context alone (single-stream ablations).")
+    input_norm: bool = option(True, "BatchNorm of the frame features before adapter and temporal encoders.")
+    adapter: bool = option(True, "Expression-Aware Adapter on the face stream.")
+    adapter_reduction: int = option(4, "Adapter bottleneck: D -> D / r -> D.", min=1)
+    adapter_scale: float = option(1.0, "Scale of the residual adapter's branch.")
+    adapter_mode: AdapterMode = option(AdapterMode.residual, "residual, or replace (the reference's ReLU output).")
+    temporal_layers: int = option(1, "Layers of each temporal transformer.", min=1)
+    temporal_heads: int | None = option(None, "Attention heads of the temporal transformers.", min=1, shown="D / 64")
+    temporal_mlp: int | None = option(None, "MLP width of the temporal transformers.", min=1, shown="2 D")
+    dropout: float = option(0.1, "Dropout in the temporal transformers.", min=0, max=1)
+    contexts_number: int = option(8, "CoOp context vectors per prompt.", min=1, panel="Prompts and classifier")
+    class_specific_contexts: bool = option(True, "One set of context vectors per class.", panel="Prompts and classifier",
+                                           flags=("--class-specific-contexts/--shared-contexts",))
+    class_token_position: TokenPosition = option(TokenPosition.end, "Where the class name sits among the context vectors.",
+                                                 panel="Prompts and classifier")
+    temperature: float = option(0.2, "tau in logits = cos / tau.", min=1e-4, panel="Prompts and classifier")
+    slerp_weight: float = option(0.0, "IEC: lambda of slerp(prototype, z); 0 turns IEC off.", min=0, max=1,
+                                 panel="Prompts and classifier")
+    iec_base: IECBase = option(IECBase.desc, "Prototype base: desc (fixed sentences) or soft (learnable prompts).",
+                               panel="Prompts and classifier")
+
+
+@dataclass
+class LossConfig:
+    """Cross-entropy remedies for class imbalance, and the MI and DC prompt losses (SPEC section 6)."""
+
+    PANEL = "Losses and imbalance"
+    class_balanced_loss: bool = option(False, "Effective-number class weights in the CE loss.")
+    cb_beta: float = option(0.9999, "beta of the effective number of samples.", min=0, max=0.999999)
+    logit_adj: bool = option(False, "Add tau * log prior to the training logits.")
+    logit_adj_tau: float = option(1.0, "tau of --logit-adj.")
+    label_smoothing: float = option(0.0, "Label smoothing.", min=0, max=1)
+    use_weighted_sampler: bool = option(False, "Sample clips with inverse class frequency.",
+                                        flags=("--use-weighted-sampler/--no-weighted-sampler",))
+    lambda_mi: float = option(0.0, "Weight of the mutual-information loss.", min=0, flags=("--lambda-mi", "--lambda_mi"))
+    mi_warmup: int = option(0, "Epochs with the MI loss off.", min=0)
+    mi_ramp: int = option(0, "Epochs to ramp the MI weight up.", min=0)
+    lambda_dc: float = option(0.0, "Weight of the decorrelation loss.", min=0, flags=("--lambda-dc", "--lambda_dc"))
+    dc_warmup: int = option(0, "Epochs with the DC loss off.", min=0)
+    dc_ramp: int = option(0, "Epochs to ramp the DC weight up.", min=0)
+
+
+@dataclass
+class OptimConfig:
+    PANEL = "Optimisation"
+    optimizer: Optimizer = option(Optimizer.sgd, "sgd (with --momentum) or adamw.")
+    lr: float = option(1e-3, "Learning rate of the temporal encoders and fusion; default of the others.", min=0)
+    lr_adapter: float | None = option(None, "Learning rate of the adapter.", min=0, shown="the stage's")
+    lr_prompt: float | None = option(None, "Learning rate of the prompt context vectors.", min=0, shown="the stage's")
+    lr_image_encoder: float = option(1e-6, "Learning rate of the image encoder (stage 3).", min=0)
+    lr_stage1: float | None = option(None, "--lr for stage 1.", min=0, shown="--lr")
+    lr_stage2: float | None = option(None, "--lr for stage 2.", min=0, shown="--lr")
+    lr_stage3: float | None = option(None, "--lr for stage 3.", min=0, shown="--lr")
+    momentum: float = option(0.9, "SGD momentum.", min=0, max=1)
+    weight_decay: float = option(1e-4, "Weight decay.", min=0)
+    scheduler: Scheduler = option(Scheduler.cosine, "Per-epoch schedule: cosine, or step (--step-size, --gamma).")
+    step_size: int = option(10, "Epochs between steps of the step schedule.", min=1)
+    gamma: float = option(0.1, "Factor of each step of the step schedule.", min=0)
+    batch_size: int = option(8, "Clips per batch.", min=1)
+    grad_accum: int = option(1, "Accumulate gradients over N batches.", min=1)
+    grad_clip: float | None = option(None, "Clip the gradient norm to this value.", min=0)
+
+
+@dataclass
+class StageConfig:
+    """Which stage runs, for how long, and the stage-3 specifics (SPEC section 7)."""
+
+    PANEL = "Stages"
+    stage: int = option(2, "Stage to run: 1 prompts, 2 adapter/temporal/fusion, 3 end to end.", min=1, max=3)
+    staged_training: bool = option(False, "Run stages 1 -> 2 -> 3, each from the previous best.")
+    epochs: int = option(20, "Epochs (of any stage without its own count).", min=0)
+    epochs_stage1: int | None = option(None, "Epochs of stage 1.", min=0, shown="--epochs")
+    epochs_stage2: int | None = option(None, "Epochs of stage 2.", min=0, shown="--epochs")
+    epochs_stage3: int | None = option(None, "Epochs of stage 3.", min=0, shown="--epochs")
+    unfreeze_last: int | None = option(None, "Stage 3: unfreeze only the last N encoder blocks.", min=1, shown="all")
+    rotate_degrees: float = option(4.0, "Stage 3 augmentation: random rotation in [-r, r] degrees per clip "
+                                   "(plus a random flip).", min=0, max=180)
+    grad_checkpointing: bool = option(False, "Stage 3: activation checkpointing in the image encoder.")
+
+
+@dataclass
+class RunDirConfig:
+    PANEL = "Run"
+    run_dir: str = option("runs/caer", "Where config, metrics.jsonl and checkpoints go.")
+    init_from: str | None = option(None, "Checkpoint a single stage starts from.",
+                                   shown="stage{N-1}-best.pt of the run dir, if there")
+    resume: bool = option(False, "Continue a stopped run from its last checkpoint.")
+    seed: int = option(0, "Random seed (data order, sampled frames, init).")
+
+
+@dataclass
+class RunConfig:
+    """Everything ``caer train`` (and ``caer eval`` through a checkpoint) is set by."""
+
+    stages: StageConfig = part(StageConfig)
+    data: DataConfig = part(DataConfig)
+    crop: CropConfig = part(CropConfig)
+    encoder: EncoderConfig = part(EncoderConfig)
+    model: ModelConfig = part(ModelConfig)
+    loss: LossConfig = part(LossConfig)
+    optim: OptimConfig = part(OptimConfig)
+    run: RunDirConfig = part(RunDirConfig)
+    runtime: RuntimeConfig = part(RuntimeConfig)
+
+    def stage_lr(self, stage: int) -> float:
+        return getattr(self.optim, f"lr_stage{stage}") or self.optim.lr
+
+    def stage_epochs(self, stage: int) -> int:
+        value = getattr(self.stages, f"epochs_stage{stage}")
+        return self.stages.epochs if value is None else value
+
+    def list_for(self, split: str) -> str:
+        """The annotation file of a split ("train", "val" or "test"), or a clear error."""
+        path = getattr(self.data, f"{split}_list")
+        if not path:
+            raise ValueError(f"--{split}-list is not set (give it as a flag or in the config)")
+        return path
+
+    def to_dict(self) -> dict:
+        return to_flat(self)
+
+
+# ------------------------------------------------------------------------------------------ other commands
+
+@dataclass
+class ExtractConfig:
+    """``caer extract``: phase one."""
+
+    PANEL = "Output"
+    annotations: list[str] = option(help="Annotation files (train.txt val.txt ...); each is a split.",
+                                    factory=list, argument=True)
+    out: str = option(None, "Cache to write: a .zarr folder or a .h5 file.", flags=("--out", "-o"))
+    views: int = option(1, "1, or 2 to add a horizontally flipped view.", min=1, max=2)
+    format: StoreFormat = option(StoreFormat.auto, "zarr, h5, or auto (by the --out suffix).")
+    overwrite: bool = option(False, "Replace a cache that was extracted with other settings.")
+    num_classes: int = option(5, "Labels must lie in 1..N.", min=1, panel="Crops")
+    skip_bad: bool = option(False, "Skip clips with bad input (listed in the summary) instead of stopping.", panel="Crops")
+    from_checkpoint: str | None = option(None, "Use the image encoder of a caer checkpoint (e.g. fine-tuned by stage 3) "
+                                         "instead of --model/--pretrained.", panel="Encoder")
+    batch_size: int = option(256, "Images per encoder batch.", min=1, panel="Runtime")
+    encoder: EncoderConfig = part(EncoderConfig)
+    crop: CropConfig = part(CropConfig)
+    runtime: RuntimeConfig = part(RuntimeConfig)
+
+
+@dataclass
+class EvalConfig:
+    """``caer eval``; the checkpoint's own run config fills in the rest (see ``EVAL_OVERRIDES``)."""
+
+    PANEL = "Options"
+    checkpoint: str = option(None, "Checkpoint from caer train (e.g. runs/x/stage2-best.pt).", argument=True)
+    split: str = option("test", "train, val, test, or an annotation file.")
+    source: EvalSource = option(EvalSource.auto, "cache, raw frames, or auto: the cache unless the checkpoint's "
+                                "image encoder was fine-tuned (stage 3).")
+    tta: TTA = option(TTA.none, "none, or flip: average the logits of the plain and mirrored view.")
+    json: str | None = option(None, "Write the report (metrics, confusion matrix, predictions) as JSON.")
+    plot: str | None = option(None, "Write a PNG of the row-normalised confusion matrix.")
+
+
+# run-config options that `caer eval` may override; their declarations are RunConfig's
+EVAL_OVERRIDES = ("cache", "root", "face_boxes", "batch_size", "workers", "device")
+
+
+@dataclass
+class SynthConfig:
+    """``caer synth``: a synthetic dataset in the RAER layout."""
+
+    PANEL = "Options"
+    out: str = option(None, "Folder to write the dataset into.", argument=True)
+    clips: int = option(60, "Number of clips in all splits.", min=1)
+    frames: int = option(12, "Mean frames per clip (lengths vary from half to 1.5x).", min=2)
+    width: int = option(128, "Frame width in pixels.", min=96)
+    height: int = option(96, "Frame height in pixels.", min=96)
+    classes: int = option(5, "Number of classes.", min=2)
+    seed: int = option(0, "Random seed.")
+    missing_face_rate: float = option(0.1, "Share of frames left without a face box.", min=0, max=1)
+
+
+@dataclass
+class InitWeightsConfig:
+    PANEL = "Options"
+    out: str = option(None, "Checkpoint file to write (.pt).", argument=True)
+    model: str = option("caer-tiny", "open_clip model name.")
+    seed: int = option(0, "Random seed.")
+
+
+@dataclass
+class DemoConfig:
+    PANEL = "Options"
+    out: str | None = option(None, "Folder for everything the demo writes.", shown="./caer-demo-<time>")
+    clips: int = option(400, "Clips in the synthetic dataset.", min=10)
+    frames: int = option(8, "Mean frames per clip.", min=2)
+    epochs: int | None = option(None, "Stage-2 epochs.", min=0, shown="configs/tiny.yaml's")
+    model: str = option("caer-tiny", "open_clip model; the default is the offline tiny one.")
+    pretrained: str | None = option(None, "Weights for --model: an open_clip tag or a local file.",
+                                    shown="random tiny weights")
+    device: str = option("cpu", "auto, cpu, cuda or cuda:N.")
+
+
+# ------------------------------------------------------------------------------------------ files
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file path, or the name of a shipped config (``raer``, ``tiny``)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    shipped = CONFIG_DIR / f"{p.name}.yaml"
+    if not p.suffix and shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
+    raise FileNotFoundError(f"--config {path}: no such file (shipped configs: {names})")
+
+
+def read_config_file(path: str | Path) -> dict:
+    """Flat ``{option name: value}`` of a YAML config file (dashes in keys read as underscores)."""
+    p = resolve_config_path(path)
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{p}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: expected a mapping of option names to values")
+    values: dict = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name in values:
+            raise ValueError(f"{p}: option {name!r} is given twice (dashes and underscores are the same key)")
+        values[name] = value
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> RunConfig:
+    """Defaults, then the YAML file, then ``overrides`` (flags that were given; None values are ignored)."""
+    values = read_config_file(path) if path is not None else {}
+    where = str(resolve_config_path(path)) if path is not None else "config"
+    cfg = from_flat(RunConfig, values, where)
+    if overrides:
+        cfg = replace_options(cfg, overrides)
+    check_config(cfg)
+    return cfg
+
+
+def replace_options(cfg: RunConfig, overrides: dict, where: str = "flag") -> RunConfig:
+    """A copy of ``cfg`` with the given options changed (None values ignored)."""
+    values = to_flat(cfg) | {k: v for k, v in overrides.items() if v is not None}
+    return from_flat(RunConfig, values, where)
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Rules between options that no single declaration can state."""
+    m = cfg.model
+    if not m.descriptions:
+        raise ValueError("the config must give one descriptive sentence per class under 'descriptions'")
+    if len(m.classes) != len(m.descriptions):
+        raise ValueError(f"{len(m.classes)} classes but {len(m.descriptions)} descriptions in the config")
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

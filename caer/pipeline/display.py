@@ -1,0 +1,30 @@
+"""What the recipes show on the console: progress bars and confusion tables (rich)."""
+
+from __future__ import annotations
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+def progress_bar(console: Console) -> Progress:
+    """A transient bar with a free ``info`` field (e.g. the running loss)."""
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+    )
+
+
+def confusion_table(cm: np.ndarray, classes: list[str], title: str, row_share: bool = False) -> Table:
+    """Counts (rows = true class), the diagonal in bold; ``row_share`` adds each cell's row percentage."""
+    t = Table(title=title, title_justify="left")
+    t.add_column("true \\ pred")
+    for name in classes:
+        t.add_column(name[:12], justify="right")
+    rows = np.maximum(cm.sum(1, keepdims=True), 1)
+    for i, (name, counts) in enumerate(zip(classes, cm)):
+        cells = [f"{c} ({100 * c / rows[i, 0]:.0f}%)" if row_share else str(c) for c in counts]
+        cells[i] = f"[bold]{cells[i]}[/]"
+        t.add_row(name, *cells)
+    return t

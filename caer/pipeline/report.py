@@ -1,0 +1,95 @@
+"""The report of an evaluation: WAR, UAR, per-class scores, confusion matrix; as tables, JSON and a PNG."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Group
+from rich.table import Table
+from sklearn.metrics import precision_recall_fscore_support
+
+from ..model.metrics import confusion_matrix, uar, war
+from .display import confusion_table
+
+
+@dataclass
+class Report:
+    classes: list[str]
+    labels: np.ndarray
+    preds: np.ndarray
+    video_ids: list[str]
+    checkpoint: str
+    split: str
+    source: str
+
+    @property
+    def confusion(self) -> np.ndarray:
+        return confusion_matrix(self.labels, self.preds, len(self.classes))
+
+    def as_dict(self) -> dict:
+        cm = self.confusion
+        precision, recall, f1, support = precision_recall_fscore_support(
+            self.labels, self.preds, labels=list(range(len(self.classes))), zero_division=0
+        )
+        rows = np.maximum(cm.sum(1, keepdims=True), 1)
+        return {
+            "war": round(war(cm), 2),
+            "uar": round(uar(cm), 2),
+            "classes": self.classes,
+            "per_class": [
+                {"name": n, "recall": round(100 * r, 2), "precision": round(100 * p, 2), "f1": round(100 * f, 2), "support": int(s)}
+                for n, p, r, f, s in zip(self.classes, precision, recall, f1, support)
+            ],
+            "confusion_matrix": cm.tolist(),
+            "confusion_matrix_normalized": np.round(cm / rows, 4).tolist(),
+            "checkpoint": self.checkpoint,
+            "split": self.split,
+            "source": self.source,
+            "predictions": [
+                {"video_id": v, "label": int(y), "pred": int(p)} for v, y, p in zip(self.video_ids, self.labels, self.preds)
+            ],
+        }
+
+    def tables(self) -> Group:
+        d = self.as_dict()
+        head = Table(title=f"{d['split']} ({d['source']}): WAR {d['war']:.2f}  UAR {d['uar']:.2f}", title_justify="left")
+        for col in ("class", "recall", "precision", "F1", "support"):
+            head.add_column(col, justify="left" if col == "class" else "right")
+        for row in d["per_class"]:
+            head.add_row(row["name"], f"{row['recall']:.2f}", f"{row['precision']:.2f}", f"{row['f1']:.2f}", str(row["support"]))
+        return Group(head, confusion_table(self.confusion, self.classes, "confusion matrix: counts (row %)", row_share=True))
+
+    def write_json(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.as_dict(), indent=1))
+
+    def plot(self, path: Path) -> None:
+        """PNG of the row-normalised confusion matrix with class names and values in the cells."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        cm = self.confusion
+        norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+        n = len(self.classes)
+        fig, ax = plt.subplots(figsize=(1.3 * n + 2.5, 1.1 * n + 2))
+        im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(n), self.classes, rotation=35, ha="right")
+        ax.set_yticks(range(n), self.classes)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        d = self.as_dict()
+        ax.set_title(f"{self.split}: WAR {d['war']:.2f}%  UAR {d['uar']:.2f}%")
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{100 * norm[i, j]:.0f}%\n({cm[i, j]})", ha="center", va="center", fontsize=9,
+                        color="white" if norm[i, j] > 0.5 else "black")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)

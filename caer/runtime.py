@@ -1,0 +1,97 @@
+"""Where and how code runs: the device, mixed precision, random state, and torch.distributed glue.
+
+The same code runs as one process or as several under ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present; ``cpu`` / ``cuda`` / ``cuda:N`` are taken as given."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {spec}: CUDA is not available on this machine")
+    return device
+
+
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype on this device: bf16, or fp16 where bf16 is unsupported; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """Autocast to ``amp_dtype`` on CUDA; a no-op elsewhere."""
+    dtype = amp_dtype(device) if enabled else None
+    return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def rng_state() -> dict:
+    """Every random generator's state (saved in checkpoints so that a resumed run repeats itself)."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- torch.distributed
+
+def init(device: torch.device | None = None) -> tuple[int, int]:
+    """Join the process group that ``torchrun`` describes in the environment; (rank, world size).
+
+    NCCL when ``device`` is a GPU (training), gloo otherwise (extraction exchanges only small objects).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        if device is not None and device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def rank() -> int:
+    """This process's rank (0 without torchrun); does not join a process group."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def local_device(device: torch.device) -> torch.device:
+    """Under torchrun, ``cuda`` means this process's own GPU (``LOCAL_RANK``)."""
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gather(obj) -> list:
+    """Every rank's ``obj``, in rank order (just ``[obj]`` in a single process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
