@@ -30,19 +30,21 @@ from pathlib import Path
 
 import torch
 
+from caer import runtime
 from caer.cache.store import CacheWriter
+from caer.config import ExtractConfig, SynthConfig, from_flat
+from caer.data.synth import synthesise
+from caer.model.encoder import CLIPBackbone, load_backbone
 from caer.pipeline import extract as extract_module
-from caer.pipeline.encoder import autocast, load_clip, resolve_device
-from caer.pipeline.extract import ExtractSettings, extract
-from caer.pipeline.synth import SynthSettings, synthesise
+from caer.pipeline.extract import extract
 
 from machine import machine  # bench/machine.py (scripts run from bench/ are on sys.path)
 
 
 def make_dataset(root: Path, args) -> tuple[list[Path], Path]:
     """A synthetic RAER dataset; --repeat lists every clip R times (as symlinked clip dirs) to make it longer cheaply."""
-    synthesise(SynthSettings(root / "base", clips=args.clips, frames=args.frames, width=args.width, height=args.height,
-                             seed=args.seed))
+    synthesise(SynthConfig(str(root / "base"), clips=args.clips, frames=args.frames, width=args.width,
+                           height=args.height, seed=args.seed))
     base_boxes = json.loads((root / "base" / "face_boxes.json").read_text())
     lines, boxes = [], {}
     for r in range(args.repeat):
@@ -62,14 +64,14 @@ def make_dataset(root: Path, args) -> tuple[list[Path], Path]:
     return [root / "all.txt"], root / "face_boxes.json"
 
 
-def time_encoder(clip_model, batch_size: int, use_amp: bool, seconds: float) -> tuple[float, int]:
+def time_encoder(clip_model: CLIPBackbone, batch_size: int, use_amp: bool, seconds: float) -> tuple[float, int]:
     """Images/s of ``encode_image`` alone on a ready, normalised batch already on the device."""
     device = clip_model.device
     size = clip_model.preprocess.image_size
     pixels = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=device)
     x = clip_model.preprocess.normalize(pixels)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with torch.no_grad(), autocast(device, use_amp):
+    with torch.no_grad(), runtime.autocast(device, use_amp):
         for _ in range(3 if device.type == "cuda" else 1):  # warm-up
             clip_model.model.encode_image(x)
         sync()
@@ -112,28 +114,33 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     use_amp = not args.no_amp
 
-    device = resolve_device(args.device)
+    device = runtime.resolve_device(args.device)
     print("machine:", json.dumps(machine()))
     tmp = Path(tempfile.mkdtemp(prefix="caer-bench-"))
     try:
         t = time.perf_counter()
         annotations, face_boxes = make_dataset(tmp, args)
         print(f"dataset: {tmp} ({time.perf_counter() - t:.1f} s to make)", flush=True)
-        clip_model = load_clip(args.model, args.pretrained, device)
+        clip_model = load_backbone(args.model, args.pretrained, device)
         size = clip_model.preprocess.image_size
 
         enc_ips, iters = time_encoder(clip_model, args.batch_size, use_amp, args.encoder_seconds)
         print(f"encoder only: {enc_ips:,.1f} images/s ({iters} batches of {args.batch_size}, {size} px)", flush=True)
 
-        def settings(ann: list[Path], out: Path) -> ExtractSettings:
-            return ExtractSettings(annotations=ann, out=out, face_boxes=face_boxes, root=tmp, views=args.views,
-                                   format=args.format, batch_size=args.batch_size, workers=args.workers,
-                                   use_amp=use_amp, num_classes=5)
+        def settings(ann: list[Path], out: Path) -> ExtractConfig:
+            # the loaded encoder is passed to extract(), so model/pretrained/device only describe it here
+            return from_flat(ExtractConfig, {
+                "annotations": [str(a) for a in ann], "out": str(out), "face_boxes": str(face_boxes), "root": str(tmp),
+                "views": args.views, "format": args.format, "batch_size": args.batch_size, "workers": args.workers,
+                "use_amp": use_amp, "num_classes": 5, "model": args.model, "pretrained": args.pretrained,
+                "device": str(device),
+            }, where="bench/extract.py")
 
         from rich.console import Console
 
         quiet = Console(file=open(os.devnull, "w"))
         if args.writer_threads:
+            # extract's _ClipWriter makes its pool as ThreadPoolExecutor(max_workers=1), by the module's name
             extract_module.ThreadPoolExecutor = lambda max_workers: ThreadPoolExecutor(max_workers=args.writer_threads)
         suffix = ".h5" if args.format == "h5" else ".zarr"
         extract(settings([tmp / "warmup.txt"], tmp / f"warmup{suffix}"), clip_model, quiet)  # warm-up
@@ -209,6 +216,7 @@ def main(argv=None) -> None:
                 "writer_threads": args.writer_threads, "diagnostics": diagnostics,
             }, indent=1))
     finally:
+        extract_module.ThreadPoolExecutor = ThreadPoolExecutor  # undo --writer-threads (run.py imports this module)
         if args.keep:
             print(f"kept {tmp}")
         else:

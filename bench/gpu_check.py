@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from caer.pipeline.config import load_config
-from caer.pipeline.encoder import load_clip
-from caer.pipeline.extract import ExtractSettings, extract
-from caer.pipeline.synth import SynthSettings, synthesise
+from caer.config import ExtractConfig, SynthConfig, from_flat, load_config
+from caer.data.synth import synthesise
+from caer.model.encoder import load_backbone
+from caer.pipeline.extract import extract
 from caer.pipeline.train import train_stage
 
 
@@ -34,13 +34,16 @@ def main() -> None:
     print("device:", torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch", torch.__version__)
     tmp = Path(tempfile.mkdtemp())
     data = tmp / "data"
-    synthesise(SynthSettings(data, clips=args.clips, frames=args.frames, width=320, height=240))
+    synthesise(SynthConfig(str(data), clips=args.clips, frames=args.frames, width=320, height=240))
     lists = [data / f"{s}.txt" for s in ("train", "val", "test")]
     quiet = Console(file=io.StringIO())
-    clip = load_clip(args.model, "random", device)
+    clip = load_backbone(args.model, "random", device)
     t = time.perf_counter()
-    s = extract(ExtractSettings(annotations=lists, out=tmp / "c.zarr", face_boxes=data / "face_boxes.json", views=2,
-                                workers=args.workers, batch_size=256, use_amp=True), clip, quiet)
+    s = extract(from_flat(ExtractConfig, {
+        "annotations": [str(p) for p in lists], "out": str(tmp / "c.zarr"), "face_boxes": str(data / "face_boxes.json"),
+        "views": 2, "workers": args.workers, "batch_size": 256, "use_amp": True, "model": args.model,
+        "pretrained": "random", "device": device,
+    }, where="bench/gpu_check.py"), clip, quiet)
     print(f"extract: {s.frames} frames, {2 * s.frames / s.seconds:.0f} images/s (2 streams, views 2 -> x2 encoder work), {time.perf_counter() - t:.1f}s")
     del clip
     rows = []

@@ -37,11 +37,12 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from caer import runtime
+from caer.config import ExtractConfig, SynthConfig, from_flat, load_config
+from caer.data.synth import synthesise
+from caer.model.encoder import load_backbone
 from caer.pipeline import train as train_module
-from caer.pipeline.config import load_config
-from caer.pipeline.encoder import load_clip, resolve_device
-from caer.pipeline.extract import ExtractSettings, extract
-from caer.pipeline.synth import SynthSettings, synthesise
+from caer.pipeline.extract import extract
 
 from machine import machine  # bench/machine.py (scripts run from bench/ are on sys.path)
 
@@ -50,7 +51,7 @@ TRAINS = {1: "prompt context vectors", 2: "adapter, temporal encoders, fusion", 
 
 
 class ValidationTimer:
-    """Wraps ``train.predict`` (the validation pass, once per epoch) to split each epoch into training and validation."""
+    """Wraps ``caer.pipeline.train.predict`` (the validation pass, once per epoch) to split each epoch into training and validation."""
 
     def __init__(self):
         self.seconds: list[float] = []
@@ -127,7 +128,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = runtime.resolve_device(args.device)
     args.device = str(device)
     args.amp = args.amp and device.type == "cuda"
     console = Console() if args.verbose else Console(file=open(os.devnull, "w"))
@@ -136,21 +137,23 @@ def main(argv=None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="caer-bench-train-"))
     try:
         data = tmp / "ds"
-        counts = synthesise(SynthSettings(data, clips=args.clips, frames=args.frames, width=args.width,
-                                          height=args.height, seed=args.seed))
+        counts = synthesise(SynthConfig(str(data), clips=args.clips, frames=args.frames, width=args.width,
+                                        height=args.height, seed=args.seed))
         frames = {s: sum(int(line.split()[1]) for line in (data / f"{s}.txt").read_text().splitlines() if line.strip())
                   for s in ("train", "val")}
         print(f"dataset: {counts['train']} train clips ({frames['train']} frames), {counts['val']} val clips "
               f"({frames['val']} frames), {args.width}x{args.height} JPEGs, in {tmp}", flush=True)
 
-        clip_model = load_clip(args.model, args.pretrained, device)
+        clip_model = load_backbone(args.model, args.pretrained, device)
         size = clip_model.preprocess.image_size
         cache = tmp / "cache.zarr"
         start = time.perf_counter()
-        summary = extract(ExtractSettings(
-            annotations=[data / "train.txt", data / "val.txt"], out=cache, face_boxes=data / "face_boxes.json",
-            views=2, batch_size=64, workers=args.workers, use_amp=args.amp, num_classes=5,
-        ), clip_model, console)
+        summary = extract(from_flat(ExtractConfig, {
+            "annotations": [str(data / "train.txt"), str(data / "val.txt")], "out": str(cache),
+            "face_boxes": str(data / "face_boxes.json"), "views": 2, "batch_size": 64, "workers": args.workers,
+            "use_amp": args.amp, "num_classes": 5, "model": args.model, "pretrained": args.pretrained,
+            "device": args.device,
+        }, where="bench/train.py"), clip_model, console)
         extract_seconds = time.perf_counter() - start
         del clip_model
         print(f"extraction (once): {extract_seconds:.1f} s for {summary.frames} frames x 2 streams x 2 views", flush=True)

@@ -53,7 +53,8 @@ def flag_parameter(f: dataclasses.Field, panel: str, optional: bool) -> inspect.
     text = escape(meta["help"])
     if meta["argument"]:
         return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
-                                 annotation=Annotated[kind, typer.Argument(help=text, show_default=False)])
+                                 annotation=Annotated[kind, typer.Argument(help=text, show_default=False,
+                                                                          metavar=f.name.upper())])
     info = typer.Option(*meta["flags"], help=text, rich_help_panel=panel, min=meta["min"], max=meta["max"],
                         show_default=_shown_default(f, default))
     if optional:
