@@ -117,6 +117,7 @@ def main(argv=None) -> None:
     device = runtime.resolve_device(args.device)
     print("machine:", json.dumps(machine()))
     tmp = Path(tempfile.mkdtemp(prefix="caer-bench-"))
+    pool_class = extract_module.ThreadPoolExecutor
     try:
         t = time.perf_counter()
         annotations, face_boxes = make_dataset(tmp, args)
@@ -216,7 +217,8 @@ def main(argv=None) -> None:
                 "writer_threads": args.writer_threads, "diagnostics": diagnostics,
             }, indent=1))
     finally:
-        extract_module.ThreadPoolExecutor = ThreadPoolExecutor  # undo --writer-threads (run.py imports this module)
+        if args.writer_threads:  # undo the patch (run.py calls main() in-process)
+            extract_module.ThreadPoolExecutor = pool_class
         if args.keep:
             print(f"kept {tmp}")
         else:

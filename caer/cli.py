@@ -19,8 +19,17 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 from .config import (
-    EVAL_OVERRIDES, TTA, DemoConfig, EvalConfig, ExtractConfig, InitWeightsConfig, RunConfig, SynthConfig, from_flat,
-    option_type, options,
+    EVAL_OVERRIDES,
+    TTA,
+    DemoConfig,
+    EvalConfig,
+    ExtractConfig,
+    InitWeightsConfig,
+    RunConfig,
+    SynthConfig,
+    from_flat,
+    option_type,
+    options,
 )
 
 app = typer.Typer(

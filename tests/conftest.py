@@ -61,7 +61,7 @@ class Dataset:
     def boxes(self) -> dict:
         return json.loads(self.face_boxes.read_text())
 
-    def copy(self, dest: Path) -> "Dataset":
+    def copy(self, dest: Path) -> Dataset:
         shutil.copytree(self.root, dest)
         return Dataset(dest)
 
@@ -170,13 +170,13 @@ class Reference:
             img = f.convert("RGB")
         face = img
         if box is not None:
-            l, t, r, b = box
+            left, top, right, bottom = box
             m = self.margin
-            face = img.crop((max(0, l - m), max(0, t - m), min(img.width, r + m), min(img.height, b + m)))
+            face = img.crop((max(0, left - m), max(0, top - m), min(img.width, right + m), min(img.height, bottom + m)))
         context = img
         if body is not None:
-            l, t, r, b = body
-            context = img.crop((max(0, l), max(0, t), min(img.width, r), min(img.height, b)))
+            left, top, right, bottom = body
+            context = img.crop((max(0, left), max(0, top), min(img.width, right), min(img.height, bottom)))
         return face, self.letterbox(context)
 
     def encode(self, images, flip: bool = False):

@@ -15,7 +15,6 @@ import zarr
 from caer.cache import SCHEMA_VERSION, CacheError, CacheWriter, FeatureCache, store_key
 from caer.cache.schema import fingerprint
 from caer.model.encoder import save_random_weights
-
 from conftest import MODEL, assert_fp16_equal, assert_in_output, extract_args, run_cli
 
 

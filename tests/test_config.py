@@ -9,11 +9,18 @@ import yaml
 
 from caer.cli import app
 from caer.config import (
-    CONFIG_DIR, EVAL_OVERRIDES, EvalConfig, ExtractConfig, Optimizer, RunConfig, from_flat, load_config, options,
+    CONFIG_DIR,
+    EVAL_OVERRIDES,
+    EvalConfig,
+    ExtractConfig,
+    Optimizer,
+    RunConfig,
+    from_flat,
+    load_config,
+    options,
     to_flat,
 )
 from caer.model.checkpoint import checkpoint_config
-
 from conftest import assert_in_output, run_cli
 
 COMMAND = typer.main.get_command(app)

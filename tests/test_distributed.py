@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from caer.cache import FeatureCache
-
 from conftest import assert_fp16_equal, extract_args
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
 def _torchrun(args: list[str]) -> subprocess.CompletedProcess:

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from caer.model.encoder import load_backbone, save_random_weights
-
 from conftest import MODEL
 
 

@@ -17,8 +17,9 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score
 from caer.config import DemoConfig
 from caer.pipeline.demo import demo
 from caer.pipeline.evaluate import evaluate
-
 from conftest import assert_in_output, run_cli
+
+pytestmark = pytest.mark.slow
 
 CHANCE_UAR = 20.0
 

@@ -19,7 +19,6 @@ from caer.cache import FeatureCache, store_key
 from caer.cache.store import CacheWriter
 from caer.pipeline import extract as extract_module
 from caer.pipeline.extract import extract
-
 from conftest import (
     Dataset,
     assert_fp16_equal,
@@ -339,6 +338,7 @@ def clean_b2(tmp_path_factory, dataset, clip_model):
     return FeatureCache.open(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["zarr", "h5"])
 def test_sigkill_part_way_then_resume_equals_a_clean_run(fmt, tmp_path, dataset, weights, clean_b2, monkeypatch):
     # --batch-size 2 = one frame's face and context per batch, so every run encodes the very same batches

@@ -7,6 +7,8 @@ recipes); ``cli``. A module may import from its own layer or below, never above.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import caer
@@ -91,3 +93,11 @@ def test_functions_are_short():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{name}.{node.name}: {lines} lines")
     assert not long, long
+
+
+def test_ruff_finds_nothing():
+    """Lint and import order (rules in pyproject.toml) over the package, the tests and the benchmarks."""
+    root = PACKAGE.parent
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "caer", "tests", "bench"],
+                            cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

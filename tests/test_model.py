@@ -13,13 +13,12 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
+from caer.config import ModelConfig
 from caer.data.datasets import sample_indices
+from caer.model.caer_model import CAERModel, ExpressionAdapter, PromptLearner, slerp
 from caer.model.encoder import load_backbone
 from caer.model.losses import class_balanced_weights, decorrelation_loss, mutual_information_loss, ramp_weight
 from caer.model.metrics import confusion_matrix, uar, war
-from caer.config import ModelConfig
-from caer.model.caer_model import CAERModel, ExpressionAdapter, PromptLearner, slerp
-
 from conftest import MODEL
 
 CLASSES = ["Neutrality", "Enjoyment", "Confusion", "Fatigue", "Distraction"]

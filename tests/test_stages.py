@@ -16,7 +16,6 @@ from caer.data.loaders import split_dataset
 from caer.model.checkpoint import build_model
 from caer.pipeline import train as train_module
 from caer.pipeline.train import train_stage
-
 from conftest import assert_fp16_equal
 
 

@@ -37,8 +37,9 @@ from caer.pipeline import train as train_module
 from caer.pipeline.evaluate import predict
 from caer.pipeline.extract import extract
 from caer.pipeline.train import train_stage
-
 from conftest import NUM_CLASSES, Dataset, assert_in_output, run_cli, settings_for
+
+pytestmark = pytest.mark.slow
 
 CHANCE_UAR = 100.0 / NUM_CLASSES
 FACE_CLASSES = (1, 3)  # odd classes: a texture visible only in the face crop

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import zarr
 
-from .schema import CLIPS, SCHEMA_VERSION, STREAMS, store_key, differences
+from .schema import CLIPS, SCHEMA_VERSION, STREAMS, differences, store_key
 
 
 class CacheError(Exception):
@@ -206,7 +206,7 @@ class FeatureCache:
         self._memory: dict[str, np.ndarray] | None = None
 
     @classmethod
-    def open(cls, path: str | Path) -> "FeatureCache":
+    def open(cls, path: str | Path) -> FeatureCache:
         path = Path(path)
         if not path.exists():
             raise CacheError(f"{path}: no feature cache here (run `caer extract` first)")

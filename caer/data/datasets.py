@@ -34,7 +34,7 @@ class Batch(NamedTuple):
     label: torch.Tensor
     index: torch.Tensor
 
-    def to(self, device: torch.device) -> "Batch":
+    def to(self, device: torch.device) -> Batch:
         return self._replace(face=self.face.to(device, non_blocking=True),
                              context=self.context.to(device, non_blocking=True),
                              flip=self.flip.to(device), label=self.label.to(device))

@@ -206,7 +206,7 @@ class ViewMaker:
     crop_body: bool = False
 
     @classmethod
-    def from_config(cls, crop: CropConfig, root: str | Path) -> "ViewMaker":
+    def from_config(cls, crop: CropConfig, root: str | Path) -> ViewMaker:
         """The view maker of a crop configuration, its box files read relative to ``root``."""
         if crop.crop_body and not crop.body_boxes:
             raise ValueError("--crop-body needs --body-boxes")

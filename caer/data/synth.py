@@ -44,8 +44,8 @@ def _texture(kind: str | None, size: int) -> np.ndarray:
 def _frame(rng, s: SynthConfig, background, face_box, object_box, texture, colour) -> np.ndarray:
     img = np.empty((s.height, s.width, 3), np.float32)
     img[:] = background
-    l, t, r, b = face_box
-    img[t:b, l:r] = SKIN + 55.0 * _texture(texture, r - l)[..., None]
+    left, top, right, bottom = face_box
+    img[top:bottom, left:right] = SKIN + 55.0 * _texture(texture, right - left)[..., None]
     ol, ot, orr, ob = object_box
     img[ot:ob, ol:orr] = colour
     img += rng.normal(0, 6.0, img.shape)

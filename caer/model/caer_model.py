@@ -10,6 +10,7 @@ logits = cos(z, prototype) / temperature.
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
@@ -59,39 +60,39 @@ class TemporalEncoder(nn.Module):
         return self.norm(self.blocks(x)[:, 0])
 
 
-def encode_text_embeddings(clip: nn.Module, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def encode_text_embeddings(clip_model: nn.Module, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """open_clip's ``encode_text`` from token embeddings instead of token ids (for learnable prompts).
 
     With CLIP's causal mask and end-of-text pooling, the padding after the last end-of-text token
     cannot change the result, so the sequence is cut there: prompts of ~20 tokens cost ~20, not 77.
     """
-    cast = clip.transformer.get_cast_dtype()
-    mask = clip.attn_mask
-    if mask is not None and clip.text_pool_type == "argmax":
+    cast = clip_model.transformer.get_cast_dtype()
+    mask = clip_model.attn_mask
+    if mask is not None and clip_model.text_pool_type == "argmax":
         length = int(tokens.argmax(-1).max()) + 1
         embeddings, tokens, mask = embeddings[:, :length], tokens[:, :length], mask[:length, :length]
-    x = embeddings.to(cast) + clip.positional_embedding[: embeddings.shape[1]].to(cast)
-    x = clip.ln_final(clip.transformer(x, attn_mask=mask))
-    x = text_global_pool(x, tokens, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
-    proj = clip.text_projection
+    x = embeddings.to(cast) + clip_model.positional_embedding[: embeddings.shape[1]].to(cast)
+    x = clip_model.ln_final(clip_model.transformer(x, attn_mask=mask))
+    x = text_global_pool(x, tokens, clip_model.text_pool_type, eos_token_id=getattr(clip_model, "text_eos_id", None))
+    proj = clip_model.text_projection
     return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
 
 class PromptLearner(nn.Module):
     """CoOp: ``n_ctx`` learnable context vectors around each class name, through the frozen text encoder."""
 
-    def __init__(self, clip: CLIPBackbone, classes: list[str], n_ctx: int, class_specific: bool,
+    def __init__(self, backbone: CLIPBackbone, classes: list[str], n_ctx: int, class_specific: bool,
                  position: TokenPosition = TokenPosition.end):
         super().__init__()
         position = TokenPosition(position)
-        model = clip.model
+        model = backbone.model
         width = model.token_embedding.weight.shape[1]
         shape = (len(classes), n_ctx, width) if class_specific else (n_ctx, width)
         self.ctx = nn.Parameter(torch.randn(shape) * 0.02)
         self.n_ctx, self.position = n_ctx, position
         placeholder = " ".join(["X"] * n_ctx)
-        tokens = clip.tokenizer([f"{placeholder} {name}." for name in classes]).to(clip.device)
-        name_lens = [len(clip.tokenizer.encode(name)) if hasattr(clip.tokenizer, "encode") else 1 for name in classes]
+        tokens = backbone.tokenizer([f"{placeholder} {name}." for name in classes]).to(backbone.device)
+        name_lens = [len(backbone.tokenizer.encode(name)) if hasattr(backbone.tokenizer, "encode") else 1 for name in classes]
         with torch.no_grad():
             embedding = model.token_embedding(tokens)
         self.register_buffer("tokens", tokens, persistent=False)
@@ -151,15 +152,16 @@ class CAERModel(nn.Module):
     The model also owns which of its parameters each training stage trains (``prepare_stage``).
     """
 
-    def __init__(self, clip: CLIPBackbone, cfg: ModelConfig):
+    def __init__(self, backbone: CLIPBackbone, cfg: ModelConfig):
         super().__init__()
         if len(cfg.classes) != len(cfg.descriptions):
             raise ValueError(f"{len(cfg.classes)} classes but {len(cfg.descriptions)} descriptions in the config")
         self.cfg = cfg
         self.streams, self.iec_base = Streams(cfg.streams), IECBase(cfg.iec_base)
-        self.clip = clip.model  # image + text towers; the text tower is always frozen
-        self.preprocess = clip.preprocess
-        d = clip.embed_dim
+        # ``clip``: the open_clip model (image + text towers); the name keeps older checkpoints' keys (``clip.visual.*``)
+        self.clip = backbone.model
+        self.preprocess = backbone.preprocess
+        d = backbone.embed_dim
         heads = cfg.temporal_heads or max(1, d // 64)
         mlp = cfg.temporal_mlp or 2 * d
         self.adapter = (ExpressionAdapter(d, cfg.adapter_reduction, cfg.adapter_scale, cfg.adapter_mode)
@@ -172,10 +174,10 @@ class CAERModel(nn.Module):
         self.norm_face = nn.BatchNorm1d(d) if cfg.input_norm else nn.Identity()
         self.norm_context = nn.BatchNorm1d(d) if cfg.input_norm else nn.Identity()
         self.prompt_learner = PromptLearner(
-            clip, cfg.classes, cfg.contexts_number, cfg.class_specific_contexts, cfg.class_token_position
+            backbone, cfg.classes, cfg.contexts_number, cfg.class_specific_contexts, cfg.class_token_position
         )
         with torch.no_grad():  # t_desc: fixed, computed once
-            tokens = clip.tokenizer(cfg.descriptions).to(clip.device)
+            tokens = backbone.tokenizer(cfg.descriptions).to(backbone.device)
             t_desc = encode_text_embeddings(self.clip, self.clip.token_embedding(tokens), tokens)
             self.register_buffer("t_desc", F.normalize(t_desc.float(), dim=-1))
         for name, p in self.clip.named_parameters():  # the text tower (all of CLIP but ``visual``) never trains

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import RunConfig, check_config, options, replace_options, from_flat
+from ..config import RunConfig, check_config, from_flat, options, replace_options
 from .caer_model import CAERModel
 from .encoder import CLIPBackbone, load_backbone, weights_digest
 

@@ -47,7 +47,7 @@ class Preprocess:
     image_size: int
 
     @classmethod
-    def from_transform(cls, transform: T.Compose, image_size: int) -> "Preprocess":
+    def from_transform(cls, transform: T.Compose, image_size: int) -> Preprocess:
         steps = list(transform.transforms)
         to_tensor = next(i for i, t in enumerate(steps) if isinstance(t, T.ToTensor))
         normalize = steps[-1]

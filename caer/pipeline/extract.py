@@ -21,7 +21,6 @@ from ..data.raer import BadClip, Clip, DataError, ViewMaker, read_annotations
 from ..model.checkpoint import backbone_from_checkpoint
 from ..model.encoder import CLIPBackbone, load_backbone
 
-
 MAX_PENDING_WRITES = 64
 
 
