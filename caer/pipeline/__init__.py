@@ -1,0 +1,1 @@
+"""Recipes: what the commands run (extract, train, evaluate, demo), built on the library below them."""
