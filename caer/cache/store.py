@@ -11,6 +11,7 @@ extraction writes into a Zarr staging store beside it (``<file>.partial.zarr``) 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -20,6 +21,8 @@ import numpy as np
 import zarr
 
 from .schema import CLIPS, SCHEMA_VERSION, STREAMS, differences, store_key
+
+log = logging.getLogger(__name__)
 
 
 class CacheError(Exception):
@@ -78,6 +81,7 @@ class CacheWriter:
         self.zarr_path = _staging_path(self.path) if self.format == "h5" else self.path
         existing = self._existing_attrs()
         if existing is not None and overwrite:
+            log.info("--overwrite: removing the existing store %s", self.path)
             self._remove()
             existing = None
         if existing is not None:

@@ -22,6 +22,8 @@ from torchvision import transforms as T
 CLIP_CONFIG_DIR = Path(str(importlib.resources.files("caer.configs") / "clip"))
 open_clip.add_model_config(CLIP_CONFIG_DIR)  # makes the offline tiny model ("caer-tiny") known by name
 
+log = logging.getLogger(__name__)
+
 RANDOM_WEIGHTS = "random"  # --pretrained value: random init with a fixed seed (tests, timing)
 
 
@@ -144,6 +146,7 @@ def load_backbone(name: str = "ViT-B-32", pretrained: str = "openai", device: st
         model, _, transform = open_clip.create_model_and_transforms(name, pretrained=pretrained)
         weights = pretrained
     model = model.to(device).eval()
+    log.info("image encoder: open_clip %s, weights %s, on %s", name, weights, device)
     image_size = model.visual.image_size
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
     return CLIPBackbone(model, open_clip.get_tokenizer(name), Preprocess.from_transform(transform, image_size), name, weights)
