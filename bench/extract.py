@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from machine import machine  # bench/machine.py (scripts run from bench/ are on sys.path)
 
 from caer import runtime
 from caer.cache.store import CacheWriter
@@ -37,8 +38,6 @@ from caer.data.synth import synthesise
 from caer.model.encoder import CLIPBackbone, load_backbone
 from caer.pipeline import extract as extract_module
 from caer.pipeline.extract import extract
-
-from machine import machine  # bench/machine.py (scripts run from bench/ are on sys.path)
 
 
 def make_dataset(root: Path, args) -> tuple[list[Path], Path]:

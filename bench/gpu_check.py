@@ -44,7 +44,8 @@ def main() -> None:
         "views": 2, "workers": args.workers, "batch_size": 256, "use_amp": True, "model": args.model,
         "pretrained": "random", "device": device,
     }, where="bench/gpu_check.py"), clip, quiet)
-    print(f"extract: {s.frames} frames, {2 * s.frames / s.seconds:.0f} images/s (2 streams, views 2 -> x2 encoder work), {time.perf_counter() - t:.1f}s")
+    print(f"extract: {s.frames} frames, {2 * s.frames / s.seconds:.0f} images/s (2 streams, views 2 -> x2 encoder work), "
+          f"{time.perf_counter() - t:.1f}s")
     del clip
     rows = []
     base = dict(model=args.model, pretrained="random", device=device, use_amp=True, num_frames=16, batch_size=8,
@@ -61,7 +62,8 @@ def main() -> None:
         rec = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0
         rows.append((stage, source, rec["seconds"], peak, rec["losses"]["loss"]))
-        print(f"stage {stage} {source:5s}: epoch+valid {rec['seconds']:.2f}s  peak GPU mem {peak:.1f} GiB  loss {rec['losses']['loss']:.4f}", flush=True)
+        print(f"stage {stage} {source:5s}: epoch+valid {rec['seconds']:.2f}s  peak GPU mem {peak:.1f} GiB  "
+              f"loss {rec['losses']['loss']:.4f}", flush=True)
     by = {(r[0], r[1]): r[2] for r in rows}
     print("| stage | cache s | raw s | raw/cache |\n|---|---|---|---|")
     for st in (1, 2):

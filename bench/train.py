@@ -7,8 +7,9 @@ then runs `caer.pipeline.train.train_stage` for one epoch of each of
   stage 2 (adapter, temporal encoders, fusion) --source cache   and   --source raw
 
 with configs/raer.yaml's settings (ViT-B-32 at 224 px, T = 16, both streams, batch 8, SGD) but random weights
-by default and --iec-base soft (stage 1 trains the prompts through the classification loss), the same data, workers and seed for both sources, and prints a markdown table of seconds per epoch
-and the ratio raw / cache. Goals (issue 3): stage 2 at least 100x faster from the cache, stage 1 at least 20x.
+by default and --iec-base soft (stage 1 trains the prompts through the classification loss), the same data,
+workers and seed for both sources, and prints a markdown table of seconds per epoch and the ratio raw / cache.
+Goals (issue 3): stage 2 at least 100x faster from the cache, stage 1 at least 20x.
 
 What is timed: the "seconds" of the epoch's line in metrics.jsonl, i.e. the training pass over the train split
 plus the validation pass over the val split (the table also splits the two). Building the model, loading
@@ -35,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import machine  # bench/machine.py (scripts run from bench/ are on sys.path)
 from rich.console import Console
 
 from caer import runtime
@@ -43,8 +45,6 @@ from caer.data.synth import synthesise
 from caer.model.encoder import load_backbone
 from caer.pipeline import train as train_module
 from caer.pipeline.extract import extract
-
-from machine import machine  # bench/machine.py (scripts run from bench/ are on sys.path)
 
 GOALS = {1: 20.0, 2: 100.0}
 TRAINS = {1: "prompt context vectors", 2: "adapter, temporal encoders, fusion", 3: "everything, image encoder included"}
@@ -185,7 +185,8 @@ def main(argv=None) -> None:
         for stage in args.stages:
             if stage == 3:
                 r = results[3, "raw"]
-                print(f"| 3 | {TRAINS[3]} | - | {fmt(r['seconds'])} | 1x: both pipelines read raw frames |" + (" |" if first else "") + " - |")
+                print(f"| 3 | {TRAINS[3]} | - | {fmt(r['seconds'])} | 1x: both pipelines read raw frames |"
+                      + (" |" if first else "") + " - |")
                 continue
             c, r = results[stage, "cache"], results[stage, "raw"]
             ratio = r["seconds"] / c["seconds"]
