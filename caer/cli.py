@@ -237,8 +237,10 @@ def eval_(values: dict):
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(console=err_console, show_path=False)])
+    # caer's own library messages at INFO; other libraries' (open_clip's chatter) only from WARNING up
+    logging.basicConfig(level=logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)])
+    logging.getLogger("caer").setLevel(logging.INFO)
     app()
 
 
