@@ -73,6 +73,74 @@ def test_reference_check_is_sensitive(zarr_cache, dataset, reference):
             assert_fp16_equal(cache.features(video_id, stream, view)[:1], reference.encode([img]), name)
 
 
+def test_reference_check_catches_a_one_pixel_crop_error(zarr_cache, dataset, reference):
+    """A face crop off by one pixel (moved, or grown on one side) fails the check, by a clear margin."""
+    from PIL import Image
+
+    cache = FeatureCache.open(zarr_cache[0])
+    boxes = dataset.boxes()
+    video_id = next(v for v in cache.video_ids if boxes[v])
+    names = cache.frame_names(video_id)
+    ratios = {}
+    for name, box in sorted(boxes[video_id].items()):
+        img = Image.open(dataset.root / video_id / name).convert("RGB")
+        cached = cache.features(video_id, "face", 0)[names.index(name)][None]
+        l, t, r, b = box  # the SPEC's crop: the box grown by the margin, clipped to the image
+        m = reference.margin
+        crop = (max(0, l - m), max(0, t - m), min(img.width, r + m), min(img.height, b + m))
+        assert_fp16_equal(cached, reference.encode([img.crop(crop)]), f"{name} right crop")
+        left, top, right, bottom = crop
+        dx = 1 if left == 0 else -1  # stay inside the image: no black border to make the error easy
+        wrong = {
+            "moved 1 px sideways": (left + dx, top, right + dx, bottom),
+            "grown by 1 px": (left, top, right + 1, bottom) if right < img.width else (left - 1, top, right, bottom),
+        }
+        for what, bad in wrong.items():
+            with pytest.raises(AssertionError) as caught:
+                assert_fp16_equal(cached, reference.encode([img.crop(bad)]), f"{name} {what}")
+            ratio = float(re.search(r"= ([0-9.e+]+)x the tolerance", str(caught.value)).group(1))
+            ratios[what] = min(ratios.get(what, np.inf), ratio)
+    # how far above the tolerance the smallest one-pixel error of this clip lies (pytest -s shows it)
+    print(f"one-pixel crop errors of {video_id}: worst coordinate / tolerance, least over its boxed frames: {ratios}")
+    assert len(ratios) == 2
+
+
+def test_fp16_check_passes_float32_kernel_noise_and_fails_a_real_error():
+    """``assert_fp16_equal`` itself: last-bit float32 noise passes wherever it lands, a 3% error does not."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 1, (64, 64)).astype(np.float32)  # feature vectors of length ~8, like the tiny model's
+    norm = np.linalg.norm(a, axis=-1, keepdims=True)
+    # Kernel noise: a few float32 eps of the vector's length on every coordinate (measured: <= 2.3e-7 * ||v||).
+    noise = 3e-7 * norm * rng.uniform(-1, 1, a.shape).astype(np.float32)
+    # Coordinates where float16 rounding is most fragile: just either side of the rounding midpoint below a
+    # binade edge (one copy rounds down, the other up to the edge, where the ulp doubles), exactly on an
+    # edge, and near zero (float16 subnormals), where the noise is many times the coordinate's own ulp.
+    edges = np.float32([0.25, 0.5, 1.0, 2.0])
+    noise[:, :4] = 3e-7 * norm * np.sign(noise[:, :4])
+    a[:, :4] = edges - np.spacing(edges.astype(np.float16)).astype(np.float32) / 4 - noise[:, :4] / 2
+    a[:, 4:8] = [0.25, -0.5, 1.0, 2.0]
+    a[:, 8:12] = [2.0**-12, -1e-4, 3e-6, 0.0]
+    b = a + noise
+    assert (a[:, :4].astype(np.float16) != b[:, :4].astype(np.float16)).all()  # rounded to either side
+    old_ulp = np.spacing(np.abs(b.astype(np.float16))).astype(np.float32)
+    # the failure seen on AMD: some values differ by more than one float16 ulp of their own
+    assert (np.abs(a.astype(np.float16).astype(np.float32) - b.astype(np.float16)) > old_ulp).any()
+    for x, y in ((a, b), (b, a)):
+        assert_fp16_equal(x.astype(np.float16), y, "float16 vs float32")
+        assert_fp16_equal(x.astype(np.float16), y.astype(np.float16).astype(np.float32), "float16 vs float16")
+
+    typical = np.argsort(np.abs(a[0, 12:]))[26] + 12  # a coordinate of median size (~0.7)
+    for rel in (0.03, -0.03):
+        wrong = a.copy()
+        wrong[0, typical] *= 1 + rel
+        with pytest.raises(AssertionError, match=rf"worst at \(0, {typical}\)"):
+            assert_fp16_equal(wrong.astype(np.float16), b, f"{rel:+.0%} on one coordinate")
+    wrong = a.astype(np.float16)
+    wrong[5, 20] = np.nan
+    with pytest.raises(AssertionError, match=r"worst at \(5, 20\)"):
+        assert_fp16_equal(wrong, b, "NaN")
+
+
 def test_crop_body_and_frame_stride(tmp_path, dataset, clip_model, reference):
     out = tmp_path / "body.zarr"
     settings = settings_for(dataset, out, views=1, crop_body=True, body_boxes=dataset.body_boxes, frame_stride=2)
