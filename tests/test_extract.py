@@ -85,9 +85,9 @@ def test_reference_check_catches_a_one_pixel_crop_error(zarr_cache, dataset, ref
     for name, box in sorted(boxes[video_id].items()):
         img = Image.open(dataset.root / video_id / name).convert("RGB")
         cached = cache.features(video_id, "face", 0)[names.index(name)][None]
-        l, t, r, b = box  # the SPEC's crop: the box grown by the margin, clipped to the image
+        x0, y0, x1, y1 = box  # the SPEC's crop: the box grown by the margin, clipped to the image
         m = reference.margin
-        crop = (max(0, l - m), max(0, t - m), min(img.width, r + m), min(img.height, b + m))
+        crop = (max(0, x0 - m), max(0, y0 - m), min(img.width, x1 + m), min(img.height, y1 + m))
         assert_fp16_equal(cached, reference.encode([img.crop(crop)]), f"{name} right crop")
         left, top, right, bottom = crop
         dx = 1 if left == 0 else -1  # stay inside the image: no black border to make the error easy
