@@ -314,10 +314,13 @@ class OptimConfig:
     lr: float = option(1e-3, "Learning rate of the temporal encoders and fusion; default of the others.", min=0)
     lr_adapter: float | None = option(None, "Learning rate of the adapter.", min=0, shown="the stage's")
     lr_prompt: float | None = option(None, "Learning rate of the prompt context vectors.", min=0, shown="the stage's")
-    lr_image_encoder: float = option(1e-6, "Learning rate of the image encoder (stage 3).", min=0)
-    lr_stage1: float | None = option(None, "--lr for stage 1.", min=0, shown="--lr")
-    lr_stage2: float | None = option(None, "--lr for stage 2.", min=0, shown="--lr")
-    lr_stage3: float | None = option(None, "--lr for stage 3.", min=0, shown="--lr")
+    lr_image_encoder: float = option(1e-6, "Learning rate of the image encoder (it trains in stage 3 only).", min=0)
+    lr_stage1: float | None = option(None, "Learning rate of every group in stage 1.", min=0, shown="per group")
+    lr_stage2: float | None = option(None, "Learning rate of every group in stage 2.", min=0, shown="per group")
+    lr_stage3: float | None = option(None, "Learning rate of every group but the image encoder in stage 3.", min=0,
+                                     shown="per group")
+    lr_group: list[str] = option(help="One group's rate in one stage, STAGE.GROUP=RATE (e.g. 3.adapter=1e-5); "
+                                 "repeat the flag. Wins over every other rate.", factory=list, shown="none")
     momentum: float = option(0.9, "SGD momentum.", min=0, max=1)
     weight_decay: float = option(1e-4, "Weight decay.", min=0)
     scheduler: Scheduler = option(Scheduler.cosine, "Per-epoch schedule: cosine, or step (--step-size, --gamma).")
@@ -369,8 +372,38 @@ class RunConfig:
     run: RunDirConfig = part(RunDirConfig)
     runtime: RuntimeConfig = part(RuntimeConfig)
 
-    def stage_lr(self, stage: int) -> float:
-        return getattr(self.optim, f"lr_stage{stage}") or self.optim.lr
+    def group_lr(self, stage: int, group: str) -> float:
+        """A parameter group's learning rate in a stage; the most specific setting wins:
+
+        ``--lr-group STAGE.GROUP=RATE``; for the image encoder ``--lr-image-encoder``; ``--lr-stageN``;
+        ``--lr-prompt`` / ``--lr-adapter``; ``--lr``.
+        """
+        o = self.optim
+        specific = self.stage_group_rates().get((stage, group))
+        if specific is not None:
+            return specific
+        if group == "image_encoder":
+            return o.lr_image_encoder
+        for rate in (getattr(o, f"lr_stage{stage}"), getattr(o, f"lr_{group}", None)):
+            if rate is not None:
+                return rate
+        return o.lr
+
+    def stage_group_rates(self) -> dict[tuple[int, str], float]:
+        """``--lr-group`` as ``{(stage, group): rate}`` (a malformed entry is an error naming it)."""
+        rates = {}
+        for entry in self.optim.lr_group:
+            try:
+                key, rate = entry.split("=")
+                stage, group = key.split(".")
+                stage, rate = int(stage), float(rate)
+                if not 1 <= stage <= 3 or rate < 0:
+                    raise ValueError
+            except ValueError:
+                raise ValueError(f"--lr-group {entry!r}: expected STAGE.GROUP=RATE with STAGE 1..3 and RATE >= 0, "
+                                 "e.g. 3.adapter=1e-5") from None
+            rates[(stage, group)] = rate
+        return rates
 
     def stage_epochs(self, stage: int) -> int:
         value = getattr(self.stages, f"epochs_stage{stage}")

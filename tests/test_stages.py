@@ -4,6 +4,7 @@ logits to float16 precision."""
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 import torch
@@ -12,10 +13,11 @@ from torch.utils.data import default_collate
 
 from caer.cache import FeatureCache
 from caer.config import load_config
-from caer.data.loaders import split_dataset
+from caer.data.loaders import make_loader, split_dataset
 from caer.model.checkpoint import build_model
 from caer.pipeline import train as train_module
-from caer.pipeline.train import train_stage
+from caer.pipeline.evaluate import predict
+from caer.pipeline.train import make_optimizer, train_stage
 from conftest import assert_fp16_equal
 
 
@@ -187,3 +189,75 @@ def test_a_single_stage_starts_from_the_previous_stage_of_its_run_dir(dataset, z
     train_module.run(make_config(dataset, zarr_cache[0], weights, fresh, stage=2, test_list=None), Console(file=out))
     assert "starts from scratch" in out.getvalue()
     assert not torch.equal(stage1[key], torch.load(fresh / "stage2-best.pt", weights_only=False)["model"][key])
+
+
+# ------------------------------------------------------------------------------------------ learning rates
+
+def stage_rates(cfg, stage: int) -> dict[str, float]:
+    model, _ = build_model(cfg, torch.device("cpu"))
+    model.prepare_stage(stage)
+    optimizer, _ = make_optimizer(model, cfg, stage)
+    return {g["name"]: g["lr"] for g in optimizer.param_groups}
+
+
+def test_each_stage_rate_reaches_every_group_it_trains():
+    """The most specific rate wins: --lr-group, the image encoder's own, --lr-stageN, --lr-prompt/--lr-adapter, --lr."""
+    cfg = load_config("raer", {"model": "caer-tiny", "pretrained": "random", "lr_stage1": 0.05})
+    assert (cfg.optim.lr_prompt, cfg.optim.lr_adapter, cfg.optim.lr_stage3) == (0.002, 0.01, 1e-4)  # the shipped file
+    assert stage_rates(cfg, 1) == {"prompt": 0.05}  # --lr-stage1 reaches the prompts (it did not: lr_prompt won)
+    assert stage_rates(cfg, 2) == {"adapter": 0.01, "temporal": 0.01}
+    # stage 3 trains every group at its small rate (the adapter trained at 0.01, 100x lr_stage3)
+    assert stage_rates(cfg, 3) == {"prompt": 1e-4, "adapter": 1e-4, "temporal": 1e-4, "image_encoder": 1e-6}
+    own = load_config("raer", {"model": "caer-tiny", "pretrained": "random", "lr_group": ["3.adapter=1e-5", "2.temporal=0.02"]})
+    assert stage_rates(own, 3)["adapter"] == 1e-5 and stage_rates(own, 2) == {"adapter": 0.01, "temporal": 0.02}
+    assert stage_rates(load_config("raer", {"model": "caer-tiny", "pretrained": "random"}), 1) == {"prompt": 0.002}
+
+
+@pytest.mark.parametrize("entry, fragment", [
+    ("2.prompt=0.1", "--lr-group 2.prompt: stage 2 trains adapter, temporal"),
+    ("adapter=0.1", "expected STAGE.GROUP=RATE"),
+    ("4.adapter=0.1", "expected STAGE.GROUP=RATE"),
+])
+def test_a_bad_group_rate_is_refused_naming_it(entry, fragment):
+    cfg = load_config("tiny", {"pretrained": "random", "lr_group": [entry]})
+    with pytest.raises(ValueError, match=fragment):
+        stage_rates(cfg, 2)
+
+
+# ------------------------------------------------------------------------------------------ stage 1 and the best epoch
+
+def valid_logits(cfg, checkpoint=None) -> torch.Tensor:
+    ckpt = torch.load(checkpoint, weights_only=False) if checkpoint else None
+    model, backbone = build_model(cfg, torch.device("cpu"), ckpt)
+    data = split_dataset(cfg, "val", False, backbone.preprocess, FeatureCache.open(cfg.data.cache), "cache")
+    return torch.from_numpy(predict(model, make_loader(data, cfg, False), torch.device("cpu"))[1])
+
+
+def test_stage1_with_the_raer_classifier_changes_the_valid_logits(dataset, zarr_cache, weights, tmp_path):
+    """With the shipped RAER config's classifier (IEC on the learnable prompts), what stage 1 trains reaches the
+    predictions; the effective rates are recorded per epoch."""
+    raer = load_config("raer", {"model": "caer-tiny"})
+    keys = ("iec_base", "slerp_weight", "lambda_mi", "mi_warmup", "mi_ramp", "lambda_dc", "dc_warmup", "dc_ramp")
+    shipped = {k: v for k, v in raer.to_dict().items() if k in keys}
+    cfg = make_config(dataset, zarr_cache[0], weights, tmp_path / "run", stage=1, epochs_stage1=3, lr_stage1=0.05,
+                      **shipped)
+    result = train_stage(cfg, 1, Console(file=io.StringIO(), width=200))
+    before, after = valid_logits(cfg), valid_logits(cfg, result.best_path)
+    assert (after - before).abs().max() > 1e-3
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records][0] == {"prompt": 0.05}  # the rate of the epoch itself, by group
+
+
+def test_the_best_checkpoint_is_never_an_epoch_in_which_nothing_trained(dataset, zarr_cache, weights, tmp_path):
+    # IEC around the fixed sentences: stage 1's prompts learn only from MI, which is off in epoch 1 (warm-up);
+    # the valid predictions cannot change, so every epoch ties on valid UAR
+    cfg = make_config(dataset, zarr_cache[0], weights, tmp_path / "run", stage=1, epochs_stage1=3, iec_base="desc",
+                      slerp_weight=0.2, lambda_mi=0.1, mi_warmup=1, lambda_dc=0.0)
+    result = train_stage(cfg, 1, Console(file=io.StringIO(), width=200))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["trained"] for r in records] == [False, True, True]
+    assert len({r["valid_uar"] for r in records}) == 1
+    assert result.best["epoch"] == records[-1]["best_epoch"] == 2  # a tie goes to the later epoch, never the idle one
+    assert records[-1]["best_uar"] == records[2]["valid_uar"] and records[-1]["best_war"] == records[2]["valid_war"]
+    ctx = torch.load(result.best_path, weights_only=False)["model"]["prompt_learner.ctx"]
+    assert not torch.equal(ctx, build_model(cfg, torch.device("cpu"))[0].prompt_learner.ctx.detach())

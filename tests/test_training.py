@@ -129,7 +129,7 @@ def test_stage2_from_cache_reaches_valid_uar_far_above_chance(trained):
     cfg = run["cfg"]
     assert [r["epoch"] for r in records] == list(range(cfg.stage_epochs(2)))
     assert all(r["stage"] == 2 for r in records)
-    best, last = records[-1]["best_valid_uar"], records[-1]["valid_uar"]
+    best, last = records[-1]["best_uar"], records[-1]["valid_uar"]
     print(f"\nstage 2 from the cache, {len(records)} epochs in {run['seconds']:.1f} s: valid UAR "
           f"{records[0]['valid_uar']:.2f} (epoch 1) -> {last:.2f} (last), best {best:.2f} (chance {CHANCE_UAR:.0f})")
     assert best == max(r["valid_uar"] for r in records) == run["result"].best["valid_uar"]
@@ -358,9 +358,9 @@ def test_cli_refuses_a_cache_of_another_image_encoder(tmp_path, synth, cache, we
 
 def test_input_norm_is_what_lets_stage2_learn_quickly(trained, synth, cache, weights, tmp_path):
     """The README's reason for the BatchNorm before the temporal encoders: without it, the same 15 epochs learn far less."""
-    with_norm = trained("both")["metrics"][-1]["best_valid_uar"]
+    with_norm = trained("both")["metrics"][-1]["best_uar"]
     cfg = load_config("tiny", overrides(synth, cache, weights, tmp_path / "no-norm", input_norm=False))
     train_stage(cfg, 2, quiet())
-    without = read_metrics(tmp_path / "no-norm")[-1]["best_valid_uar"]
+    without = read_metrics(tmp_path / "no-norm")[-1]["best_uar"]
     print(f"\nbest valid UAR after {EPOCHS} epochs: with input norm {with_norm:.2f}, without {without:.2f}")
     assert with_norm >= without + 15, (with_norm, without)

@@ -264,9 +264,14 @@ class CAERModel(nn.Module):
             parts.append(self.temporal_context(_per_frame(self.norm_context, context.float())))
         return F.normalize(self.fusion(torch.cat(parts, dim=-1)), dim=-1)
 
+    def classifies_with_prompts(self) -> bool:
+        """Whether the learnable prompts are the prototypes, and so reach the classification loss: without IEC
+        (``--slerp-weight 0``: CLIP-CAER's classifier on the learnable prompts), and with IEC on ``--iec-base soft``."""
+        return self.cfg.slerp_weight == 0 or self.iec_base == IECBase.soft
+
     def logits(self, z: torch.Tensor, t_desc: torch.Tensor, t_soft: torch.Tensor) -> torch.Tensor:
         """cos(z, prototype_k) / temperature, prototypes pulled towards ``z`` by slerp when IEC is on."""
-        base = t_desc if self.iec_base == IECBase.desc else t_soft
+        base = t_soft if self.classifies_with_prompts() else t_desc
         if self.cfg.slerp_weight > 0:
             base = slerp(base.unsqueeze(0), z.unsqueeze(1), self.cfg.slerp_weight)  # [B, C, D]
             return (base * z.unsqueeze(1)).sum(-1) / self.cfg.temperature

@@ -114,7 +114,7 @@ class Stage:
     def nothing_trains(self, epoch: int) -> bool:
         """Stage 1 with --iec-base desc learns only from MI and DC: nothing trains while both are in warm-up."""
         prompts_only = STAGE_GROUPS[self.number] == ("prompt",)
-        return prompts_only and self.model.iec_base == IECBase.desc and self.loss.weights(epoch) == (0.0, 0.0)
+        return prompts_only and not self.model.classifies_with_prompts() and self.loss.weights(epoch) == (0.0, 0.0)
 
 
 # ------------------------------------------------------------------------------------ set-up
@@ -122,13 +122,14 @@ class Stage:
 def make_optimizer(model: CAERModel, cfg: RunConfig, stage: int):
     """One parameter group per trainable group of the model, each with its learning rate; and the schedule."""
     o = cfg.optim
-    lr = cfg.stage_lr(stage)
-    rates = {"prompt": o.lr_prompt or lr, "adapter": o.lr_adapter or lr, "temporal": lr, "image_encoder": o.lr_image_encoder}
+    for (where, name) in cfg.stage_group_rates():
+        if where == stage and name not in STAGE_GROUPS[stage]:
+            raise ValueError(f"--lr-group {where}.{name}: stage {stage} trains {', '.join(STAGE_GROUPS[stage])}")
     groups = []
     for name, params in model.parameter_groups().items():
         params = [p for p in params if p.requires_grad]
         if params:
-            groups.append({"params": params, "lr": rates[name], "name": name})
+            groups.append({"params": params, "lr": cfg.group_lr(stage, name), "name": name})
     if o.optimizer == Optimizer.sgd:
         opt = torch.optim.SGD(groups, momentum=o.momentum, weight_decay=o.weight_decay)
     else:
@@ -141,9 +142,10 @@ def make_optimizer(model: CAERModel, cfg: RunConfig, stage: int):
 
 
 def _check_stage_can_learn(cfg: RunConfig, stage: int) -> None:
-    if stage == 1 and cfg.model.iec_base == IECBase.desc and cfg.loss.lambda_mi == 0 and cfg.loss.lambda_dc == 0:
+    desc_only = cfg.model.slerp_weight > 0 and cfg.model.iec_base == IECBase.desc
+    if stage == 1 and desc_only and cfg.loss.lambda_mi == 0 and cfg.loss.lambda_dc == 0:
         raise ValueError(
-            "stage 1 trains only the prompts, and with --iec-base desc they learn only from the MI and DC losses, "
+            "stage 1 trains only the prompts, and with IEC on --iec-base desc they learn only from the MI and DC losses, "
             "which are both off (--lambda-mi 0, --lambda-dc 0): set one of them, or use --iec-base soft"
         )
 
@@ -272,12 +274,13 @@ def validate(s: Stage, progress: Progress) -> np.ndarray:
     return confusion_matrix(labels, logits.argmax(1), len(s.cfg.model.classes))
 
 
-def epoch_record(s: Stage, epoch: int, train_cm: np.ndarray, sums: dict, val_cm: np.ndarray, seconds: float) -> dict:
-    """The ``metrics.jsonl`` line of an epoch."""
+def epoch_record(s: Stage, epoch: int, train_cm: np.ndarray, sums: dict, val_cm: np.ndarray, seconds: float,
+                 rates: dict) -> dict:
+    """The ``metrics.jsonl`` line of an epoch; ``rates``: each trainable group's learning rate in it."""
     n_train = int(train_cm.sum())
     w_mi, w_dc = s.loss.weights(epoch)
     return {
-        "stage": s.number, "epoch": epoch, "lr": [g["lr"] for g in s.optimizer.param_groups],
+        "stage": s.number, "epoch": epoch, "lr": rates,
         "losses": {k: v / n_train for k, v in sums.items()}, "w_mi": w_mi, "w_dc": w_dc, "train_clips": n_train,
         "train_war": round(war(train_cm), 2), "train_uar": round(uar(train_cm), 2),
         "valid_war": round(war(val_cm), 2), "valid_uar": round(uar(val_cm), 2),
@@ -291,13 +294,13 @@ def record_epoch(s: Stage, epoch: int, record: dict) -> None:
     In this order, a run stopped anywhere in between resumes from the previous last checkpoint,
     drops the lines logged after it and redoes this epoch.
     """
-    improved = record["valid_uar"] > s.best["valid_uar"]
-    s.best = {
-        "valid_uar": max(s.best["valid_uar"], record["valid_uar"]),
-        "valid_war": max(s.best["valid_war"], record["valid_war"]),
-        "epoch": epoch if improved else s.best["epoch"],  # the epoch of the best UAR = best checkpoint
-    }
-    record |= {"best_valid_uar": s.best["valid_uar"], "best_valid_war": s.best["valid_war"]}
+    # the best epoch: highest valid UAR among epochs that trained something; a tie goes to the later epoch
+    trained = not s.nothing_trains(epoch)
+    improved = trained and record["valid_uar"] >= s.best["valid_uar"]
+    if improved:
+        s.best = {"valid_uar": record["valid_uar"], "valid_war": record["valid_war"], "epoch": epoch}
+    record |= {"trained": trained, "best_epoch": s.best["epoch"], "best_war": s.best["valid_war"],
+               "best_uar": s.best["valid_uar"]}
     own_encoder = s.number == 3 or is_finetuned(s.encoder)
     checkpoint = {
         "stage": s.number, "epoch": epoch, "model": model_state(s.model, with_image_encoder=own_encoder),
@@ -322,7 +325,8 @@ def show_epoch(s: Stage, epoch: int, record: dict, val_cm: np.ndarray) -> None:
         f"stage {s.number} epoch {epoch + 1:>3}/{s.epochs}  loss {record['losses']['loss']:.4f}  "
         f"train WAR {record['train_war']:6.2f} UAR {record['train_uar']:6.2f} | "
         f"valid WAR {record['valid_war']:6.2f} UAR {record['valid_uar']:6.2f} | "
-        f"best WAR {s.best['valid_war']:6.2f} UAR {s.best['valid_uar']:6.2f}  ({record['seconds']:.1f}s)",
+        f"best (epoch {s.best['epoch'] + 1}) WAR {s.best['valid_war']:6.2f} UAR {s.best['valid_uar']:6.2f}  "
+        f"({record['seconds']:.1f}s)",
         highlight=False,
     )
     s.console.print(confusion_table(val_cm, s.cfg.model.classes, f"valid confusion matrix, epoch {epoch + 1}"))
@@ -340,19 +344,23 @@ def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
     groups = ", ".join(g for g in STAGE_GROUPS[stage] if s.model.parameter_groups()[g])
     s.console.rule(f"stage {stage}: training {groups} from the {s.source}"
                    + (f" on {s.world} processes" if s.world > 1 else ""))
+    rates = ", ".join(f"{g['name']} {g['lr']:g}" for g in s.optimizer.param_groups)
+    s.console.print(f"learning rates at the start of stage {stage}: {rates}", highlight=False)
     for epoch in range(s.start_epoch, s.epochs):
         start = time.perf_counter()
+        rates = {g["name"]: g["lr"] for g in s.optimizer.param_groups}  # before this epoch's scheduler step
         with progress_bar(s.console) as progress:
             train_cm, sums = train_one_epoch(s, epoch, progress)
             val_cm = validate(s, progress) if s.rank == 0 else None
         if s.rank == 0:  # rank 0 validates and records the epoch
-            record = epoch_record(s, epoch, train_cm, sums, val_cm, time.perf_counter() - start)
+            record = epoch_record(s, epoch, train_cm, sums, val_cm, time.perf_counter() - start, rates)
             record_epoch(s, epoch, record)
             show_epoch(s, epoch, record, val_cm)
         runtime.barrier()
     best = runtime.gather(s.best)[0]
     if not s.paths.best.exists():
-        raise RuntimeError(f"stage {stage} ran no epochs (--epochs-stage{stage} 0?)")
+        raise RuntimeError(f"stage {stage} has no best checkpoint: it ran no epochs (--epochs-stage{stage} 0?), or "
+                           "nothing trained in any of them (the MI and DC warm-up outlasted the stage)")
     return StageResult(stage, s.paths.best, s.paths.last, best)
 
 
