@@ -83,13 +83,17 @@ class TTA(enum.StrEnum):
 
 def option(default=None, help: str = "", *, flags: tuple[str, ...] = (), min: float | None = None,
            max: float | None = None, panel: str | None = None, argument: bool = False, shown: str | None = None,
-           factory=None):
+           factory=None, fallback=None):
     """Declare an option: its default, help text, flag spellings, allowed range and help panel.
 
     ``flags`` replaces the flag derived from the name (``--name`` and, for booleans, ``--no-name``);
-    ``shown`` is the default as ``--help`` should print it when the value itself says little.
+    ``shown`` is the default as ``--help`` should print it when the value itself says little;
+    ``fallback`` is the value of a crop option (default None) when neither a flag nor the cache sets it.
     """
-    meta = {"help": help, "flags": flags, "min": min, "max": max, "panel": panel, "argument": argument, "shown": shown}
+    if fallback is not None and shown is None:
+        shown = f"the cache's, else {fallback}"
+    meta = {"help": help, "flags": flags, "min": min, "max": max, "panel": panel, "argument": argument, "shown": shown,
+            "fallback": fallback}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -222,9 +226,26 @@ class CropConfig:
                               shown="the first annotation file's folder")
     face_boxes: str | None = option(None, "Face boxes JSON.")
     body_boxes: str | None = option(None, "Body boxes JSON (for --crop-body).")
-    crop_body: bool = option(False, "Context view = the body box crop instead of the whole frame.")
-    margin: float = option(20.0, "Pixels added around each face box.", min=0)
-    frame_stride: int = option(1, "Keep every k-th frame (raw frames with a cache use the cache's).", min=1)
+    crop_body: bool | None = option(None, "Context view = the body box crop instead of the whole frame.", fallback=False)
+    margin: float | None = option(None, "Pixels added around each face box.", min=0, fallback=20.0)
+    frame_stride: int | None = option(None, "Keep every k-th frame.", min=1, fallback=1)
+
+    def resolved(self, stored: dict | None = None, inputs: dict | None = None, strict: bool = True,
+                 where: str = "the cache") -> "CropConfig":
+        """The geometry a run uses: the flags', else the store's (``stored``: its fingerprint; ``inputs``: the box
+        files and root it was cut with), else the declared fallbacks. With ``strict``, a flag that contradicts the
+        store is refused, naming both values (extraction leaves that to the store's own fingerprint check)."""
+        values = {}
+        for f in dataclasses.fields(self):
+            geometry = f.metadata["fallback"] is not None  # margin, crop_body, frame_stride; else a path
+            given, kept = getattr(self, f.name), ((stored if geometry else inputs) or {}).get(f.name)
+            if strict and geometry and given is not None and kept is not None and given != kept:
+                raise ValueError(f"--{f.name.replace('_', '-')} {given} contradicts {where}, which was extracted "
+                                 f"with {f.name} {kept}: drop the flag (or give the cache's value), or extract a "
+                                 "new cache with it")
+            value = given if given is not None else kept
+            values[f.name] = value if value is not None else f.metadata["fallback"]
+        return CropConfig(**values)
 
 
 @dataclass

@@ -147,4 +147,4 @@ def test_a_required_flag_or_argument_is_named_when_missing():
     assert result.exit_code == 2
     assert_in_output("--out", result.output)
     assert COMMAND.commands["extract"].params[0].param_type_name == "argument"
-    assert from_flat(ExtractConfig, {"annotations": ["a.txt"], "out": "c.zarr"}).crop.margin == 20.0
+    assert from_flat(ExtractConfig, {"annotations": ["a.txt"], "out": "c.zarr"}).crop.resolved().margin == 20.0

@@ -8,17 +8,19 @@ import json
 
 import pytest
 import torch
+import yaml
 from rich.console import Console
 from torch.utils.data import default_collate
 
-from caer.cache import FeatureCache
+from caer.cache import CacheError, FeatureCache
 from caer.config import load_config
 from caer.data.loaders import make_loader, split_dataset
 from caer.model.checkpoint import build_model
 from caer.pipeline import train as train_module
-from caer.pipeline.evaluate import predict
+from caer.pipeline.evaluate import evaluate, predict
+from caer.pipeline.extract import extract
 from caer.pipeline.train import make_optimizer, train_stage
-from conftest import assert_fp16_equal
+from conftest import assert_fp16_equal, settings_for
 
 
 def make_config(dataset, cache, weights, run_dir, **overrides):
@@ -261,3 +263,68 @@ def test_the_best_checkpoint_is_never_an_epoch_in_which_nothing_trained(dataset,
     assert records[-1]["best_uar"] == records[2]["valid_uar"] and records[-1]["best_war"] == records[2]["valid_war"]
     ctx = torch.load(result.best_path, weights_only=False)["model"]["prompt_learner.ctx"]
     assert not torch.equal(ctx, build_model(cfg, torch.device("cpu"))[0].prompt_learner.ctx.detach())
+
+
+# ------------------------------------------------------------------------------------------ one geometry per run
+
+@pytest.fixture(scope="module")
+def body_cache(tmp_path_factory, dataset, clip_model):
+    """The dataset extracted with a non-default geometry: context = body crop, face margin 5."""
+    out = tmp_path_factory.mktemp("body") / "body.zarr"
+    extract(settings_for(dataset, out, crop_body=True, body_boxes=dataset.body_boxes, margin=5), clip_model)
+    return out
+
+
+def test_raw_frames_are_cut_with_the_caches_geometry(dataset, body_cache, weights, tmp_path):
+    """Stage 2, then eval from the cache and from raw frames: the raw path takes margin, crop-body and box files
+    from the cache (no geometry flag given), so features and predictions agree."""
+    cfg = make_config(dataset, body_cache, weights, tmp_path / "run", epochs_stage2=4, face_boxes=None)
+    result = train_stage(cfg, 2, Console(file=io.StringIO(), width=200))
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert (saved["margin"], saved["crop_body"], saved["body_boxes"]) == (5.0, True, str(dataset.body_boxes.resolve()))
+
+    cache = FeatureCache.open(body_cache)
+    model, backbone = build_model(cfg, torch.device("cpu"))
+    model.eval()
+    cached = split_dataset(cfg, "val", False, backbone.preprocess, cache, "cache")
+    raw = split_dataset(cfg, "val", False, backbone.preprocess, cache, "raw")
+    keys = [(i, 0) for i in range(len(cached))]
+    bc, br = gather(cached, keys), gather(raw, keys)
+    with torch.no_grad():
+        face, context = model.frame_features(br.face, br.context, br.flip)
+    assert_fp16_equal(bc.face.numpy(), face.numpy(), "face crops with the cache's margin")
+    assert_fp16_equal(bc.context.numpy(), context.numpy(), "context = the cache's body crop")
+
+    quiet = Console(file=io.StringIO())
+    by_cache = evaluate(result.best_path, "val", "cache", console=quiet)
+    by_raw = evaluate(result.best_path, "val", "raw", console=quiet)
+    assert by_raw.video_ids == by_cache.video_ids and list(by_raw.preds) == list(by_cache.preds)
+
+
+@pytest.mark.parametrize("flag, value, fragment", [
+    ("margin", 7.0, "--margin 7.0 contradicts"),
+    ("crop_body", False, "--crop-body False contradicts"),
+    ("frame_stride", 2, "--frame-stride 2 contradicts"),
+])
+def test_a_flag_that_contradicts_the_caches_geometry_is_refused(flag, value, fragment, dataset, body_cache, weights,
+                                                                tmp_path):
+    cfg = make_config(dataset, body_cache, weights, tmp_path / "run", **{flag: value})
+    with pytest.raises(ValueError) as err:
+        train_stage(cfg, 2, Console(file=io.StringIO()))
+    stored = FeatureCache.open(body_cache).fingerprint[flag]
+    assert fragment in str(err.value) and f"{flag} {stored}" in str(err.value) and str(body_cache) in str(err.value)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_raw_frames_with_other_boxes_than_the_caches_are_refused(dataset, body_cache, weights, tmp_path):
+    boxes = json.loads(dataset.face_boxes.read_text())
+    video_id = next(v for v, frames in boxes.items() if frames)
+    name = sorted(boxes[video_id])[0]
+    boxes[video_id][name] = [v + 3 for v in boxes[video_id][name]]
+    moved = tmp_path / "moved_boxes.json"
+    moved.write_text(json.dumps(boxes))
+    cfg = make_config(dataset, body_cache, weights, tmp_path / "run", face_boxes=str(moved))
+    cache = FeatureCache.open(body_cache)
+    split = next(s for s in ("train", "val", "test") if video_id in (dataset.root / f"{s}.txt").read_text())
+    with pytest.raises(CacheError, match=f"the face/body boxes of clip '{video_id}' differ"):
+        split_dataset(cfg, split, False, build_model(cfg, torch.device("cpu"))[1].preprocess, cache, "raw")

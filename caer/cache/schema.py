@@ -6,6 +6,7 @@
         splits              {annotation file stem: [video ids]}
         skipped             ["file:line: reason", ...] clips left out by --skip-bad
         summary             the last extraction's summary numbers
+        inputs              {root, face_boxes, body_boxes}: absolute paths the last extraction read
     /clips/<key>            float16 [2 streams (face, context), views, frames, D]; one chunk per clip
         video_id, label (0-based), frame_names, frames_without_face, boxes_sha256, done
 

@@ -69,15 +69,33 @@ def _zarr_done_clips(path: Path) -> dict[str, dict]:
     return done
 
 
+def stored_fingerprint(path: str | Path, fmt: str = "auto") -> dict | None:
+    """The fingerprint of the store at ``path`` (or of an interrupted HDF5 build's staging store); None when
+    there is none or it cannot be read (the writer then says why)."""
+    path = Path(path)
+    fmt = detect_format(path, fmt)
+    if fmt == "h5" and path.is_file():
+        try:
+            with h5py.File(path, "r") as f:
+                return json.loads(f.attrs["fingerprint"])
+        except (OSError, KeyError, ValueError):
+            return None
+    staged = _staging_path(path) if fmt == "h5" else path
+    attrs = _zarr_root_attrs(staged) if staged.exists() else None
+    return attrs.get("fingerprint") if attrs else None
+
+
 # --------------------------------------------------------------------------- writer
 
 class CacheWriter:
     """Writes clips' features into a new or existing cache with the given fingerprint."""
 
-    def __init__(self, path: str | Path, fingerprint: dict, fmt: str = "auto", overwrite: bool = False):
+    def __init__(self, path: str | Path, fingerprint: dict, fmt: str = "auto", overwrite: bool = False,
+                 inputs: dict | None = None):
         self.path = Path(path)
         self.format = detect_format(self.path, fmt)
         self.fingerprint = fingerprint
+        self.inputs = inputs or {}  # the dataset root and box files this run reads (recorded, not fingerprinted)
         self.zarr_path = _staging_path(self.path) if self.format == "h5" else self.path
         existing = self._existing_attrs()
         if existing is not None and overwrite:
@@ -159,7 +177,7 @@ class CacheWriter:
             known = set(merged.setdefault(name, []))
             merged[name] += [i for i in ids if i not in known]
         skipped = sorted(set(skipped))
-        self.root.attrs.update({"splits": merged, "skipped": skipped, "summary": summary})
+        self.root.attrs.update({"splits": merged, "skipped": skipped, "summary": summary, "inputs": self.inputs})
         if self.format == "h5":
             self._build_h5()
 
@@ -263,6 +281,15 @@ class FeatureCache:
             return self._index[video_id]
         except KeyError:
             raise CacheError(f"{self.path}: clip {video_id!r} is not in the cache (extract its split first)") from None
+
+    @property
+    def inputs(self) -> dict:
+        """The dataset root and box files the last extraction read (absolute paths; empty for older stores)."""
+        return dict(self.attrs.get("inputs") or {})
+
+    def boxes_digest(self, video_id: str) -> str | None:
+        """SHA-256 of the boxes this clip's views were cut with."""
+        return self._entry(video_id).get("boxes_sha256")
 
     def label(self, video_id: str) -> int:
         return int(self._entry(video_id)["label"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from ..cache import CacheError, FeatureCache
 from ..config import RunConfig, Source
 from ..model.encoder import Preprocess
 from .datasets import CachedClips, EpochSampler, RawClips
-from .raer import ViewMaker, read_annotations
+from .raer import Clip, ViewMaker, read_annotations
 
 
 def open_cache(cfg: RunConfig, source: Source, encoder: dict) -> FeatureCache | None:
@@ -30,6 +31,27 @@ def open_cache(cfg: RunConfig, source: Source, encoder: dict) -> FeatureCache | 
     return FeatureCache.open(path) if path and Path(path).exists() else None
 
 
+def with_cache_geometry(cfg: RunConfig, cache: FeatureCache | None) -> RunConfig:
+    """The run config with one crop geometry for everything: the cache's margin, crop-body and frame stride (a
+    flag that contradicts them is refused) and, unless given, its box files and root; without a cache, the
+    flags' or the declared fallbacks."""
+    if cache is None:
+        return dataclasses.replace(cfg, crop=cfg.crop.resolved())
+    return dataclasses.replace(cfg, crop=cfg.crop.resolved(cache.fingerprint, cache.inputs, where=str(cache.path)))
+
+
+def check_boxes_match(cache: FeatureCache, view_maker: ViewMaker, clips: list[Clip]) -> None:
+    """Raw frames must be cut with the boxes the cache was cut with (per-clip digests), or cache and raw disagree."""
+    for clip in clips:
+        stored = cache.boxes_digest(clip.video_id) if clip.video_id in cache else None
+        if stored is not None and stored != view_maker.boxes_digest(clip):
+            raise CacheError(
+                f"{clip.source}: the face/body boxes of clip {clip.video_id!r} differ from those {cache.path} was "
+                f"extracted with ({cache.inputs.get('face_boxes') or 'its box files'}); pass the same box files, "
+                "or re-extract the cache"
+            )
+
+
 def split_dataset(cfg: RunConfig, split: str, train: bool, preprocess: Preprocess, cache: FeatureCache | None,
                   source: Source, augment: bool = False, eval_view: int = 0) -> CachedClips | RawClips:
     """The dataset of one split ("train", "val" or "test") from the cache or from raw frames.
@@ -37,6 +59,7 @@ def split_dataset(cfg: RunConfig, split: str, train: bool, preprocess: Preproces
     ``augment`` (stage 3) draws a random flip and rotation per clip; ``eval_view`` 1 evaluates on the
     mirror image (flip TTA).
     """
+    cfg = with_cache_geometry(cfg, cache)
     list_path = cfg.list_for(split)
     num_classes, segments, seed = len(cfg.model.classes), cfg.model.num_frames, cfg.run.seed
     if source == Source.cache:
@@ -49,14 +72,15 @@ def split_dataset(cfg: RunConfig, split: str, train: bool, preprocess: Preproces
             )
         return CachedClips(cache, [c.video_id for c in clips], [c.label for c in clips], segments, train, seed, eval_view)
     if not cfg.crop.face_boxes:
-        raise ValueError("--source raw needs --face-boxes")
+        raise ValueError("--source raw needs --face-boxes (or a cache that records them)")
     root = cfg.crop.root or str(Path(list_path).parent)
     clips, _ = read_annotations(list_path, root, num_classes)
     view_maker = ViewMaker.from_config(cfg.crop, root)
-    stride = cache.fingerprint["frame_stride"] if cache is not None else cfg.crop.frame_stride
+    if cache is not None:
+        check_boxes_match(cache, view_maker, clips)
     # training on raw frames picks a random view per clip: the cache's views, or (stage 3) always a random flip
     views = 2 if augment else (cache.views if cache is not None else 1)
-    return RawClips(clips, view_maker, preprocess, segments, train, views=views, frame_stride=stride, seed=seed,
+    return RawClips(clips, view_maker, preprocess, segments, train, views=views, frame_stride=cfg.crop.frame_stride, seed=seed,
                     rotate=cfg.stages.rotate_degrees if augment else 0.0, eval_view=eval_view)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -14,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .. import runtime
-from ..cache import CacheWriter, fingerprint, store_key
+from ..cache import CacheWriter, fingerprint, store_key, stored_fingerprint
 from ..config import ExtractConfig
 from ..data.datasets import ClipFrames
 from ..data.raer import BadClip, Clip, DataError, ViewMaker, read_annotations
@@ -131,13 +132,15 @@ def load_encoder(cfg: ExtractConfig) -> CLIPBackbone:
     return load_backbone(cfg.encoder.model, cfg.encoder.pretrained, device)
 
 
-def open_writer(cfg: ExtractConfig, backbone: CLIPBackbone, rank: int) -> CacheWriter:
+def open_writer(cfg: ExtractConfig, backbone: CLIPBackbone, root: Path, rank: int) -> CacheWriter:
     """The store to write into; rank 0 checks (or replaces) it before the other ranks open it."""
     fp = fingerprint(backbone.identity(), margin=cfg.crop.margin, crop_body=cfg.crop.crop_body, views=cfg.views,
                      frame_stride=cfg.crop.frame_stride)
-    writer = CacheWriter(cfg.out, fp, cfg.format, cfg.overwrite) if rank == 0 else None
+    inputs = {"root": root, "face_boxes": cfg.crop.face_boxes, "body_boxes": cfg.crop.body_boxes}
+    inputs = {k: str(Path(v).resolve()) if v else None for k, v in inputs.items()}
+    writer = CacheWriter(cfg.out, fp, cfg.format, cfg.overwrite, inputs) if rank == 0 else None
     runtime.barrier()
-    return writer or CacheWriter(cfg.out, fp, cfg.format, overwrite=False)
+    return writer or CacheWriter(cfg.out, fp, cfg.format, overwrite=False, inputs=inputs)
 
 
 class _ClipWriter:
@@ -217,11 +220,14 @@ def extract(cfg: ExtractConfig, backbone: CLIPBackbone | None = None, console: C
     if not cfg.crop.face_boxes:
         raise ValueError("caer extract needs --face-boxes")
     backbone = backbone or load_encoder(cfg)
-    root = cfg.crop.root or Path(cfg.annotations[0]).parent
+    # unset crop options: those of the store being resumed, else the declared fallbacks
+    stored = None if cfg.overwrite else stored_fingerprint(cfg.out, cfg.format)
+    cfg = dataclasses.replace(cfg, crop=cfg.crop.resolved(stored, strict=False))
+    root = Path(cfg.crop.root or Path(cfg.annotations[0]).parent)
     clips, splits, bad = collect_clips(cfg, root)
     view_maker = ViewMaker.from_config(cfg.crop, root)
     rank, world = runtime.init()
-    writer = open_writer(cfg, backbone, rank)
+    writer = open_writer(cfg, backbone, root, rank)
     digests = {c.video_id: view_maker.boxes_digest(c) for c in clips}
     # a finished clip is redone only if its boxes changed since it was extracted
     todo = [c for c in clips if writer.done.get(store_key(c.video_id), {}).get("boxes_sha256") != digests[c.video_id]]

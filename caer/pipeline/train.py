@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from .. import runtime
 from ..cache import FeatureCache
 from ..config import IECBase, Optimizer, RunConfig, Scheduler, Source, save_config
-from ..data.loaders import class_counts, make_loader, open_cache, split_dataset
+from ..data.loaders import class_counts, make_loader, open_cache, split_dataset, with_cache_geometry
 from ..model.caer_model import STAGE_GROUPS, CAERModel
 from ..model.checkpoint import build_model, finetuned_identity, is_finetuned, load_checkpoint, model_state, save_checkpoint
 from ..model.losses import CAERLoss
@@ -157,9 +157,6 @@ def setup_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
     rank, world = runtime.init(device)
     console = console if rank == 0 else Console(quiet=True)
     paths = RunPaths(Path(cfg.run.run_dir), stage)
-    paths.run_dir.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        save_config(cfg, paths.run_dir / "config.yaml")
     resume = cfg.run.resume and paths.last.exists()
     init = load_checkpoint(paths.last if resume else init_from) if (resume or init_from) else None
     source = Source.raw if stage == 3 else cfg.data.source
@@ -169,6 +166,10 @@ def setup_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
     model, backbone = build_model(cfg, device, init)
     encoder = init["encoder"] if init is not None else backbone.identity()
     cache = open_cache(cfg, source, encoder)
+    cfg = with_cache_geometry(cfg, cache)
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        save_config(cfg, paths.run_dir / "config.yaml")
     model.prepare_stage(stage, cfg.stages.unfreeze_last)
     if stage == 3 and cfg.stages.grad_checkpointing:
         model.clip.visual.set_grad_checkpointing(True)
