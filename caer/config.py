@@ -53,6 +53,13 @@ class TokenPosition(enum.StrEnum):
     front = "front"
 
 
+class SoftPromptText(enum.StrEnum):
+    """What the learnable context vectors of t_soft are put in front of."""
+
+    name = "name"  # "X X ... X <class name>." (CoOp)
+    descriptor = "descriptor"  # "X X ... X <descriptive sentence>" (both public CLIP-CAER codes)
+
+
 class IECBase(enum.StrEnum):
     desc = "desc"
     soft = "soft"
@@ -299,7 +306,10 @@ class ModelConfig:
     contexts_number: int = option(8, "CoOp context vectors per prompt.", min=1, panel="Prompts and classifier")
     class_specific_contexts: bool = option(True, "One set of context vectors per class.", panel="Prompts and classifier",
                                            flags=("--class-specific-contexts/--shared-contexts",))
-    class_token_position: TokenPosition = option(TokenPosition.end, "Where the class name sits among the context vectors.",
+    soft_prompt_text: SoftPromptText = option(SoftPromptText.name, "What the learnable context vectors precede: the "
+                                              "class name (CoOp), or its descriptive sentence (the reference).",
+                                              panel="Prompts and classifier")
+    class_token_position: TokenPosition = option(TokenPosition.end, "Where the class text sits among the context vectors.",
                                                  panel="Prompts and classifier")
     temperature: float = option(0.2, "tau in logits = cos / tau.", min=1e-4, panel="Prompts and classifier")
     slerp_weight: float = option(0.0, "IEC: lambda of slerp(prototype, z); 0 turns IEC off.", min=0, max=1,

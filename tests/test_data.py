@@ -16,6 +16,7 @@ from caer.data.raer import (
     Clip,
     DataError,
     ViewMaker,
+    check_disjoint,
     clip_box,
     letterbox,
     load_body_boxes,
@@ -63,6 +64,9 @@ BAD_LINES = {
     "label above C": ("frames/a 3 6", "label 6 is outside 1..5"),
     "missing clip directory": ("frames/nope 3 1", "does not exist"),
     "empty clip directory": ("frames/empty 3 1", "holds no image files"),
+    "negative num_frames": ("frames/a -3 1", "num_frames must not be negative, got -3"),
+    "absolute clip path": ("/etc/frames 3 1", "clip path '/etc/frames' must be relative to the dataset root"),
+    "clip path escaping the root": ("frames/../../x 3 1", "must be relative to the dataset root and stay inside it"),
 }
 
 
@@ -86,6 +90,25 @@ def test_duplicate_clip_and_missing_file(small_root):
         read_annotations(ann, None, num_classes=5)
     with pytest.raises(DataError, match="nothere.txt: annotation file not found"):
         read_annotations(small_root / "nothere.txt", None, num_classes=5)
+
+
+def test_a_clip_in_two_splits_is_refused_naming_both_places(small_root):
+    train, test = small_root / "train.txt", small_root / "test.txt"
+    train.write_text("frames/a 3 1\nframes/b 2 2\n")
+    test.write_text("frames/b 2 4\n")
+    splits = [read_annotations(p, None, num_classes=5)[0] for p in (train, test)]
+    with pytest.raises(DataError) as err:
+        check_disjoint(splits)
+    assert str(err.value).startswith(f"{test}:1: clip 'frames/b' is also listed at {train}:2 with another label (4 vs 2)")
+    train.write_text("frames/a 3 1\n")
+    check_disjoint([read_annotations(p, None, num_classes=5)[0] for p in (train, test)])  # disjoint: fine
+
+
+def test_num_frames_is_kept_for_the_disagreement_count(small_root):
+    ann = small_root / "val.txt"
+    ann.write_text("frames/a 7 1\n")
+    (clip,), _ = read_annotations(ann, None, num_classes=5)
+    assert clip.listed_frames == 7 and clip.listed_frames != len(clip.frames)
 
 
 def test_skip_bad_collects_every_bad_line_and_keeps_the_good_ones(small_root):

@@ -469,3 +469,35 @@ def test_sigkill_part_way_then_resume_equals_a_clean_run(fmt, tmp_path, dataset,
     again = FeatureCache.open(out)
     for v in ids:
         assert np.array_equal(again.clip(v), clean_b2.clip(v)), v
+
+
+# --------------------------------------------------------------------------- protocol checks on the lists
+
+def test_a_num_frames_column_that_disagrees_is_counted_and_warned_about_once(tmp_path, dataset, weights):
+    ds = dataset.copy(tmp_path / "ds")
+    ann = ds.annotations[0]
+    lines = ann.read_text().splitlines()
+    for i in (0, 1):  # two clips list one frame too many
+        clip_dir, n, label = lines[i].split()
+        lines[i] = f"{clip_dir} {int(n) + 1} {label}"
+    ann.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "c.zarr"
+    result = run_cli(extract_args(ds, out, weights, "--workers", "0"))
+    assert result.exit_code == 0, result.output
+    assert result.output.count("list another num_frames than their folder holds") == 1
+    assert_in_output(f"2 of {len(ds.video_ids())} clips", result.output)
+    assert_in_output(f"first: {ann}:1 lists", result.output)
+    assert FeatureCache.open(out).attrs["summary"]["clips_with_other_frame_count"] == 2
+
+
+def test_a_clip_listed_in_two_splits_is_refused_before_anything_is_written(tmp_path, dataset, weights):
+    ds = dataset.copy(tmp_path / "ds")
+    train, val = ds.annotations[0], ds.annotations[1]
+    first = train.read_text().splitlines()[0]
+    val.write_text(val.read_text() + first + "\n")
+    out = tmp_path / "c.zarr"
+    result = run_cli(extract_args(ds, out, weights, "--workers", "0"))
+    assert result.exit_code == 2, result.output
+    n = len(val.read_text().splitlines())
+    assert_in_output(f"{val}:{n}: clip '{first.split()[0]}' is also listed at {train}:1", result.output)
+    assert not out.exists()

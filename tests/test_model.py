@@ -18,7 +18,7 @@ from caer.data.datasets import sample_indices
 from caer.model.caer_model import CAERModel, ExpressionAdapter, PromptLearner, slerp
 from caer.model.encoder import load_backbone
 from caer.model.losses import class_balanced_weights, decorrelation_loss, mutual_information_loss, ramp_weight
-from caer.model.metrics import confusion_matrix, uar, war
+from caer.model.metrics import confusion_matrix, uar, uar_all_classes, war
 from conftest import MODEL
 
 CLASSES = ["Neutrality", "Enjoyment", "Confusion", "Fatigue", "Distraction"]
@@ -245,6 +245,17 @@ def test_uar_ignores_classes_absent_from_the_labels_like_sklearn():
     assert war(cm) == pytest.approx(accuracy_score(labels, preds) * 100)
 
 
+def test_uar_over_all_classes_scores_absent_classes_as_zero():
+    """The toy matrix of the issue: 66.67 over the classes present, 40.00 with the absent ones at 0."""
+    labels, preds = np.array([0, 0, 0, 1, 1, 4]), np.array([0, 2, 0, 1, 3, 4])
+    cm = confusion_matrix(labels, preds, 5)
+    assert uar_all_classes(cm) == pytest.approx(100 * (2 / 3 + 1 / 2 + 0 + 0 + 1) / 5) == pytest.approx(43.333, abs=1e-3)
+    full = confusion_matrix([0, 1, 1, 2], [0, 1, 0, 2], 3)
+    assert uar_all_classes(full) == pytest.approx(uar(full))  # the same when every class occurs
+    toy = confusion_matrix([0, 0, 1], [0, 1, 1], 3)
+    assert (round(uar(toy), 2), round(uar_all_classes(toy), 2)) == (75.0, 50.0)
+
+
 # ------------------------------------------------------------------------------------------ TSN sampling
 
 def test_short_clips_repeat_their_last_frame():
@@ -358,6 +369,33 @@ def test_prompt_learner(tiny_clip, position, class_specific):
         assert (grad.flatten(1).norm(dim=1) > 0).all()  # every class's own context is reached
     else:
         assert grad.norm() > 0
+
+
+@pytest.mark.parametrize("position", ["end", "front"])
+def test_soft_prompts_in_front_of_the_descriptive_sentences(tiny_clip, position):
+    """--soft-prompt-text descriptor: the reference's t_soft, "X X ... X <descriptive sentence>"."""
+    n_ctx = 4
+    cfg = ModelConfig(CLASSES, DESCRIPTIONS, num_frames=4, contexts_number=n_ctx, class_token_position=position,
+                      soft_prompt_text="descriptor")
+    learner = CAERModel(tiny_clip, cfg).prompt_learner
+    placeholder = " ".join(["X"] * n_ctx)
+    expected = tiny_clip.tokenizer([f"{placeholder} {d}" for d in DESCRIPTIONS])
+    assert torch.equal(learner.tokens, expected)  # the sentence, not the class name, follows the context
+    sentence = tiny_clip.model.token_embedding(tiny_clip.tokenizer(DESCRIPTIONS)).detach()
+    emb = learner.embeddings()
+    for k, n in enumerate(learner.name_lens):
+        assert n == len(tiny_clip.tokenizer.encode(DESCRIPTIONS[k]))
+        start = 1 + n_ctx if position == "end" else 1
+        assert torch.equal(emb[k, start : start + n], sentence[k, 1 : 1 + n])
+    by_name = CAERModel(tiny_clip, dataclasses.replace(cfg, soft_prompt_text="name")).prompt_learner
+    assert not torch.equal(by_name.tokens, learner.tokens)
+
+
+def test_a_prompt_text_too_long_for_the_text_encoder_is_refused(tiny_clip):
+    long = ["a student " * 40] + DESCRIPTIONS[1:]
+    cfg = ModelConfig(CLASSES, long, num_frames=4, soft_prompt_text="descriptor")
+    with pytest.raises(ValueError, match="class 1's prompt text is too long"):
+        CAERModel(tiny_clip, cfg)
 
 
 def test_text_encoding_cut_after_end_of_text_equals_open_clip_encode_text():

@@ -13,7 +13,7 @@ from ..cache import CacheError, FeatureCache
 from ..config import RunConfig, Source
 from ..model.encoder import Preprocess
 from .datasets import CachedClips, EpochSampler, RawClips
-from .raer import Clip, ViewMaker, read_annotations
+from .raer import Clip, ViewMaker, check_disjoint, read_annotations
 
 
 def open_cache(cfg: RunConfig, source: Source, encoder: dict) -> FeatureCache | None:
@@ -82,6 +82,12 @@ def split_dataset(cfg: RunConfig, split: str, train: bool, preprocess: Preproces
     views = 2 if augment else (cache.views if cache is not None else 1)
     return RawClips(clips, view_maker, preprocess, segments, train, views=views, frame_stride=cfg.crop.frame_stride, seed=seed,
                     rotate=cfg.stages.rotate_degrees if augment else 0.0, eval_view=eval_view)
+
+
+def check_splits_disjoint(cfg: RunConfig) -> None:
+    """Refuse a clip listed in two of the run's splits (naming both places)."""
+    lists = [p for p in (cfg.data.train_list, cfg.data.val_list, cfg.data.test_list) if p]
+    check_disjoint([read_annotations(p, cfg.crop.root, len(cfg.model.classes), need_frames=False)[0] for p in lists])
 
 
 def class_counts(dataset: CachedClips | RawClips, num_classes: int) -> np.ndarray:

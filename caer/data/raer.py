@@ -35,6 +35,7 @@ class Clip:
     label: int
     frames: tuple[Path, ...]
     source: str  # "file:line" it came from, for error messages
+    listed_frames: int = -1  # the annotation's num_frames column (many public datasets disagree with the disk)
 
 
 @dataclass
@@ -72,37 +73,57 @@ def read_annotations(
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         where = f"{path}:{lineno}"
-        parts = line.split()
-        video_id = parts[0]
         try:
-            if len(parts) != 3:
-                raise DataError(f"expected '<clip_dir> <num_frames> <label>', got {line.strip()!r}")
-            try:
-                int(parts[1])
-                label = int(parts[2])
-            except ValueError:
-                raise DataError(f"num_frames and label must be integers, got {line.strip()!r}") from None
-            if not 1 <= label <= num_classes:
-                raise DataError(f"label {label} is outside 1..{num_classes} (labels are 1-based)")
-            if video_id in seen:
-                raise DataError(f"clip {video_id!r} is listed twice (first at {seen[video_id]})")
-            clip_dir = root / video_id
-            if not need_frames:
-                frames = []
-            elif not clip_dir.is_dir():
-                raise DataError(f"clip directory {clip_dir} does not exist")
-            else:
-                frames = list_frames(clip_dir)
-            if need_frames and not frames:
-                raise DataError(f"clip directory {clip_dir} holds no image files")
+            clip = _parse_line(line, where, root, num_classes, need_frames)
+            if clip.video_id in seen:
+                raise DataError(f"clip {clip.video_id!r} is listed twice (first at {seen[clip.video_id]})")
         except DataError as err:
             if not skip_bad:
                 raise DataError(f"{where}: {err}") from None
-            bad.append(BadClip(where, video_id, str(err)))
+            bad.append(BadClip(where, line.split()[0], str(err)))
             continue
-        seen[video_id] = where
-        clips.append(Clip(video_id, label - 1, tuple(frames), where))
+        seen[clip.video_id] = where
+        clips.append(clip)
     return clips, bad
+
+
+def _parse_line(line: str, where: str, root: Path, num_classes: int, need_frames: bool) -> Clip:
+    """One annotation line -> a clip (a DataError says what is wrong with it)."""
+    parts = line.split()
+    if len(parts) != 3:
+        raise DataError(f"expected '<clip_dir> <num_frames> <label>', got {line.strip()!r}")
+    video_id = parts[0]
+    try:
+        listed, label = int(parts[1]), int(parts[2])
+    except ValueError:
+        raise DataError(f"num_frames and label must be integers, got {line.strip()!r}") from None
+    if listed < 0:
+        raise DataError(f"num_frames must not be negative, got {listed}")
+    if not 1 <= label <= num_classes:
+        raise DataError(f"label {label} is outside 1..{num_classes} (labels are 1-based)")
+    if Path(video_id).is_absolute() or ".." in Path(video_id).parts:
+        raise DataError(f"clip path {video_id!r} must be relative to the dataset root and stay inside it")
+    frames: list[Path] = []
+    if need_frames:
+        clip_dir = root / video_id
+        if not clip_dir.is_dir():
+            raise DataError(f"clip directory {clip_dir} does not exist")
+        frames = list_frames(clip_dir)
+        if not frames:
+            raise DataError(f"clip directory {clip_dir} holds no image files")
+    return Clip(video_id, label - 1, tuple(frames), where, listed)
+
+
+def check_disjoint(splits: list[list[Clip]]) -> None:
+    """A clip may be listed in one split only: evaluating a training clip inflates the reported numbers."""
+    seen: dict[str, Clip] = {}
+    for clips in splits:
+        for clip in clips:
+            first = seen.setdefault(clip.video_id, clip)
+            if first is not clip:
+                other_label = f" with another label ({clip.label + 1} vs {first.label + 1})" if clip.label != first.label else ""
+                raise DataError(f"{clip.source}: clip {clip.video_id!r} is also listed at {first.source}{other_label}; "
+                                "a clip belongs to one split")
 
 
 def clip_dir_key(path: str, roots: list[str] = ()) -> str:

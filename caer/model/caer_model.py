@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 from torch import nn
 
-from ..config import AdapterMode, IECBase, ModelConfig, Streams, TokenPosition
+from ..config import AdapterMode, IECBase, ModelConfig, SoftPromptText, Streams, TokenPosition
 from .encoder import CLIPBackbone, unfreeze_last_blocks
 
 # the parameter groups each stage trains (SPEC section 7); the text tower is never trained
@@ -79,26 +79,35 @@ def encode_text_embeddings(clip_model: nn.Module, embeddings: torch.Tensor, toke
 
 
 class PromptLearner(nn.Module):
-    """CoOp: ``n_ctx`` learnable context vectors around each class name, through the frozen text encoder."""
+    """CoOp: ``n_ctx`` learnable context vectors around each class's text, through the frozen text encoder.
 
-    def __init__(self, backbone: CLIPBackbone, classes: list[str], n_ctx: int, class_specific: bool,
-                 position: TokenPosition = TokenPosition.end):
+    The class text is its name (``texts`` = class names, ``ending`` ".": "X X ... X name.") or, as both
+    public CLIP-CAER codes do, its descriptive sentence (``ending`` "": "X X ... X <sentence>").
+    """
+
+    def __init__(self, backbone: CLIPBackbone, texts: list[str], n_ctx: int, class_specific: bool,
+                 position: TokenPosition = TokenPosition.end, ending: str = "."):
         super().__init__()
         position = TokenPosition(position)
         model = backbone.model
         width = model.token_embedding.weight.shape[1]
-        shape = (len(classes), n_ctx, width) if class_specific else (n_ctx, width)
+        shape = (len(texts), n_ctx, width) if class_specific else (n_ctx, width)
         self.ctx = nn.Parameter(torch.randn(shape) * 0.02)
         self.n_ctx, self.position = n_ctx, position
         placeholder = " ".join(["X"] * n_ctx)
-        tokens = backbone.tokenizer([f"{placeholder} {name}." for name in classes]).to(backbone.device)
-        name_lens = [len(backbone.tokenizer.encode(name)) if hasattr(backbone.tokenizer, "encode") else 1 for name in classes]
+        encode = getattr(backbone.tokenizer, "encode", None)
+        limit = getattr(model, "context_length", 77)
+        for k, text in enumerate(texts):
+            if encode is not None and n_ctx + len(encode(text + ending)) + 2 > limit:
+                raise ValueError(f"class {k + 1}'s prompt text is too long: {n_ctx} context vectors + {text!r} "
+                                 f"exceed the text encoder's {limit} tokens (shorten it, or lower --contexts-number)")
+        tokens = backbone.tokenizer([f"{placeholder} {text}{ending}" for text in texts]).to(backbone.device)
         with torch.no_grad():
             embedding = model.token_embedding(tokens)
         self.register_buffer("tokens", tokens, persistent=False)
         self.register_buffer("prefix", embedding[:, :1].clone(), persistent=False)  # SOS
-        self.register_buffer("suffix", embedding[:, 1 + n_ctx :].clone(), persistent=False)  # name . EOS pad
-        self.name_lens = name_lens
+        self.register_buffer("suffix", embedding[:, 1 + n_ctx :].clone(), persistent=False)  # text, ending, EOS, pad
+        self.name_lens = [len(encode(text)) if encode is not None else 1 for text in texts]
 
     def embeddings(self) -> torch.Tensor:
         ctx = self.ctx if self.ctx.dim() == 3 else self.ctx.expand(len(self.prefix), -1, -1)
@@ -173,8 +182,10 @@ class CAERModel(nn.Module):
         # dimension (BatchNorm over frames) lets the temporal encoders learn in far fewer steps.
         self.norm_face = nn.BatchNorm1d(d) if cfg.input_norm else nn.Identity()
         self.norm_context = nn.BatchNorm1d(d) if cfg.input_norm else nn.Identity()
+        by_descriptor = cfg.soft_prompt_text == SoftPromptText.descriptor
         self.prompt_learner = PromptLearner(
-            backbone, cfg.classes, cfg.contexts_number, cfg.class_specific_contexts, cfg.class_token_position
+            backbone, cfg.descriptions if by_descriptor else cfg.classes, cfg.contexts_number,
+            cfg.class_specific_contexts, cfg.class_token_position, ending="" if by_descriptor else ".",
         )
         with torch.no_grad():  # t_desc: fixed, computed once
             tokens = backbone.tokenizer(cfg.descriptions).to(backbone.device)

@@ -18,7 +18,7 @@ from .. import runtime
 from ..cache import CacheWriter, fingerprint, store_key, stored_fingerprint
 from ..config import ExtractConfig
 from ..data.datasets import ClipFrames
-from ..data.raer import BadClip, Clip, DataError, ViewMaker, read_annotations
+from ..data.raer import BadClip, Clip, DataError, ViewMaker, check_disjoint, read_annotations
 from ..model.checkpoint import backbone_from_checkpoint
 from ..model.encoder import CLIPBackbone, load_backbone
 
@@ -32,6 +32,7 @@ class ExtractSummary:
     clips_already_done: int = 0
     frames: int = 0
     frames_without_face: int = 0
+    clips_with_other_frame_count: int = 0  # the annotation's num_frames disagrees with the frames on disk
     seconds: float = 0.0
     store_bytes: int = 0
     clips_per_rank: list[int] = field(default_factory=list)  # clips each torchrun process extracted
@@ -51,6 +52,7 @@ class ExtractSummary:
         t.add_row("clips skipped (bad input)", str(len(self.skipped)))
         t.add_row("frames", str(self.frames))
         t.add_row("frames without a face box", str(self.frames_without_face))
+        t.add_row("clips whose num_frames disagrees", str(self.clips_with_other_frame_count))
         t.add_row("seconds", f"{self.seconds:.1f}")
         t.add_row("frames/s", f"{self.frames_per_second:.1f}")
         t.add_row("store size", f"{self.store_bytes / 2**20:.1f} MiB")
@@ -111,17 +113,17 @@ class _BatchPacker:
 
 
 def collect_clips(cfg: ExtractConfig, root: Path) -> tuple[list[Clip], dict[str, list[str]], list[BadClip]]:
-    """Parse every annotation file; clips listed in several splits are extracted once."""
-    clips: dict[str, Clip] = {}
+    """Parse every annotation file (each is a split; a clip may be in one only)."""
+    per_file: list[list[Clip]] = []
     splits: dict[str, list[str]] = {}
     bad: list[BadClip] = []
     for path in cfg.annotations:
         found, skipped = read_annotations(path, root, cfg.num_classes, cfg.skip_bad)
         bad += skipped
         splits[Path(path).stem] = [c.video_id for c in found]
-        for c in found:
-            clips.setdefault(c.video_id, c)
-    return list(clips.values()), splits, bad
+        per_file.append(found)
+    check_disjoint(per_file)
+    return [c for found in per_file for c in found], splits, bad
 
 
 def load_encoder(cfg: ExtractConfig) -> CLIPBackbone:
@@ -233,6 +235,15 @@ def extract(cfg: ExtractConfig, backbone: CLIPBackbone | None = None, console: C
     todo = [c for c in clips if writer.done.get(store_key(c.video_id), {}).get("boxes_sha256") != digests[c.video_id]]
     summary = ExtractSummary(clips_total=len(clips), clips_already_done=len(clips) - len(todo))
     todo = todo[rank::world]  # under torchrun every rank writes its own disjoint share of the clips
+    miscounted = [c for c in clips if c.listed_frames != len(c.frames)]
+    summary.clips_with_other_frame_count = len(miscounted)
+    if miscounted and rank == 0:
+        first = miscounted[0]
+        console.print(
+            f"[yellow]warning:[/] {len(miscounted)} of {len(clips)} clips list another num_frames than their folder "
+            f"holds (first: {first.source} lists {first.listed_frames}, the folder has {len(first.frames)}); caer "
+            "uses the frames on disk.", highlight=False, soft_wrap=True,
+        )
     unboxed = [c.video_id for c in clips if not view_maker.has_face_boxes(c)]
     if unboxed and rank == 0:
         console.print(

@@ -11,7 +11,7 @@ from rich.console import Group
 from rich.table import Table
 from sklearn.metrics import precision_recall_fscore_support
 
-from ..model.metrics import confusion_matrix, uar, war
+from ..model.metrics import confusion_matrix, uar, uar_all_classes, war
 from .display import confusion_table
 
 
@@ -37,7 +37,10 @@ class Report:
         rows = np.maximum(cm.sum(1, keepdims=True), 1)
         return {
             "war": round(war(cm), 2),
-            "uar": round(uar(cm), 2),
+            "uar": round(uar(cm), 2),  # mean recall over the classes present: what the tables show
+            "uar_all_classes": round(uar_all_classes(cm), 2),  # absent classes score 0 (the seed code's)
+            "uar_definition": "uar: mean recall over the classes present in the labels; uar_all_classes: over "
+                              "every class, an absent class scoring 0",
             "classes": self.classes,
             "per_class": [
                 {"name": n, "recall": round(100 * r, 2), "precision": round(100 * p, 2), "f1": round(100 * f, 2), "support": int(s)}

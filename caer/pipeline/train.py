@@ -29,7 +29,14 @@ from torch.utils.data import DataLoader
 from .. import runtime
 from ..cache import FeatureCache
 from ..config import IECBase, Optimizer, RunConfig, Scheduler, Source, save_config
-from ..data.loaders import class_counts, make_loader, open_cache, split_dataset, with_cache_geometry
+from ..data.loaders import (
+    check_splits_disjoint,
+    class_counts,
+    make_loader,
+    open_cache,
+    split_dataset,
+    with_cache_geometry,
+)
 from ..model.caer_model import STAGE_GROUPS, CAERModel
 from ..model.checkpoint import build_model, finetuned_identity, is_finetuned, load_checkpoint, model_state, save_checkpoint
 from ..model.losses import CAERLoss
@@ -153,6 +160,7 @@ def _check_stage_can_learn(cfg: RunConfig, stage: int) -> None:
 def setup_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | None = None) -> Stage:
     """Model, data, loss and optimiser of one stage, resumed from its last checkpoint when asked to."""
     _check_stage_can_learn(cfg, stage)
+    check_splits_disjoint(cfg)
     device = runtime.local_device(runtime.resolve_device(cfg.runtime.device))
     rank, world = runtime.init(device)
     console = console if rank == 0 else Console(quiet=True)
