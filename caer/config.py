@@ -464,8 +464,8 @@ class ExtractConfig:
     views: int = option(1, "1, or 2 to add a horizontally flipped view.", min=1, max=2)
     format: StoreFormat = option(StoreFormat.auto, "zarr, h5, or auto (by the --out suffix).")
     overwrite: bool = option(False, "Replace a cache that was extracted with other settings.")
-    num_classes: int = option(5, "Labels must lie in 1..N.", min=1, panel="Crops")
-    skip_bad: bool = option(False, "Skip clips with bad input (listed in the summary) instead of stopping.", panel="Crops")
+    num_classes: int = option(5, "Labels must lie in 1..N.", min=1, panel="Data")
+    skip_bad: bool = option(False, "Skip clips with bad input (listed in the summary) instead of stopping.", panel="Data")
     from_checkpoint: str | None = option(None, "Use the image encoder of a caer checkpoint (e.g. fine-tuned by stage 3) "
                                          "instead of --model/--pretrained.", panel="Encoder")
     batch_size: int = option(256, "Images per encoder batch.", min=1, panel="Runtime")
