@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import re
 from typing import Annotated, Optional
 
 import typer
@@ -92,8 +93,21 @@ def flags_of(record, optional: bool = False, reuse: tuple[str, ...] = (), extra:
     return wrap
 
 
+def user_message(err: BaseException) -> str:
+    """The one line a user needs: for an OS error the path and its cause; for an error re-raised from a
+    data-loader worker (which carries the worker's traceback) the original message alone."""
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.filename and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    text = str(err)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        found = list(re.finditer(rf"\n(?:[\w.]+\.)?{type(err).__name__}: ", text))
+        if found:
+            return text[found[-1].end():].strip()
+    return text
+
+
 def friendly_errors(fn):
-    """Turn expected failures (bad data, bad cache, bad flag values) into one red message and exit 2."""
+    """Turn expected failures (bad data, bad cache, bad flag values, OS faults) into one red message and exit 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -102,8 +116,8 @@ def friendly_errors(fn):
 
         try:
             return fn(*args, **kwargs)
-        except (DataError, CacheError, ValueError, FileNotFoundError) as err:
-            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        except (DataError, CacheError, ValueError, OSError) as err:
+            err_console.print(f"[bold red]error:[/] {escape(user_message(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
