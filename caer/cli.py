@@ -96,7 +96,7 @@ def flags_of(record, optional: bool = False, reuse: tuple[str, ...] = (), extra:
 def user_message(err: BaseException) -> str:
     """The one line a user needs: for an OS error the path and its cause; for an error re-raised from a
     data-loader worker (which carries the worker's traceback) the original message alone."""
-    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.filename and err.strerror:
+    if isinstance(err, OSError) and err.filename and err.strerror:
         return f"{err.filename}: {err.strerror}"
     text = str(err)
     if text.startswith("Caught ") and "Original Traceback" in text:
