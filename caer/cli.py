@@ -28,6 +28,7 @@ from .config import (
     InitWeightsConfig,
     RunConfig,
     SynthConfig,
+    VerifyConfig,
     from_flat,
     option_type,
     options,
@@ -248,6 +249,42 @@ def eval_(values: dict):
     if cfg.plot:
         report.plot(Path(cfg.plot))
         console.print(f"confusion matrix picture: {cfg.plot}")
+
+
+cache_app = typer.Typer(help="Look after a feature cache.", rich_markup_mode="rich", no_args_is_help=True,
+                        context_settings={"help_option_names": ["-h", "--help"]})
+app.add_typer(cache_app, name="cache", rich_help_panel="Data")
+
+
+@cache_app.command("verify")
+@friendly_errors
+@flags_of(VerifyConfig)
+def cache_verify(values: dict):
+    """Read every clip of a cache and check it against the checksum written with it; list damaged clips.
+
+    Exit code 0 when every clip is intact, 1 when some are damaged (re-run the same [cyan]caer extract[/] to
+    repair them), 2 when the path is not a readable cache.
+
+    Example: [cyan]caer cache verify cache/raer-vitb32.zarr[/]
+    """
+    from rich.table import Table
+
+    from .cache import FeatureCache
+
+    cache = FeatureCache.open(VerifyConfig(**values).path)
+    problems = cache.verify()
+    if problems:
+        table = Table(title=f"{len(problems)} damaged or missing clip(s) in {cache.path}", title_justify="left")
+        table.add_column("clip")
+        table.add_column("problem")
+        for video_id, problem in sorted(problems.items()):
+            table.add_row(video_id, problem)
+        console.print(table)
+        console.print("Re-run the caer extract that made this cache to repair them.")
+        raise typer.Exit(1)
+    unchecked = cache.clips_without_checksum()
+    note = f" ({unchecked} written before checksums were recorded: read, not compared)" if unchecked else ""
+    console.print(f"{cache.path}: all {len(cache.video_ids)} clips intact{note}")
 
 
 def main() -> None:

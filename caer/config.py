@@ -493,6 +493,14 @@ EVAL_OVERRIDES = ("cache", "root", "face_boxes", "batch_size", "workers", "devic
 
 
 @dataclass
+class VerifyConfig:
+    """``caer cache verify``."""
+
+    PANEL = "Options"
+    path: str = option(None, "The feature cache to check (.zarr folder or .h5 file).", argument=True)
+
+
+@dataclass
 class SynthConfig:
     """``caer synth``: a synthetic dataset in the RAER layout."""
 

@@ -10,10 +10,12 @@ extraction writes into a Zarr staging store beside it (``<file>.partial.zarr``) 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import h5py
@@ -21,6 +23,11 @@ import numpy as np
 import zarr
 
 from .schema import CLIPS, SCHEMA_VERSION, STREAMS, differences, store_key
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: stores are then not locked against a second writer
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -85,18 +92,67 @@ def stored_fingerprint(path: str | Path, fmt: str = "auto") -> dict | None:
     return attrs.get("fingerprint") if attrs else None
 
 
+def clip_checksum(data: np.ndarray) -> str:
+    """SHA-256 of a clip's float16 features, recorded when it is written and checked when it is read."""
+    return hashlib.sha256(np.ascontiguousarray(data, dtype=np.float16).tobytes()).hexdigest()
+
+
+class StoreLock:
+    """An OS lock (``flock``) on ``<store>.lock``: one writing process per store at a time.
+
+    The lock goes with the process that holds it, so a killed writer leaves nothing to clean up; the
+    file only says who holds it. (``flock`` may not work across machines on a network file system.)
+    """
+
+    def __init__(self, store: Path):
+        self.store, self.path = store, store.with_name(store.name + ".lock")
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        if fcntl is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise CacheError(f"{self.store} is being written by {holder}; wait until it is done, or extract "
+                             "into another path") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"caer extract (pid {os.getpid()} on {socket.gethostname()})".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
 # --------------------------------------------------------------------------- writer
 
 class CacheWriter:
     """Writes clips' features into a new or existing cache with the given fingerprint."""
 
     def __init__(self, path: str | Path, fingerprint: dict, fmt: str = "auto", overwrite: bool = False,
-                 inputs: dict | None = None):
+                 inputs: dict | None = None, lock: bool = True):
         self.path = Path(path)
         self.format = detect_format(self.path, fmt)
         self.fingerprint = fingerprint
         self.inputs = inputs or {}  # the dataset root and box files this run reads (recorded, not fingerprinted)
         self.zarr_path = _staging_path(self.path) if self.format == "h5" else self.path
+        self.lock = StoreLock(self.path)
+        if lock:  # torchrun ranks of one run are one writer: rank 0 holds the lock for all of them
+            self.lock.acquire()
+        try:
+            self._open(fingerprint, overwrite)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open(self, fingerprint: dict, overwrite: bool) -> None:
         existing = self._existing_attrs()
         if existing is not None and overwrite:
             log.info("--overwrite: removing the existing store %s", self.path)
@@ -117,6 +173,32 @@ class CacheWriter:
                 for key, ds in f.get(CLIPS, {}).items():
                     self.done[key] = {a: json.loads(v) for a, v in ds.attrs.items()}
         self.done.update(_zarr_done_clips(self.zarr_path))
+
+    def close(self) -> None:
+        """Let another process write the store."""
+        self.lock.release()
+
+    def damaged(self, keys) -> set[str]:
+        """The finished clips among ``keys`` whose data no longer matches the checksum written with it."""
+        staged = _zarr_done_clips(self.zarr_path)
+        bad = set()
+        h5 = h5py.File(self.path, "r") if self.format == "h5" and self.path.exists() else None
+        try:
+            for key in keys:
+                expected = self.done[key].get("sha256")
+                if expected is None:  # written before checksums were recorded
+                    continue
+                try:
+                    data = self.root[CLIPS][key][...] if key in staged else h5[CLIPS][key][...]
+                except Exception:  # unreadable metadata or chunk
+                    bad.add(key)
+                    continue
+                if clip_checksum(data) != expected:
+                    bad.add(key)
+        finally:
+            if h5 is not None:
+                h5.close()
+        return bad
 
     def _existing_attrs(self) -> dict | None:
         attrs = None
@@ -157,16 +239,18 @@ class CacheWriter:
         """Store one clip's features [2, views, frames, D]; it counts as done only once this returns."""
         key = store_key(video_id)
         data = np.ascontiguousarray(features, dtype=np.float16)
+        attrs = {"video_id": video_id, **attrs, "sha256": clip_checksum(data)}
         arr = self.root.create_array(
             f"{CLIPS}/{key}", shape=data.shape, chunks=data.shape, dtype="float16", compressors=None,
-            attributes={"video_id": video_id, **attrs, "done": False}, overwrite=True,
+            attributes={**attrs, "done": False}, overwrite=True,
         )
         arr[...] = data
         arr.attrs["done"] = True
-        self.done[key] = {"video_id": video_id, **attrs, "done": True}
+        self.done[key] = {**attrs, "done": True}
 
-    def finish(self, splits: dict[str, list[str]], skipped: list[str], summary: dict) -> None:
-        """Record splits, skipped clips and the summary; for HDF5, build the final file."""
+    def finish(self, splits: dict[str, list[str]], skipped: list[str], summary: dict,
+               skipped_clips: list[str] = ()) -> None:
+        """Record splits, skipped clips (reasons and video ids) and the summary; for HDF5, build the final file."""
         attrs = dict(self.root.attrs)
         merged = {name: list(ids) for name, ids in attrs.get("splits", {}).items()}
         if self.format == "h5" and self.path.exists():
@@ -177,7 +261,8 @@ class CacheWriter:
             known = set(merged.setdefault(name, []))
             merged[name] += [i for i in ids if i not in known]
         skipped = sorted(set(skipped))
-        self.root.attrs.update({"splits": merged, "skipped": skipped, "summary": summary, "inputs": self.inputs})
+        self.root.attrs.update({"splits": merged, "skipped": skipped, "skipped_clips": sorted(set(skipped_clips)),
+                                "summary": summary, "inputs": self.inputs})
         if self.format == "h5":
             self._build_h5()
 
@@ -310,7 +395,35 @@ class FeatureCache:
                 zarr.open_group(str(self.path), mode="r")[CLIPS] if self.format == "zarr" else h5py.File(self.path, "r")[CLIPS]
             )
             self._pid = os.getpid()
-        return np.asarray(self._handle[key][...])
+        data = np.asarray(self._handle[key][...])
+        expected = self._entry(video_id).get("sha256")  # stores written before checksums have none
+        if expected is not None and clip_checksum(data) != expected:
+            raise CacheError(
+                f"{self.path}: clip {video_id!r} is damaged (its data no longer matches the checksum written with it); "
+                f"run the same caer extract again to repair it (caer cache verify {self.path} lists every damaged clip)"
+            )
+        return data
+
+    def clips_without_checksum(self) -> int:
+        return sum("sha256" not in entry for entry in self._index.values())
+
+    def verify(self) -> dict[str, str]:
+        """``{video_id: what is wrong}`` for every damaged clip, and every clip of a split that has no finished
+        data (and was not skipped as bad input)."""
+        problems = {}
+        for video_id in self.video_ids:
+            try:
+                self.clip(video_id)
+            except CacheError:
+                problems[video_id] = "data does not match its checksum"
+            except Exception as err:  # a chunk or its metadata cannot be read at all
+                problems[video_id] = f"unreadable ({type(err).__name__}: {err})"
+        skipped = set(self.attrs.get("skipped_clips", []))
+        for ids in self.attrs.get("splits", {}).values():
+            for video_id in ids:
+                if video_id not in self._index and video_id not in skipped:
+                    problems[video_id] = "listed in a split but has no finished data"
+        return problems
 
     def features(self, video_id: str, stream: str = "face", view: int = 0) -> np.ndarray:
         """One stream and view of a clip: float16 [frames, D]."""

@@ -33,6 +33,7 @@ class ExtractSummary:
     frames: int = 0
     frames_without_face: int = 0
     clips_with_other_frame_count: int = 0  # the annotation's num_frames disagrees with the frames on disk
+    clips_repaired: int = 0  # finished clips whose data was damaged, extracted again
     seconds: float = 0.0
     store_bytes: int = 0
     clips_per_rank: list[int] = field(default_factory=list)  # clips each torchrun process extracted
@@ -49,6 +50,8 @@ class ExtractSummary:
         t = Table(title="caer extract", show_header=False)
         t.add_row("clips extracted", str(self.clips_extracted))
         t.add_row("clips already done", str(self.clips_already_done))
+        if self.clips_repaired:
+            t.add_row("damaged clips repaired", str(self.clips_repaired))
         t.add_row("clips skipped (bad input)", str(len(self.skipped)))
         t.add_row("frames", str(self.frames))
         t.add_row("frames without a face box", str(self.frames_without_face))
@@ -142,7 +145,7 @@ def open_writer(cfg: ExtractConfig, backbone: CLIPBackbone, root: Path, rank: in
     inputs = {k: str(Path(v).resolve()) if v else None for k, v in inputs.items()}
     writer = CacheWriter(cfg.out, fp, cfg.format, cfg.overwrite, inputs) if rank == 0 else None
     runtime.barrier()
-    return writer or CacheWriter(cfg.out, fp, cfg.format, overwrite=False, inputs=inputs)
+    return writer or CacheWriter(cfg.out, fp, cfg.format, overwrite=False, inputs=inputs, lock=False)
 
 
 class _ClipWriter:
@@ -206,6 +209,7 @@ def encode_clips(cfg: ExtractConfig, backbone: CLIPBackbone, todo: list[Clip], v
         for item in loader:
             if "error" in item:
                 if not cfg.skip_bad:
+                    out.put(finished(packer.flush()))  # every complete clip is written before stopping
                     raise DataError(item["error"] + "\n(clips finished so far are kept; fix the input and re-run, "
                                     "or use --skip-bad)")
                 bad.append(BadClip(todo[item["index"]].source, todo[item["index"]].video_id, item["error"]))
@@ -215,9 +219,44 @@ def encode_clips(cfg: ExtractConfig, backbone: CLIPBackbone, todo: list[Clip], v
         out.put(finished(packer.flush()))
 
 
+def _clips_to_do(writer: CacheWriter, clips: list[Clip], digests: dict[str, str], console: Console,
+                 rank: int) -> tuple[list[Clip], int]:
+    """Clips to (re-)extract: new ones, those whose boxes changed, and finished ones whose data is damaged;
+    and how many of them were damaged."""
+    done = {store_key(c.video_id) for c in clips
+            if writer.done.get(store_key(c.video_id), {}).get("boxes_sha256") == digests[c.video_id]}
+    damaged = writer.damaged(done) if rank == 0 else set()
+    damaged = runtime.gather(damaged)[0]  # rank 0 reads the store once for everyone
+    if damaged and rank == 0:
+        console.print(f"[yellow]repairing:[/] {len(damaged)} finished clip(s) no longer match the checksum written "
+                      f"with them (first: {sorted(damaged)[0]}); extracting them again", highlight=False, soft_wrap=True)
+    return [c for c in clips if store_key(c.video_id) not in done - damaged], len(damaged)
+
+
+def _warn_about_inputs(cfg: ExtractConfig, clips: list[Clip], view_maker: ViewMaker, root: Path,
+                       summary: ExtractSummary, console: Console) -> None:
+    """One warning each for frame counts that disagree with the lists and for clips without face boxes."""
+    miscounted = [c for c in clips if c.listed_frames != len(c.frames)]
+    summary.clips_with_other_frame_count = len(miscounted)
+    if miscounted:
+        first = miscounted[0]
+        console.print(
+            f"[yellow]warning:[/] {len(miscounted)} of {len(clips)} clips list another num_frames than their folder "
+            f"holds (first: {first.source} lists {first.listed_frames}, the folder has {len(first.frames)}); caer "
+            "uses the frames on disk.", highlight=False, soft_wrap=True,
+        )
+    unboxed = [c.video_id for c in clips if not view_maker.has_face_boxes(c)]
+    if unboxed:
+        console.print(
+            f"[yellow]warning:[/] {len(unboxed)} of {len(clips)} clips have no entry in {cfg.crop.face_boxes} "
+            f"(first: {unboxed[0]!r}); their face view is the whole frame. Check that the file's keys match "
+            f"the clip dirs (root-relative or joined to --root {root}).", highlight=False, soft_wrap=True,
+        )
+
+
 def extract(cfg: ExtractConfig, backbone: CLIPBackbone | None = None, console: Console | None = None) -> ExtractSummary:
-    """Extract features of every clip in ``cfg.annotations`` into ``cfg.out`` (resumable); ``backbone``
-    defaults to the encoder the config names."""
+    """Extract features of every clip in ``cfg.annotations`` into ``cfg.out`` (resumable, and repairing damaged
+    clips); ``backbone`` defaults to the encoder the config names."""
     console = console or Console()
     if not cfg.crop.face_boxes:
         raise ValueError("caer extract needs --face-boxes")
@@ -230,46 +269,36 @@ def extract(cfg: ExtractConfig, backbone: CLIPBackbone | None = None, console: C
     view_maker = ViewMaker.from_config(cfg.crop, root)
     rank, world = runtime.init()
     writer = open_writer(cfg, backbone, root, rank)
-    digests = {c.video_id: view_maker.boxes_digest(c) for c in clips}
-    # a finished clip is redone only if its boxes changed since it was extracted
-    todo = [c for c in clips if writer.done.get(store_key(c.video_id), {}).get("boxes_sha256") != digests[c.video_id]]
-    summary = ExtractSummary(clips_total=len(clips), clips_already_done=len(clips) - len(todo))
-    todo = todo[rank::world]  # under torchrun every rank writes its own disjoint share of the clips
-    miscounted = [c for c in clips if c.listed_frames != len(c.frames)]
-    summary.clips_with_other_frame_count = len(miscounted)
-    if miscounted and rank == 0:
-        first = miscounted[0]
-        console.print(
-            f"[yellow]warning:[/] {len(miscounted)} of {len(clips)} clips list another num_frames than their folder "
-            f"holds (first: {first.source} lists {first.listed_frames}, the folder has {len(first.frames)}); caer "
-            "uses the frames on disk.", highlight=False, soft_wrap=True,
-        )
-    unboxed = [c.video_id for c in clips if not view_maker.has_face_boxes(c)]
-    if unboxed and rank == 0:
-        console.print(
-            f"[yellow]warning:[/] {len(unboxed)} of {len(clips)} clips have no entry in {cfg.crop.face_boxes} "
-            f"(first: {unboxed[0]!r}); their face view is the whole frame. Check that the file's keys match "
-            f"the clip dirs (root-relative or joined to --root {root}).", highlight=False, soft_wrap=True,
-        )
-    start = time.perf_counter()
-    out = _ClipWriter(writer, cfg.views, digests, summary)
     try:
-        encode_clips(cfg, backbone, todo, view_maker, out, bad, console, rank)
+        digests = {c.video_id: view_maker.boxes_digest(c) for c in clips}
+        todo, repaired = _clips_to_do(writer, clips, digests, console, rank)
+        summary = ExtractSummary(clips_total=len(clips), clips_already_done=len(clips) - len(todo),
+                                 clips_repaired=repaired)
+        if rank == 0:
+            _warn_about_inputs(cfg, clips, view_maker, root, summary, console)
+        todo = todo[rank::world]  # under torchrun every rank writes its own disjoint share of the clips
+        start = time.perf_counter()
+        out = _ClipWriter(writer, cfg.views, digests, summary)
+        try:
+            encode_clips(cfg, backbone, todo, view_maker, out, bad, console, rank)
+        finally:
+            out.close()
+        _finish(writer, splits, bad, summary, time.perf_counter() - start, rank)
     finally:
-        out.close()
-    _finish(writer, splits, bad, summary, time.perf_counter() - start, rank)
+        writer.close()
     return summary
 
 
 def _finish(writer: CacheWriter, splits: dict, bad: list[BadClip], summary: ExtractSummary, seconds: float,
             rank: int) -> None:
     """Sum the ranks' shares into the summary; rank 0 records splits, skipped clips and the summary."""
-    shares = runtime.gather((summary.clips_extracted, summary.frames, summary.frames_without_face, [str(b) for b in bad]))
+    shares = runtime.gather((summary.clips_extracted, summary.frames, summary.frames_without_face, [str(b) for b in bad],
+                             [b.video_id for b in bad]))
     summary.seconds = seconds
     summary.clips_extracted, summary.frames, summary.frames_without_face = (sum(s[i] for s in shares) for i in range(3))
     summary.clips_per_rank = [s[0] for s in shares]
     summary.skipped = sorted({line for s in shares for line in s[3]})
     if rank == 0:
-        writer.finish(splits, summary.skipped, summary.as_dict())
+        writer.finish(splits, summary.skipped, summary.as_dict(), sorted({v for s in shares for v in s[4]}))
         summary.store_bytes = writer.size_bytes()
     runtime.barrier()

@@ -1,0 +1,115 @@
+"""Nothing lost, nothing silent (README, "Guarantees"): one writer per store, checksummed clips that a re-run of
+`caer extract` repairs, `caer cache verify`, and every complete clip written before a bad frame stops a run."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from caer.cache import CacheError, FeatureCache, store_key
+from caer.data.datasets import CachedClips
+from conftest import assert_fp16_equal, assert_in_output, extract_args, run_cli
+
+HOLD_THE_LOCK = """
+import sys, time
+from caer.cache import CacheWriter, fingerprint
+CacheWriter(sys.argv[1], fingerprint({"model": "other"}, margin=20, crop_body=False, views=1, frame_stride=1))
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "h5"])
+def test_a_second_writer_is_refused_naming_the_first_and_a_killed_writer_leaves_no_lock(fmt, tmp_path, dataset,
+                                                                                         weights, zarr_cache):
+    out = tmp_path / f"c.{fmt}"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        args = extract_args(dataset, out, weights, "--views", "2", "--workers", "0")
+        refused = run_cli(args)
+        assert refused.exit_code == 2, refused.output
+        assert_in_output(f"error: {out} is being written by caer extract (pid {holder.pid}", refused.output)
+        assert "Traceback" not in refused.output
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # the killed holder's lock is gone with it (its half-made store has another fingerprint: --overwrite)
+    done = run_cli(extract_args(dataset, out, weights, "--views", "2", "--workers", "0", "--overwrite"))
+    assert done.exit_code == 0, done.output
+    cache, clean = FeatureCache.open(out), FeatureCache.open(zarr_cache[0])
+    assert sorted(cache.video_ids) == sorted(clean.video_ids)
+    for v in clean.video_ids:
+        assert_fp16_equal(cache.clip(v), clean.clip(v).astype(np.float32), v)
+
+
+def _damage(store, fmt: str, video_id: str) -> None:
+    """Lose a clip's chunk file (zarr) or flip its values on disk (HDF5), leaving its metadata as it was."""
+    if fmt == "zarr":
+        chunks = [p for p in (store / "clips" / store_key(video_id)).rglob("*") if p.is_file() and p.name != "zarr.json"]
+        assert chunks
+        for p in chunks:
+            p.unlink()
+    else:
+        with h5py.File(store, "r+") as f:
+            ds = f["clips"][store_key(video_id)]
+            ds[...] = -ds[...]
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "h5"])
+def test_a_damaged_clip_is_refused_when_read_listed_by_verify_and_repaired_by_a_rerun(fmt, tmp_path, dataset,
+                                                                                      weights, zarr_cache, h5_cache):
+    out = tmp_path / f"c.{fmt}"
+    (shutil.copytree if fmt == "zarr" else shutil.copy2)(zarr_cache[0] if fmt == "zarr" else h5_cache, out)
+    intact = run_cli(["cache", "verify", str(out)])
+    assert intact.exit_code == 0
+    assert_in_output("all 12 clips intact", intact.output)
+    victim = dataset.video_ids()[3]
+    _damage(out, fmt, victim)
+
+    cache = FeatureCache.open(out)
+    with pytest.raises(CacheError, match=f"clip '{victim}' is damaged"):
+        cache.clip(victim)  # a lost chunk would otherwise read as zeros
+    items = CachedClips(cache, [victim], [0], segments=4, train=True)
+    with pytest.raises(CacheError, match="run the same caer extract again to repair it"):
+        items[(0, 0)]  # training and evaluation read through the same check
+
+    verify = run_cli(["cache", "verify", str(out)])
+    assert verify.exit_code == 1, verify.output
+    assert_in_output(victim, verify.output)
+    assert_in_output("data does not match its checksum", verify.output)
+
+    repair = run_cli(extract_args(dataset, out, weights, "--views", "2", "--workers", "0", "--batch-size", "16"))
+    assert repair.exit_code == 0, repair.output
+    assert_in_output("repairing: 1 finished clip(s) no longer match", repair.output)
+    summary = FeatureCache.open(out).attrs["summary"]
+    assert (summary["clips_extracted"], summary["clips_repaired"], summary["clips_already_done"]) == (1, 1, 11)
+    assert run_cli(["cache", "verify", str(out)]).exit_code == 0
+    assert_fp16_equal(FeatureCache.open(out).clip(victim), FeatureCache.open(zarr_cache[0]).clip(victim).astype(np.float32))
+
+
+def test_verify_refuses_what_is_not_a_cache(tmp_path):
+    result = run_cli(["cache", "verify", str(tmp_path / "nothing.zarr")])
+    assert result.exit_code == 2 and "no feature cache here" in result.output
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "h5"])
+def test_a_bad_frame_in_the_last_clip_keeps_every_clip_before_it(fmt, tmp_path, dataset, weights):
+    """With the default batch of 256 images, the clips before the bad one still wait in the batch packer
+    when the bad frame is met: they are encoded and written before the run stops."""
+    ds = dataset.copy(tmp_path / "ds")
+    last = ds.video_ids()[-1]
+    frame = sorted((ds.root / last).glob("*.jpg"))[1]
+    frame.write_bytes(b"\xff\xd8 not a jpeg " * 10)
+    out = tmp_path / f"c.{fmt}"
+    result = run_cli(extract_args(ds, out, weights, "--views", "2", "--workers", "0"))
+    assert result.exit_code == 2, result.output
+    assert_in_output(f"{frame}: cannot read image", result.output)
+    staged = out if fmt == "zarr" else out.with_name(out.name + ".partial.zarr")
+    assert sorted(FeatureCache.open(staged).video_ids) == sorted(ds.video_ids()[:-1])
