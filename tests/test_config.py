@@ -148,3 +148,28 @@ def test_a_required_flag_or_argument_is_named_when_missing():
     assert_in_output("--out", result.output)
     assert COMMAND.commands["extract"].params[0].param_type_name == "argument"
     assert from_flat(ExtractConfig, {"annotations": ["a.txt"], "out": "c.zarr"}).crop.resolved().margin == 20.0
+
+
+# every numeric option found unchecked by the hostile-user pass of issue 10, refused before any work starts
+HOSTILE = [("lr", "-0.1"), ("lambda_mi", "-5"), ("num_frames", "0"), ("grad_accum", "0"), ("label_smoothing", "2"),
+           ("temperature", "0"), ("margin", "-50"), ("batch_size", "0"), ("epochs", "-1"), ("dropout", "1.5")]
+
+
+@pytest.mark.parametrize("name, value", HOSTILE)
+def test_out_of_range_values_are_refused_as_flags_and_as_config_keys(name, value, tmp_path):
+    flag = "--" + name.replace("_", "-")
+    result = run_cli(["train", "-c", "tiny", flag, value])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert_in_output(f"Invalid value for '{flag}'", result.output)
+    path = tmp_path / "bad.yaml"
+    path.write_text((CONFIG_DIR / "tiny.yaml").read_text() + f"\n{name}: {value}\n")
+    result = run_cli(["train", "-c", str(path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert_in_output(f"{path}: {name}: {float(value):g}", result.output.replace(".0 ", " "))
+    assert_in_output("is outside", result.output)
+
+
+def test_extract_batch_size_zero_is_refused_by_the_parser():
+    result = run_cli(["extract", "a.txt", "-o", "c.zarr", "--batch-size", "0"])
+    assert result.exit_code == 2
+    assert_in_output("Invalid value for '--batch-size'", result.output)
