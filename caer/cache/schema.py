@@ -5,10 +5,12 @@
         fingerprint         everything that determines the features (see ``fingerprint``)
         splits              {annotation file stem: [video ids]}
         skipped             ["file:line: reason", ...] clips left out by --skip-bad
+        skipped_clips       [video ids] of those clips
         summary             the last extraction's summary numbers
         inputs              {root, face_boxes, body_boxes}: absolute paths the last extraction read
     /clips/<key>            float16 [2 streams (face, context), views, frames, D]; one chunk per clip
-        video_id, label (0-based), frame_names, frames_without_face, boxes_sha256, done
+        video_id, label (0-based), frame_names, frames_without_face, boxes_sha256,
+        sha256 (of the float16 data, checked on every read), done
 
 ``<key>`` is the video id with "/" and "%" percent-escaped. A clip counts only once ``done`` is
 true, which is written after its features. In HDF5 every attribute value is a JSON string.
