@@ -103,8 +103,10 @@ def user_message(err: BaseException) -> str:
     if text.startswith("Caught ") and "Original Traceback" in text:
         found = list(re.finditer(rf"\n(?:[\w.]+\.)?{type(err).__name__}: ", text))
         if found:
-            return text[found[-1].end():].strip()
-    return text
+            text = text[found[-1].end():].strip()
+    # an OS error re-raised from a worker has lost its fields: "[Errno 2] No such file or directory: 'x.jpg'"
+    os_error = re.fullmatch(r"\[Errno \d+\] (.+?): '(.+)'", text)
+    return f"{os_error.group(2)}: {os_error.group(1)}" if os_error else text
 
 
 def friendly_errors(fn):

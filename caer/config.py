@@ -527,7 +527,7 @@ class InitWeightsConfig:
 class DemoConfig:
     PANEL = "Options"
     out: str | None = option(None, "Folder for everything the demo writes.", shown="./caer-demo-<time>")
-    clips: int = option(400, "Clips in the synthetic dataset.", min=10)
+    clips: int = option(400, "Clips in the synthetic dataset.", min=11)
     frames: int = option(8, "Mean frames per clip.", min=2)
     epochs: int | None = option(None, "Stage-2 epochs.", min=0, shown="configs/tiny.yaml's")
     model: str = option("caer-tiny", "open_clip model; the default is the offline tiny one.")

@@ -41,15 +41,30 @@ def autocast(device: torch.device, enabled: bool = True):
 
 
 def rng_state() -> dict:
-    """Every random generator's state (saved in checkpoints so that a resumed run repeats itself)."""
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """Every random generator's state (saved in checkpoints so that a resumed run repeats itself).
+
+    Plain containers and tensors only, so that a checkpoint loads with ``torch.load(weights_only=True)``.
+    """
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"bit_generator": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+            "python": [version, torch.tensor(internal, dtype=torch.int64), gauss_next],
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` saved (or the numpy/python tuples that older checkpoints hold)."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        n = numpy_state
+        numpy_state = (n["bit_generator"], np.asarray(n["keys"], dtype=np.int64).astype(np.uint32), n["pos"],
+                       n["has_gauss"], n["cached_gaussian"])
+    np.random.set_state(numpy_state)
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(int(x) for x in internal), gauss_next))
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

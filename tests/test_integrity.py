@@ -113,3 +113,25 @@ def test_a_bad_frame_in_the_last_clip_keeps_every_clip_before_it(fmt, tmp_path, 
     assert_in_output(f"{frame}: cannot read image", result.output)
     staged = out if fmt == "zarr" else out.with_name(out.name + ".partial.zarr")
     assert sorted(FeatureCache.open(staged).video_ids) == sorted(ds.video_ids()[:-1])
+
+
+def test_skipped_clips_of_an_earlier_run_over_other_lists_are_kept(tmp_path, dataset, weights):
+    """`extract train.txt --skip-bad` then `extract val.txt` into the same store: train's skipped clip stays recorded,
+    so training leaves it out instead of stopping on it."""
+    ds = dataset.copy(tmp_path / "ds")
+    train, val = ds.annotations[0], ds.annotations[1]
+    bad = train.read_text().split()[0]
+    frame = sorted((ds.root / bad).glob("*.jpg"))[0]
+    frame.write_bytes(b"not a jpeg")
+    out = tmp_path / "c.zarr"
+    base = ["extract", "--face-boxes", str(ds.face_boxes), "--out", str(out), "--model", "caer-tiny",
+            "--pretrained", str(weights), "--device", "cpu", "--workers", "0"]
+    assert run_cli([*base, str(train), "--skip-bad"]).exit_code == 0
+    assert FeatureCache.open(out).attrs["skipped_clips"] == [bad]
+    assert run_cli([*base, str(val)]).exit_code == 0
+    attrs = FeatureCache.open(out).attrs
+    assert attrs["skipped_clips"] == [bad] and any(line.startswith(f"{train}:1: ") for line in attrs["skipped"])
+    frame.write_bytes((dataset.root / bad / frame.name).read_bytes())  # fixed: the next run over train extracts it
+    assert run_cli([*base, str(train)]).exit_code == 0
+    attrs = FeatureCache.open(out).attrs
+    assert attrs["skipped_clips"] == [] and attrs["skipped"] == [] and bad in FeatureCache.open(out)

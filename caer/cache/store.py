@@ -14,8 +14,11 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -92,6 +95,11 @@ def stored_fingerprint(path: str | Path, fmt: str = "auto") -> dict | None:
     return attrs.get("fingerprint") if attrs else None
 
 
+def one_line(err: BaseException) -> str:
+    """An error's text on one line (h5py's messages span several)."""
+    return " ".join(str(err).split())
+
+
 def clip_checksum(data: np.ndarray) -> str:
     """SHA-256 of a clip's float16 features, recorded when it is written and checked when it is read."""
     return hashlib.sha256(np.ascontiguousarray(data, dtype=np.float16).tobytes()).hexdigest()
@@ -143,6 +151,8 @@ class CacheWriter:
         self.fingerprint = fingerprint
         self.inputs = inputs or {}  # the dataset root and box files this run reads (recorded, not fingerprinted)
         self.zarr_path = _staging_path(self.path) if self.format == "h5" else self.path
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise CacheError(f"{self.path.parent}: is a file, not a folder; cannot write {self.path.name} in it")
         self.lock = StoreLock(self.path)
         if lock:  # torchrun ranks of one run are one writer: rank 0 holds the lock for all of them
             self.lock.acquire()
@@ -207,7 +217,7 @@ class CacheWriter:
                 with h5py.File(self.path, "r") as f:
                     attrs = {k: json.loads(v) for k, v in f.attrs.items()}
             except OSError as err:
-                raise CacheError(f"{self.path}: exists but is not a readable HDF5 file ({err})") from None
+                raise CacheError(f"{self.path}: exists but is not a readable HDF5 file ({one_line(err)})") from None
             if "caer_schema" not in attrs:
                 raise CacheError(f"{self.path}: exists but is not a caer cache; refusing to touch it")
         if self.zarr_path.exists():
@@ -240,13 +250,26 @@ class CacheWriter:
         key = store_key(video_id)
         data = np.ascontiguousarray(features, dtype=np.float16)
         attrs = {"video_id": video_id, **attrs, "sha256": clip_checksum(data)}
-        arr = self.root.create_array(
+        arr = self._create_array(
             f"{CLIPS}/{key}", shape=data.shape, chunks=data.shape, dtype="float16", compressors=None,
-            attributes={**attrs, "done": False}, overwrite=True,
+            attributes={**attrs, "done": False},
         )
-        arr[...] = data
-        arr.attrs["done"] = True
+        try:
+            arr[...] = data
+            arr.attrs["done"] = True
+        except OSError as err:
+            if err.filename:
+                raise
+            raise OSError(err.errno, err.strerror or str(err), str(self.zarr_path / CLIPS / key)) from None
         self.done[key] = {**attrs, "done": True}
+
+    def _create_array(self, name: str, **kwargs):
+        try:
+            return self.root.create_array(name, overwrite=True, **kwargs)
+        except OSError as err:
+            if err.filename:
+                raise
+            raise OSError(err.errno, err.strerror or str(err), str(self.zarr_path / name)) from None
 
     def finish(self, splits: dict[str, list[str]], skipped: list[str], summary: dict,
                skipped_clips: list[str] = ()) -> None:
@@ -260,33 +283,41 @@ class CacheWriter:
         for name, ids in splits.items():
             known = set(merged.setdefault(name, []))
             merged[name] += [i for i in ids if i not in known]
-        skipped = sorted(set(skipped))
-        self.root.attrs.update({"splits": merged, "skipped": skipped, "skipped_clips": sorted(set(skipped_clips)),
+        skipped, skipped_clips = self._merge_skipped(attrs, splits, skipped, skipped_clips)
+        self.root.attrs.update({"splits": merged, "skipped": skipped, "skipped_clips": skipped_clips,
                                 "summary": summary, "inputs": self.inputs})
         if self.format == "h5":
             self._build_h5()
 
+    def _merge_skipped(self, attrs: dict, splits: dict, skipped: list[str], skipped_clips) -> tuple[list, list]:
+        """This run's skipped clips, plus those of earlier runs over other annotation files (still not done)."""
+        this_run = {v for ids in splits.values() for v in ids} | set(skipped_clips)
+        earlier = [v for v in attrs.get("skipped_clips", []) if v not in this_run and store_key(v) not in self.done]
+        lines = [line for line in attrs.get("skipped", []) if Path(line.split(":")[0]).stem not in splits]
+        return sorted(set(skipped) | set(lines)), sorted(set(skipped_clips) | set(earlier))
+
     def _build_h5(self) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.unlink(missing_ok=True)
         if self.path.exists():
-            shutil.copyfile(self.path, tmp)
-        elif tmp.exists():
-            tmp.unlink()
-        staged = zarr.open_group(str(self.zarr_path), mode="r")
-        with h5py.File(tmp, "a") as f:
-            for name, value in staged.attrs.items():
-                f.attrs[name] = json.dumps(value)
-            group = f.require_group(CLIPS)
-            for key, attrs in _zarr_done_clips(self.zarr_path).items():
-                if key in group:
-                    del group[key]
-                ds = group.create_dataset(key, data=staged[CLIPS][key][...])
-                for name, value in attrs.items():
-                    ds.attrs[name] = json.dumps(value)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+            try:
+                shutil.copyfile(self.path, tmp)
+            except OSError as err:
+                tmp.unlink(missing_ok=True)
+                raise OSError(err.errno, err.strerror, str(tmp)) from None
+        # HDF5 does not recover from a failed write (a full disk, a size limit): it reports it while closing and can
+        # crash the process at exit. The build runs in a child process, so such a failure is one clear error here.
+        build = subprocess.run([sys.executable, "-m", "caer.cache.store", str(self.zarr_path), str(tmp)],
+                               capture_output=True, text=True)
+        if build.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            found = re.findall(r"error message = '([^']+)'", build.stderr)
+            cause = found[-1] if found else (build.stderr.strip().splitlines() or [f"exit code {build.returncode}"])[-1]
+            raise CacheError(f"{tmp}: cannot write the HDF5 file ({cause}); the staging store {self.zarr_path} is "
+                             "kept: free the space and run the same command again")
         os.replace(tmp, self.path)
         shutil.rmtree(self.zarr_path)
+
 
     def size_bytes(self) -> int:
         if self.format == "h5" and self.path.is_file():
@@ -329,7 +360,7 @@ class FeatureCache:
                     attrs = {k: json.loads(v) for k, v in f.attrs.items()}
                     clips = {k: {a: json.loads(v) for a, v in ds.attrs.items()} for k, ds in f[CLIPS].items()}
             except (OSError, KeyError, json.JSONDecodeError) as err:
-                raise CacheError(f"{path}: not a readable caer HDF5 cache ({err})") from None
+                raise CacheError(f"{path}: not a readable caer HDF5 cache ({one_line(err)})") from None
             fmt = "h5"
         if attrs.get("caer_schema") != SCHEMA_VERSION:
             raise CacheError(f"{path}: cache schema {attrs.get('caer_schema')} is not {SCHEMA_VERSION}; re-extract it")
@@ -437,3 +468,24 @@ class FeatureCache:
         """Read every clip once and serve later reads from RAM."""
         self._memory = None
         self._memory = {v: self.clip(v) for v in self.video_ids}
+
+
+def copy_staged_into_h5(staging: Path, target: Path) -> None:
+    """Write every finished clip and the root attributes of a Zarr staging store into an HDF5 file (and fsync it)."""
+    staged = zarr.open_group(str(staging), mode="r")
+    with h5py.File(target, "a") as f:
+        for name, value in staged.attrs.items():
+            f.attrs[name] = json.dumps(value)
+        group = f.require_group(CLIPS)
+        for key, attrs in _zarr_done_clips(staging).items():
+            if key in group:
+                del group[key]
+            ds = group.create_dataset(key, data=staged[CLIPS][key][...])
+            for name, value in attrs.items():
+                ds.attrs[name] = json.dumps(value)
+    with open(target, "rb") as f:
+        os.fsync(f.fileno())
+
+
+if __name__ == "__main__":  # the child process of ``CacheWriter._build_h5``
+    copy_staged_into_h5(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -94,6 +94,7 @@ class _Clips(Dataset):
         self.video_ids, self.labels = video_ids, labels
         self.segments, self.train, self.views, self.seed = segments, train, views, seed
         self.eval_view = eval_view
+        self.left_out: list[str] = []  # clips of the split that extraction skipped (see data.loaders.split_clips)
 
     def __len__(self) -> int:
         return len(self.video_ids)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from ..cache import CacheError, FeatureCache
 from ..config import RunConfig, Source
 from ..model.encoder import Preprocess
 from .datasets import CachedClips, EpochSampler, RawClips
-from .raer import Clip, ViewMaker, check_disjoint, read_annotations
+from .raer import Clip, DataError, ViewMaker, check_disjoint, read_annotations
 
 
 def open_cache(cfg: RunConfig, source: Source, encoder: dict) -> FeatureCache | None:
@@ -52,36 +53,82 @@ def check_boxes_match(cache: FeatureCache, view_maker: ViewMaker, clips: list[Cl
             )
 
 
+def recorded_skips(cache: FeatureCache | None) -> set[str]:
+    """Video ids that ``caer extract --skip-bad`` left out of ``cache``: its ``skipped_clips`` attribute, or, for a
+    store without one, the clips on the annotation lines that its ``skipped`` entries ("file:line: reason") name."""
+    if cache is None:
+        return set()
+    if "skipped_clips" in cache.attrs:
+        return set(cache.attrs["skipped_clips"])
+    ids, files = set(), {}
+    for entry in cache.attrs.get("skipped") or []:
+        found = re.match(r"(.+?):(\d+): ", entry)
+        if not found:
+            continue
+        path, lineno = found.group(1), int(found.group(2))
+        if path not in files:
+            files[path] = Path(path).read_text().splitlines() if Path(path).is_file() else []
+        line = files[path][lineno - 1].split() if lineno <= len(files[path]) else []
+        if line:
+            ids.add(line[0])
+    return ids
+
+
+def split_clips(cfg: RunConfig, split: str, cache: FeatureCache | None, source: Source,
+                root: str | None = None) -> tuple[list[Clip], list[str]]:
+    """The clips of a split, and the ids of those left out because the cache records that extraction skipped them
+    (bad input with ``--skip-bad``). Any other clip that is bad on disk (raw frames) or missing from the cache
+    (``source`` cache) is an error."""
+    list_path = cfg.list_for(split)
+    from_cache = source == Source.cache
+    clips, bad = read_annotations(list_path, root if root is not None else cfg.crop.root, len(cfg.model.classes),
+                                  skip_bad=True, need_frames=not from_cache)
+    skipped = {v for v in recorded_skips(cache) if v not in cache}
+    for b in bad:
+        if b.video_id not in skipped:
+            raise DataError(str(b))
+    left_out = [b.video_id for b in bad] + [c.video_id for c in clips if c.video_id in skipped]
+    clips = [c for c in clips if c.video_id not in skipped]
+    if not clips:
+        raise DataError(f"{list_path}: no usable clips ({len(left_out)} left out as skipped by caer extract --skip-bad)")
+    missing = [c.video_id for c in clips if from_cache and c.video_id not in cache]
+    if missing:
+        raise CacheError(
+            f"{cache.path}: {len(missing)} clip(s) of {list_path} are not in the cache (first: {missing[0]!r}); "
+            f"run caer extract on {list_path}"
+        )
+    return clips, left_out
+
+
 def split_dataset(cfg: RunConfig, split: str, train: bool, preprocess: Preprocess, cache: FeatureCache | None,
                   source: Source, augment: bool = False, eval_view: int = 0) -> CachedClips | RawClips:
     """The dataset of one split ("train", "val" or "test") from the cache or from raw frames.
 
     ``augment`` (stage 3) draws a random flip and rotation per clip; ``eval_view`` 1 evaluates on the
-    mirror image (flip TTA).
+    mirror image (flip TTA). Its ``left_out`` lists the clips that extraction skipped (see ``split_clips``).
     """
     cfg = with_cache_geometry(cfg, cache)
     list_path = cfg.list_for(split)
-    num_classes, segments, seed = len(cfg.model.classes), cfg.model.num_frames, cfg.run.seed
+    segments, seed = cfg.model.num_frames, cfg.run.seed
     if source == Source.cache:
-        clips, _ = read_annotations(list_path, cfg.crop.root, num_classes, need_frames=False)
-        missing = [c.video_id for c in clips if c.video_id not in cache]
-        if missing:
-            raise CacheError(
-                f"{cache.path}: {len(missing)} clip(s) of {list_path} are not in the cache (first: {missing[0]!r}); "
-                f"run caer extract on {list_path}"
-            )
-        return CachedClips(cache, [c.video_id for c in clips], [c.label for c in clips], segments, train, seed, eval_view)
+        clips, left_out = split_clips(cfg, split, cache, source)
+        dataset = CachedClips(cache, [c.video_id for c in clips], [c.label for c in clips], segments, train, seed,
+                              eval_view)
+        dataset.left_out = left_out
+        return dataset
     if not cfg.crop.face_boxes:
         raise ValueError("--source raw needs --face-boxes (or a cache that records them)")
     root = cfg.crop.root or str(Path(list_path).parent)
-    clips, _ = read_annotations(list_path, root, num_classes)
+    clips, left_out = split_clips(cfg, split, cache, source, root)
     view_maker = ViewMaker.from_config(cfg.crop, root)
     if cache is not None:
         check_boxes_match(cache, view_maker, clips)
     # training on raw frames picks a random view per clip: the cache's views, or (stage 3) always a random flip
     views = 2 if augment else (cache.views if cache is not None else 1)
-    return RawClips(clips, view_maker, preprocess, segments, train, views=views, frame_stride=cfg.crop.frame_stride, seed=seed,
-                    rotate=cfg.stages.rotate_degrees if augment else 0.0, eval_view=eval_view)
+    dataset = RawClips(clips, view_maker, preprocess, segments, train, views=views, frame_stride=cfg.crop.frame_stride,
+                       seed=seed, rotate=cfg.stages.rotate_degrees if augment else 0.0, eval_view=eval_view)
+    dataset.left_out = left_out
+    return dataset
 
 
 def check_splits_disjoint(cfg: RunConfig) -> None:

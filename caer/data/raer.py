@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,8 +50,14 @@ class BadClip:
 
 
 def list_frames(clip_dir: Path) -> list[Path]:
-    """Image files of a clip directory, sorted by name (= time order)."""
-    return sorted(p for p in clip_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """Image files of a clip directory, sorted by name (= time order).
+
+    Hidden files (``.00001.jpg``, macOS's ``._00001.jpg``) are not frames.
+    """
+    return sorted(
+        p for p in clip_dir.iterdir()
+        if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
 
 
 def read_annotations(
@@ -84,12 +91,18 @@ def read_annotations(
             continue
         seen[clip.video_id] = where
         clips.append(clip)
+    if not clips:
+        raise DataError(f"{path}: no usable clips ({len(bad)} bad line(s) skipped; first: {bad[0]})" if bad
+                        else f"{path}: no clips listed")
     return clips, bad
 
 
 def _parse_line(line: str, where: str, root: Path, num_classes: int, need_frames: bool) -> Clip:
     """One annotation line -> a clip (a DataError says what is wrong with it)."""
     parts = line.split()
+    if len(parts) > 3:
+        raise DataError(f"expected '<clip_dir> <num_frames> <label>', got {line.strip()!r}: the line has "
+                        f"{len(parts)} fields instead of 3 (clip paths cannot contain spaces)")
     if len(parts) != 3:
         raise DataError(f"expected '<clip_dir> <num_frames> <label>', got {line.strip()!r}")
     video_id = parts[0]
@@ -146,9 +159,18 @@ def _roots(root: Path) -> list[str]:
 
 
 def _check_box(value, where: str) -> Box:
-    if not (isinstance(value, (list, tuple)) and len(value) == 4 and all(isinstance(v, (int, float)) for v in value)):
+    """A box as four floats; JSON's ``NaN`` and ``Infinity`` (which Python's json reads) are refused here."""
+    numbers = isinstance(value, (list, tuple)) and len(value) == 4 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    if not numbers:
         raise DataError(f"{where}: a box must be [left, top, right, bottom] numbers, got {value!r}")
-    return tuple(float(v) for v in value)  # type: ignore[return-value]
+    try:
+        box = tuple(float(v) for v in value)
+    except OverflowError:  # an integer too large for a float
+        box = (math.inf,)
+    if not all(math.isfinite(v) for v in box):
+        raise DataError(f"{where}: a box must be finite numbers, got {list(value)!r}")
+    return box  # type: ignore[return-value]
 
 
 def _load_json(path: Path):
@@ -210,10 +232,11 @@ def letterbox(img: Image.Image) -> Image.Image:
 
 
 def read_image(path: Path) -> Image.Image:
+    """A frame as RGB; a file PIL cannot (or, past its size limit, will not) decode is a DataError naming it."""
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
-    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as err:
         raise DataError(f"{path}: cannot read image ({err})") from None
 
 

@@ -56,6 +56,8 @@ def synthesise(s: SynthConfig) -> dict:
     """Write frames, ``train/val/test.txt``, ``face_boxes.json`` and ``body_boxes.json`` under ``s.out``."""
     if s.classes < 2:
         raise ValueError("--classes must be at least 2")
+    if s.clips <= 2 * s.classes:  # each class gives one clip to val and one to test before train gets any
+        raise ValueError(f"--clips must be more than 2 x --classes ({2 * s.classes}), so that no split is empty")
     if s.width < 96 or s.height < 96:
         raise ValueError("--width and --height must be at least 96 so that the face crop and the desk object do not overlap")
     rng = np.random.default_rng(s.seed)

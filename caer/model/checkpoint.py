@@ -3,14 +3,18 @@
 A checkpoint is a dict: ``model`` (weights; CLIP's frozen towers are left out, a fine-tuned image
 encoder is kept), ``config`` (the flat run config), ``encoder`` (the identity of the image encoder
 whose features the model expects), ``stage``, ``epoch``, ``best``, ``metrics``, the optimiser,
-scheduler, scaler and RNG states, and ``cache_fingerprint``.
+scheduler, scaler and RNG states, and ``cache_fingerprint``: tensors and plain Python values only, so that
+``load_checkpoint`` reads it with ``torch.load(weights_only=True)``, which cannot run code.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import RunConfig, check_config, from_flat, options, replace_options
@@ -28,18 +32,42 @@ def build_model(cfg: RunConfig, device: torch.device, checkpoint: dict | None = 
     return model, backbone
 
 
+TRUST_ENV = "CAER_TRUST_CHECKPOINTS"  # =1: load checkpoints that need full unpickling (files you trust only)
+
+
 def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint written by ``caer train`` (clear errors for anything else)."""
+    """A checkpoint written by ``caer train``, loaded with ``weights_only=True`` so that opening a shared file
+    cannot run code (clear errors for anything else)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if os.environ.get(TRUST_ENV) != "1":
+            raise ValueError(_unsafe_message(path, err)) from None
+        ckpt = _load_trusted(path)
     except Exception as err:  # not a torch file at all, or a truncated one
         raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "encoder" not in ckpt:
         raise ValueError(f"{path}: not a caer checkpoint (made by caer train)")
     return ckpt
+
+
+def _unsafe_message(path: Path, err: Exception) -> str:
+    """One line: why the file was refused, and what to do."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    what = f" (it refers to {found.group(1)})" if found else ""
+    return (f"{path}: cannot be loaded safely: it needs full unpickling{what}, which can run arbitrary code. "
+            f"Re-create it with this version of caer, or, only if you trust the file, set {TRUST_ENV}=1")
+
+
+def _load_trusted(path: Path) -> dict:
+    """Full unpickling, asked for with ``CAER_TRUST_CHECKPOINTS=1`` (e.g. a checkpoint of an older caer)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
 
 
 def checkpoint_config(ckpt: dict, overrides: dict | None = None) -> RunConfig:
@@ -91,7 +119,23 @@ def finetuned_identity(model: CAERModel, encoder: dict) -> dict:
 
 
 def save_checkpoint(checkpoint: dict, path: Path) -> None:
-    """Write to a temporary file and rename it, so a stop mid-write never leaves a truncated checkpoint."""
+    """Write to a temporary file and rename it, so a stop mid-write never leaves a truncated checkpoint.
+
+    Numpy values become plain numbers and tensors, so that the file loads with ``weights_only=True``.
+    """
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(checkpoint, tmp)
+    torch.save(plain(checkpoint), tmp)
     os.replace(tmp, path)
+
+
+def plain(value):
+    """``value`` with numpy scalars as Python numbers and numpy arrays as tensors, in dicts, lists and tuples."""
+    if type(value) is dict:
+        return {k: plain(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(plain(v) for v in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy())
+    return value

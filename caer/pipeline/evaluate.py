@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from torch.utils.data import DataLoader
 
@@ -81,4 +82,14 @@ def evaluate(checkpoint: str | Path, split: str = "test", source: EvalSource = E
             labels, view_logits = predict(model, make_loader(dataset, cfg, train=False), device, cfg.runtime.use_amp,
                                           progress)
             logits = logits + view_logits / len(views)
-    return Report(list(cfg.model.classes), labels, logits.argmax(1), dataset.video_ids, str(checkpoint), split, source)
+    note_left_out(console, cfg.list_for(split), dataset.left_out)
+    return Report(list(cfg.model.classes), labels, logits.argmax(1), dataset.video_ids, str(checkpoint), split, source,
+                  len(dataset.left_out))
+
+
+def note_left_out(console: Console, list_path: str, left_out: list[str]) -> None:
+    """Say how many clips of an annotation file are left out because extraction skipped them (bad input)."""
+    if left_out:
+        console.print(f"[yellow]note:[/] left out {len(left_out)} clip(s) of {escape(str(list_path))} that caer "
+                      f"extract --skip-bad skipped (first: {escape(repr(left_out[0]))}); fix their input and re-run "
+                      "caer extract to include them", highlight=False, soft_wrap=True)

@@ -24,6 +24,7 @@ class Report:
     checkpoint: str
     split: str
     source: str
+    skipped_clips: int = 0  # clips of the split left out because caer extract --skip-bad skipped them
 
     @property
     def confusion(self) -> np.ndarray:
@@ -51,6 +52,7 @@ class Report:
             "checkpoint": self.checkpoint,
             "split": self.split,
             "source": self.source,
+            "skipped_clips": self.skipped_clips,
             "predictions": [
                 {"video_id": v, "label": int(y), "pred": int(p)} for v, y, p in zip(self.video_ids, self.labels, self.preds)
             ],
@@ -58,7 +60,9 @@ class Report:
 
     def tables(self) -> Group:
         d = self.as_dict()
-        head = Table(title=f"{d['split']} ({d['source']}): WAR {d['war']:.2f}  UAR {d['uar']:.2f}", title_justify="left")
+        left_out = f"  ({d['skipped_clips']} skipped clip(s) left out)" if d["skipped_clips"] else ""
+        head = Table(title=f"{d['split']} ({d['source']}): WAR {d['war']:.2f}  UAR {d['uar']:.2f}{left_out}",
+                     title_justify="left")
         for col in ("class", "recall", "precision", "F1", "support"):
             head.add_column(col, justify="left" if col == "class" else "right")
         for row in d["per_class"]:

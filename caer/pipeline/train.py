@@ -34,6 +34,7 @@ from ..data.loaders import (
     class_counts,
     make_loader,
     open_cache,
+    split_clips,
     split_dataset,
     with_cache_geometry,
 )
@@ -42,7 +43,7 @@ from ..model.checkpoint import build_model, finetuned_identity, is_finetuned, lo
 from ..model.losses import CAERLoss
 from ..model.metrics import confusion_matrix, uar, war
 from .display import confusion_table, progress_bar
-from .evaluate import evaluate, predict
+from .evaluate import evaluate, note_left_out, predict
 
 LOSS_TERMS = ("loss", "cls", "mi", "dc")
 
@@ -111,6 +112,7 @@ class Stage:
     encoder: dict  # identity of the image encoder the stage starts from
     cache: FeatureCache | None
     fixed_text: tuple | None = None  # text features, when the prompts do not train (stage 2)
+    skipped: dict = field(default_factory=dict)  # {split: clips left out because caer extract skipped them}
     start_epoch: int = 0
     best: dict = field(default_factory=lambda: {"valid_uar": -1.0, "valid_war": -1.0, "epoch": -1})
 
@@ -157,8 +159,36 @@ def _check_stage_can_learn(cfg: RunConfig, stage: int) -> None:
         )
 
 
+def check_epochs(cfg: RunConfig, stage: int) -> None:
+    """A stage run on its own must train at least one epoch (0 skips a stage only with --staged-training)."""
+    if cfg.stage_epochs(stage) == 0:
+        flag = f"--epochs-stage{stage}" if getattr(cfg.stages, f"epochs_stage{stage}") is not None else "--epochs"
+        raise ValueError(f"{flag} 0: stage {stage} would train no epochs; give at least 1 (0 skips a stage only with "
+                         "--staged-training)")
+
+
+def stages_to_run(cfg: RunConfig) -> list[int]:
+    """The stages this run trains: the one of --stage, or those of 1, 2, 3 with epochs (--staged-training)."""
+    if not cfg.stages.staged_training:
+        check_epochs(cfg, cfg.stages.stage)
+        return [cfg.stages.stage]
+    stages = [n for n in (1, 2, 3) if cfg.stage_epochs(n) > 0]
+    if not stages:
+        raise ValueError("--staged-training with 0 epochs for every stage (--epochs, --epochs-stage1/2/3): "
+                         "nothing to train; give at least one stage an epoch or more")
+    return stages
+
+
+def check_test_in_cache(cfg: RunConfig, stages: list[int]) -> None:
+    """A run ends with a test report, read from the cache after stages 1 and 2: check before training that the
+    cache holds the test clips (train and val are checked when each stage sets up)."""
+    if cfg.data.test_list and cfg.data.cache and cfg.data.source == Source.cache and stages[-1] != 3:
+        split_clips(cfg, "test", FeatureCache.open(cfg.data.cache), Source.cache)
+
+
 def setup_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | None = None) -> Stage:
     """Model, data, loss and optimiser of one stage, resumed from its last checkpoint when asked to."""
+    check_epochs(cfg, stage)
     _check_stage_can_learn(cfg, stage)
     check_splits_disjoint(cfg)
     device = runtime.local_device(runtime.resolve_device(cfg.runtime.device))
@@ -166,6 +196,9 @@ def setup_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
     console = console if rank == 0 else Console(quiet=True)
     paths = RunPaths(Path(cfg.run.run_dir), stage)
     resume = cfg.run.resume and paths.last.exists()
+    if cfg.run.resume and not resume:
+        console.print(f"[yellow]note:[/] nothing to resume in {paths.run_dir}: starting stage {stage} afresh",
+                      highlight=False, soft_wrap=True)
     init = load_checkpoint(paths.last if resume else init_from) if (resume or init_from) else None
     source = Source.raw if stage == 3 else cfg.data.source
     if stage == 3 and cfg.data.source == Source.cache:
@@ -183,6 +216,8 @@ def setup_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
         model.clip.visual.set_grad_checkpointing(True)
     train_set = split_dataset(cfg, "train", True, backbone.preprocess, cache, source, augment=stage == 3)
     val_set = split_dataset(cfg, "val", False, backbone.preprocess, cache, source)
+    for split, data in (("train", train_set), ("val", val_set)):
+        note_left_out(console, cfg.list_for(split), data.left_out)
     loss = CAERLoss(cfg.loss, class_counts(train_set, len(cfg.model.classes)), "prompt" in STAGE_GROUPS[stage], device)
     optimizer, scheduler = make_optimizer(model, cfg, stage)
     # fp16 needs loss scaling; bf16 does not
@@ -192,7 +227,8 @@ def setup_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
         step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
     s = Stage(cfg, stage, console, device, rank, world, paths, source, model, step, loss, optimizer, scheduler, scaler,
               make_loader(train_set, cfg, True, cfg.loss.use_weighted_sampler, rank, world),
-              make_loader(val_set, cfg, False), encoder, cache)
+              make_loader(val_set, cfg, False), encoder, cache,
+              skipped={"train": len(train_set.left_out), "val": len(val_set.left_out)})
     if "prompt" not in STAGE_GROUPS[stage]:  # frozen prompts: text features once per stage, not once per step
         with torch.no_grad():
             s.fixed_text = tuple(t.detach() for t in model.text_features())
@@ -291,9 +327,9 @@ def epoch_record(s: Stage, epoch: int, train_cm: np.ndarray, sums: dict, val_cm:
     return {
         "stage": s.number, "epoch": epoch, "lr": rates,
         "losses": {k: v / n_train for k, v in sums.items()}, "w_mi": w_mi, "w_dc": w_dc, "train_clips": n_train,
-        "train_war": round(war(train_cm), 2), "train_uar": round(uar(train_cm), 2),
-        "valid_war": round(war(val_cm), 2), "valid_uar": round(uar(val_cm), 2),
-        "valid_confusion": val_cm.tolist(), "seconds": round(seconds, 3),
+        "train_war": round(float(war(train_cm)), 2), "train_uar": round(float(uar(train_cm)), 2),
+        "valid_war": round(float(war(val_cm)), 2), "valid_uar": round(float(uar(val_cm)), 2),
+        "valid_confusion": val_cm.tolist(), "skipped_clips": dict(s.skipped), "seconds": round(seconds, 3),
     }
 
 
@@ -368,8 +404,8 @@ def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
         runtime.barrier()
     best = runtime.gather(s.best)[0]
     if not s.paths.best.exists():
-        raise RuntimeError(f"stage {stage} has no best checkpoint: it ran no epochs (--epochs-stage{stage} 0?), or "
-                           "nothing trained in any of them (the MI and DC warm-up outlasted the stage)")
+        raise RuntimeError(f"stage {stage} has no best checkpoint: nothing trained in any of its epochs (the MI and DC "
+                           "warm-up outlasted the stage)")
     return StageResult(stage, s.paths.best, s.paths.last, best)
 
 
@@ -391,11 +427,12 @@ def _starting_checkpoint(cfg: RunConfig, console: Console) -> Path | None:
 def run(cfg: RunConfig, console: Console | None = None) -> list[StageResult]:
     """``caer train``: one stage, or 1 -> 2 -> 3 with ``--staged-training``, each from the last one's best."""
     console = console or Console()
-    stages = [1, 2, 3] if cfg.stages.staged_training else [cfg.stages.stage]
+    stages = stages_to_run(cfg)
+    check_test_in_cache(cfg, stages)
     init = _starting_checkpoint(cfg, console)
     results: list[StageResult] = []
-    for stage in stages:
-        if cfg.stages.staged_training and cfg.stage_epochs(stage) == 0:
+    for stage in [1, 2, 3] if cfg.stages.staged_training else stages:
+        if stage not in stages:
             console.print(f"[dim]stage {stage}: 0 epochs, skipped[/]")
             continue
         result = train_stage(cfg, stage, console, init_from=init)

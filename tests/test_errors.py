@@ -1,0 +1,319 @@
+"""Issue 10: an error a user meets is one clear line naming the file (and line or frame), never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from caer.cache import FeatureCache
+from caer.cli import user_message
+from caer.data.raer import DataError, list_frames, load_body_boxes, load_face_boxes, read_annotations, read_image
+from conftest import Dataset, assert_fp16_equal, extract_args, run_cli
+
+
+def error_line(output: str) -> str:
+    """The run's one ``error:`` line (whitespace squashed); only a parenthesised hint may follow it."""
+    assert "Traceback" not in output, output
+    lines = [line for line in output.splitlines() if line.strip()]
+    found = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+    assert len(found) == 1, output
+    assert all(line.startswith("(") for line in lines[found[0] + 1 :]), output
+    return " ".join(lines[found[0]].split())
+
+
+def assert_stops(result, *fragments: str) -> str:
+    """Exit code 2 and one error line holding every fragment."""
+    assert result.exit_code == 2, result.output
+    line = error_line(result.output)
+    for fragment in fragments:
+        assert fragment in line, (fragment, result.output)
+    return line
+
+
+def _boxed(ds: Dataset, video_id: str) -> str:
+    return sorted(ds.boxes()[video_id])[0]
+
+
+# --------------------------------------------------------------------------- non-finite boxes
+
+NON_FINITE = ["NaN", "Infinity", "-Infinity", "1e999"]
+
+
+@pytest.mark.parametrize("value", NON_FINITE)
+def test_a_non_finite_box_number_is_refused_naming_the_file_and_key(tmp_path, value):
+    faces, bodies = tmp_path / "faces.json", tmp_path / "bodies.json"
+    faces.write_text(f'{{"frames/a": {{"0.jpg": [1, 2, 3, 4], "1.jpg": [1, {value}, 30, 40]}}}}')
+    bodies.write_text(f'{{"frames/a": [{value}, 0, 10, 10]}}')
+    with pytest.raises(DataError, match=rf"^{faces}: frames/a/1\.jpg: a box must be finite numbers, got \[1, "):
+        load_face_boxes(faces, tmp_path)
+    with pytest.raises(DataError, match=rf"^{bodies}: frames/a: a box must be finite numbers"):
+        load_body_boxes(bodies, tmp_path)
+
+
+@pytest.mark.parametrize("value, workers", [("NaN", "0"), ("NaN", "2"), ("Infinity", "0"), ("-Infinity", "2")])
+def test_extract_refuses_a_non_finite_face_box_before_any_worker(value, workers, tmp_path, dataset, weights):
+    ds = dataset.copy(tmp_path / "ds")
+    video_id = ds.video_ids()[-1]
+    frame = _boxed(ds, video_id)
+    boxes = ds.boxes()
+    boxes[video_id][frame] = "@@"
+    ds.face_boxes.write_text(json.dumps(boxes).replace('"@@"', f"[10, {value}, 40, 50]"))
+    out = tmp_path / "c.zarr"
+    result = run_cli(extract_args(ds, out, weights, "--workers", workers))
+    assert_stops(result, f"error: {ds.face_boxes}: {video_id}/{frame}: a box must be finite numbers")
+    assert not out.exists()
+
+
+def test_extract_refuses_a_nan_body_box(tmp_path, dataset, weights):
+    ds = dataset.copy(tmp_path / "ds")
+    video_id = ds.video_ids()[0]
+    bodies = json.loads(ds.body_boxes.read_text())
+    bodies[video_id] = [float("nan"), 0, 50, 50]  # json.dumps writes NaN
+    ds.body_boxes.write_text(json.dumps(bodies))
+    result = run_cli(extract_args(ds, tmp_path / "c.zarr", weights, "--crop-body", "--body-boxes", str(ds.body_boxes),
+                                  "--workers", "2"))
+    assert_stops(result, f"error: {ds.body_boxes}: {video_id}: a box must be finite numbers, got [nan, 0, 50, 50]")
+
+
+# --------------------------------------------------------------------------- errors in data-loader workers
+
+class _Raises(torch.utils.data.Dataset):
+    def __init__(self, err: Exception):
+        self.err = err
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, i):
+        raise self.err
+
+
+@pytest.mark.parametrize("err", [
+    DataError("x.jpg: cannot read image"),
+    ValueError("--margin must be at least 0"),
+    FileNotFoundError(2, "No such file or directory", "x.jpg"),
+], ids=["DataError", "ValueError", "OSError"])
+def test_an_error_in_a_loader_worker_reads_as_in_the_main_process(err):
+    with pytest.raises(type(err)) as caught:
+        next(iter(torch.utils.data.DataLoader(_Raises(err), batch_size=None, num_workers=1)))
+    assert "Original Traceback" in str(caught.value)  # really torch's re-raised form
+    assert user_message(caught.value) == user_message(err)
+
+
+def _corrupt_middle_frame(ds: Dataset, video_id: str) -> Path:
+    frames = sorted((ds.root / video_id).glob("*.jpg"))
+    frame = frames[len(frames) // 2]
+    frame.write_bytes(b"\xff\xd8 not really a jpeg " * 20)
+    return frame
+
+
+def test_a_corrupt_frame_in_extract_workers_is_one_line(tmp_path, dataset, weights):
+    ds = dataset.copy(tmp_path / "ds")
+    frame = _corrupt_middle_frame(ds, ds.video_ids()[-1])
+    result = run_cli(extract_args(ds, tmp_path / "c.zarr", weights, "--workers", "2"))
+    assert_stops(result, f"error: {frame}: cannot read image")
+
+
+def test_a_corrupt_frame_in_raw_training_workers_is_one_line(tmp_path, dataset, weights):
+    """``RawClips`` raises in the worker; the CLI shows the worker's DataError as the main process would."""
+    ds = dataset.copy(tmp_path / "ds")
+    train = ds.root / "train.txt"
+    frame = _corrupt_middle_frame(ds, train.read_text().split()[0])  # tiny's 8 segments use every frame
+    result = run_cli([
+        "train", "-c", "tiny", "--stage", "2", "--source", "raw", "--pretrained", str(weights),
+        "--train-list", str(train), "--val-list", str(ds.root / "val.txt"), "--face-boxes", str(ds.face_boxes),
+        "--run-dir", str(tmp_path / "run"), "--epochs", "1", "--workers", "2",
+    ])
+    assert_stops(result, f"error: {frame}: cannot read image")
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A small PNG that declares ``width`` x ``height`` pixels (PIL checks the size when it opens the file)."""
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def test_an_image_past_pils_size_limit_names_the_file(tmp_path):
+    path = tmp_path / "huge.png"
+    side = int((2 * Image.MAX_IMAGE_PIXELS) ** 0.5) + 10  # past the limit PIL refuses (not only warns) at
+    path.write_bytes(_png_header(side, side))
+    with pytest.raises(DataError, match=rf"^{path}: cannot read image \(Image size"):
+        read_image(path)
+
+
+# --------------------------------------------------------------------------- annotation files
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# clip_dir num_frames label\n\n   \n"], ids=["empty", "blank", "comments"])
+def test_extract_refuses_an_annotation_file_that_lists_no_clip(text, tmp_path, dataset, weights):
+    ds = dataset.copy(tmp_path / "ds")
+    val = ds.root / "val.txt"
+    val.write_text(text)
+    out = tmp_path / "c.zarr"
+    assert_stops(run_cli(extract_args(ds, out, weights, "--workers", "0")), f"error: {val}: no clips listed")
+    assert not out.exists()
+
+
+def test_read_annotations_refuses_a_file_that_lists_no_clip_also_for_training_from_the_cache(tmp_path):
+    ann = tmp_path / "train.txt"
+    ann.write_text("# nothing yet\n")
+    for need_frames in (True, False):
+        with pytest.raises(DataError, match=rf"^{ann}: no clips listed$"):
+            read_annotations(ann, tmp_path, 5, need_frames=need_frames)
+    ann.write_text("a 3 0\nb 3\n")
+    with pytest.raises(DataError, match=rf"^{ann}: no usable clips \(2 bad line\(s\) skipped; first: {ann}:1: label 0"):
+        read_annotations(ann, tmp_path, 5, skip_bad=True, need_frames=False)
+
+
+def test_extract_skip_bad_refuses_a_file_whose_every_clip_is_bad(tmp_path, dataset, weights):
+    ds = dataset.copy(tmp_path / "ds")
+    val = ds.root / "val.txt"
+    val.write_text("".join(f"{line.split()[0]} 3 9\n" for line in val.read_text().splitlines()))
+    result = run_cli(extract_args(ds, tmp_path / "c.zarr", weights, "--workers", "0", "--skip-bad"))
+    assert_stops(result, f"error: {val}: no usable clips (5 bad line(s) skipped; first: {val}:1: label 9 is outside 1..5")
+
+
+def test_a_clip_path_with_a_space_says_so(tmp_path, dataset, weights):
+    ds = dataset.copy(tmp_path / "ds")
+    ann, lineno, video_id = ds.lines()[3]
+    spaced = f"{video_id} copy"
+    shutil.copytree(ds.root / video_id, ds.root / spaced)
+    lines = ann.read_text().splitlines()
+    lines[lineno - 1] = f"{spaced} 3 2"
+    ann.write_text("\n".join(lines) + "\n")
+    result = run_cli(extract_args(ds, tmp_path / "c.zarr", weights, "--workers", "0"))
+    assert_stops(result, f"error: {ann}:{lineno}: ",
+                 "the line has 4 fields instead of 3 (clip paths cannot contain spaces)")
+
+
+# --------------------------------------------------------------------------- hidden files are not frames
+
+def test_list_frames_skips_hidden_files(tmp_path):
+    for name in ("00001.jpg", "00002.jpg", ".00001.jpg", "._00002.jpg", ".DS_Store"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.name for p in list_frames(tmp_path)] == ["00001.jpg", "00002.jpg"]
+
+
+def test_hidden_frame_files_do_not_change_the_extraction(tmp_path, dataset, zarr_cache, weights):
+    ds = dataset.copy(tmp_path / "ds")
+    video_ids = ds.video_ids()
+    first, second = (sorted((ds.root / v).glob("*.jpg")) for v in video_ids[:2])
+    (first[0].parent / f"._{first[0].name}").write_bytes(b"\x00\x05\x16\x07 AppleDouble " * 8)  # garbage
+    shutil.copy(second[1], second[1].parent / f".{second[1].name}")  # a valid image
+    out = tmp_path / "c.zarr"
+    result = run_cli(extract_args(ds, out, weights, "--views", "2", "--batch-size", "16", "--workers", "0"))
+    assert result.exit_code == 0, result.output
+    cache, full = FeatureCache.open(out), FeatureCache.open(zarr_cache[0])
+    assert sorted(cache.video_ids) == sorted(full.video_ids)
+    for v in video_ids:
+        assert cache.frame_names(v) == full.frame_names(v), v
+        assert_fp16_equal(cache.clip(v), full.clip(v).astype(np.float32), v)
+
+
+# --------------------------------------------------------------------------- OS errors
+
+def test_output_path_that_is_a_regular_file_is_one_line(tmp_path, dataset, weights):
+    out = tmp_path / "mine.zarr"
+    out.write_text("precious")
+    assert_stops(run_cli(extract_args(dataset, out, weights, "--workers", "0")), f"error: {out}: Not a directory")
+    assert out.read_text() == "precious"
+
+
+def test_output_path_under_a_regular_file_is_one_line(tmp_path, dataset, weights):
+    parent = tmp_path / "notes"
+    parent.write_text("precious")
+    for name in ("c.zarr", "c.h5"):
+        assert_stops(run_cli(extract_args(dataset, parent / name, weights, "--workers", "0")), f"error: {parent}: ")
+    assert parent.read_text() == "precious"
+
+
+def test_h5_output_path_that_is_a_directory_is_one_line(tmp_path, dataset, weights):
+    out = tmp_path / "mine.h5"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    assert_stops(run_cli(extract_args(dataset, out, weights, "--workers", "0")),
+                 f"error: {out}: exists but is not a readable HDF5 file")
+    assert (out / "thesis.tex").read_text() == "precious"
+
+
+# `caer extract` under a file-size limit: a write past it fails with EFBIG ("File too large") instead of
+# the default SIGXFSZ killing the process.
+LIMITED_CAER = """
+import resource, signal, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+from caer.cli import main
+sys.argv = ["caer", *sys.argv[1:]]
+main()
+"""
+# zarr: every metadata file fits, clips of up to 4 frames (views 2: 2048 bytes) fit, longer ones do not, so the
+# first clips of val.txt (3, 4, 6 frames) finish and the third fails. h5: every staging file fits, the .h5 does not.
+LIMITS = {"zarr": 2500, "h5": 16384}
+
+
+def _size_limited_args(ds: Dataset, out: Path, weights: Path) -> list[str]:
+    args = extract_args(ds, out, weights, "--views", "2", "--batch-size", "16", "--workers", "0")
+    anns = [str(ds.root / f"{s}.txt") for s in ("train", "val", "test")]
+    return [*args[:1], anns[1], anns[2], anns[0], *args[4:]]  # val first: its short clips fit under the limit
+
+
+@pytest.fixture(scope="module")
+def too_large(tmp_path_factory, dataset, weights):
+    """Per format: (output of `caer extract` under the file-size limit, its return code, the store, its args)."""
+    runs = {}
+
+    def get(fmt: str):
+        if fmt not in runs:
+            out = tmp_path_factory.mktemp("efbig") / f"c.{fmt}"
+            args = _size_limited_args(dataset, out, weights)
+            proc = subprocess.run([sys.executable, "-c", LIMITED_CAER.format(limit=LIMITS[fmt]), *args],
+                                  capture_output=True, text=True, env=os.environ | {"COLUMNS": "200"}, timeout=300)
+            runs[fmt] = (proc.stdout + proc.stderr, proc.returncode, out, args)
+        return runs[fmt]
+
+    return get
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "h5"])
+def test_file_too_large_stops_with_one_line(fmt, too_large):
+    output, returncode, _, _ = too_large(fmt)
+    assert returncode == 2, output
+    assert "File too large" in error_line(output)
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "h5"])
+def test_file_too_large_names_a_file_of_the_store(fmt, too_large):
+    output, returncode, out, _ = too_large(fmt)
+    assert returncode == 2, output
+    line = error_line(output)
+    assert "File too large" in line and f"error: {out}" in line, output
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "h5"])
+def test_a_rerun_after_file_too_large_completes_the_store(fmt, too_large, zarr_cache):
+    output, returncode, out, args = too_large(fmt)
+    assert returncode != 0, output
+    result = run_cli(args)
+    assert result.exit_code == 0, result.output
+    cache, full = FeatureCache.open(out), FeatureCache.open(zarr_cache[0])
+    done_before = cache.attrs["summary"]["clips_already_done"]
+    assert (0 < done_before < len(full.video_ids)) if fmt == "zarr" else done_before == len(full.video_ids)
+    assert sorted(cache.video_ids) == sorted(full.video_ids)
+    for v in full.video_ids:
+        assert cache.frame_names(v) == full.frame_names(v), v
+        assert_fp16_equal(cache.clip(v), full.clip(v).astype(np.float32), v)
+    assert sorted(p.name for p in out.parent.iterdir() if not p.name.endswith(".lock")) == [out.name]

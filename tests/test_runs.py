@@ -1,0 +1,286 @@
+"""Runs that fail early or go on (issue 10): every split checked before the first epoch, clips that
+``caer extract --skip-bad`` skipped left out and counted, ``--resume`` with nothing to resume, ``--epochs 0``
+refused up front, and checkpoints loaded with ``torch.load(weights_only=True)``."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from rich.console import Console
+
+from caer import runtime
+from caer.cache import CacheError, FeatureCache
+from caer.config import load_config
+from caer.data.loaders import recorded_skips, split_clips
+from caer.model.checkpoint import TRUST_ENV, load_checkpoint, save_checkpoint
+from caer.pipeline import train as train_module
+from caer.pipeline.train import train_stage
+from conftest import assert_in_output, extract_args, run_cli
+
+
+def make_config(dataset, cache, weights, run_dir, **overrides):
+    """The tiny config on the conftest dataset: 2 training clips, 1 epoch a stage, batches of 1."""
+    train_list, val_list, test_list = map(str, dataset.annotations)
+    values = dict(
+        pretrained=str(weights), train_list=train_list, val_list=val_list, test_list=test_list, cache=str(cache),
+        face_boxes=str(dataset.face_boxes), run_dir=str(run_dir), workers=0, device="cpu",
+        epochs_stage1=1, epochs_stage2=1, epochs_stage3=1, batch_size=1,
+    )
+    return load_config("tiny", values | overrides)
+
+
+def train_args(dataset, cache, weights, run_dir, *extra: str) -> list[str]:
+    """`caer train` stage 2 from the cache, 1 epoch, on the conftest dataset (CLI form)."""
+    return [
+        "train", "-c", "tiny", "--stage", "2", "--pretrained", str(weights), "--cache", str(cache),
+        "--train-list", str(dataset.root / "train.txt"), "--val-list", str(dataset.root / "val.txt"),
+        "--face-boxes", str(dataset.face_boxes), "--run-dir", str(run_dir), "--epochs", "1", "--batch-size", "1",
+        "--workers", "0", "--device", "cpu", *extra,
+    ]
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def error_line(result) -> str:
+    """The one line of a refused command (exit code 2, no traceback)."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------ 1. every split, up front
+
+def test_a_test_split_missing_from_the_cache_is_refused_before_the_first_epoch(dataset, zarr_cache, weights, tmp_path):
+    test_list = tmp_path / "test.txt"
+    first = dataset.root.joinpath("test.txt").read_text().splitlines()[0]
+    test_list.write_text(f"{first}\nframes/test/never_extracted 4 2\nframes/test/nor_this 4 3\n")
+    run_dir = tmp_path / "run"
+    result = run_cli(train_args(dataset, zarr_cache[0], weights, run_dir, "--test-list", str(test_list)))
+    line = error_line(result)
+    assert_in_output(f"2 clip(s) of {test_list} are not in the cache (first: 'frames/test/never_extracted')", line)
+    assert_in_output(f"run caer extract on {test_list}", line)
+    assert not run_dir.exists()  # refused before anything was trained or written
+
+    # the test report of a run whose last stage is 3 reads raw frames: the cache need not hold the test clips
+    cfg = make_config(dataset, zarr_cache[0], weights, run_dir, test_list=str(test_list))
+    train_module.check_test_in_cache(cfg, [3])
+    with pytest.raises(CacheError, match="2 clip"):
+        train_module.check_test_in_cache(cfg, [1, 2])
+
+
+# ------------------------------------------------------------------------------------------ 2. skipped clips
+
+def corrupt_middle_frame(root: Path, video_id: str) -> None:
+    frames = sorted((root / video_id).iterdir())
+    frames[len(frames) // 2].write_bytes(b"\xff\xd8 not really a jpeg " * 20)
+
+
+@pytest.fixture(scope="module")
+def skipped_store(tmp_path_factory, dataset, weights):
+    """A dataset copy with a corrupt frame in one training and one test clip, extracted with --skip-bad:
+    (dataset, store, {split: skipped video id})."""
+    ds = dataset.copy(tmp_path_factory.mktemp("skipped") / "ds")
+    bad = {split: (ds.root / f"{split}.txt").read_text().split()[0] for split in ("train", "test")}
+    for video_id in bad.values():
+        corrupt_middle_frame(ds.root, video_id)
+    store = ds.root.parent / "cache.zarr"
+    result = run_cli(extract_args(ds, store, weights, "--views", "1", "--workers", "0", "--skip-bad"))
+    assert result.exit_code == 0, result.output
+    assert len(FeatureCache.open(store).attrs["skipped"]) == 2
+    return ds, store, bad
+
+
+def test_clips_that_extraction_skipped_are_left_out_of_training_and_counted(skipped_store, weights, tmp_path):
+    ds, store, bad = skipped_store
+    run_dir = tmp_path / "run"
+    result = run_cli(train_args(ds, store, weights, run_dir, "--test-list", str(ds.root / "test.txt")))
+    assert result.exit_code == 0, result.output
+    assert_in_output(f"left out 1 clip(s) of {ds.root / 'train.txt'} that caer extract --skip-bad skipped "
+                     f"(first: {bad['train']!r})", result.output)
+    assert_in_output(f"left out 1 clip(s) of {ds.root / 'test.txt'}", result.output)
+    (record,) = records(run_dir)
+    assert record["skipped_clips"] == {"train": 1, "val": 0}
+    assert record["train_clips"] == 1  # the other training clip
+    report = json.loads((run_dir / "test_report.json").read_text())
+    assert report["skipped_clips"] == 1 and len(report["predictions"]) == 4
+    assert bad["test"] not in {p["video_id"] for p in report["predictions"]}
+
+
+@pytest.mark.parametrize("source", ["cache", "raw"])
+def test_eval_leaves_out_the_skipped_clips_of_its_split(source, skipped_store, weights, tmp_path):
+    ds, store, bad = skipped_store
+    run_dir = tmp_path / "run"
+    train_stage(make_config(ds, store, weights, run_dir, test_list=None), 2, Console(file=io.StringIO()))
+    # raw frames too: the corrupt frame is never read, so cache and raw evaluate the same clips
+    result = run_cli(["eval", str(run_dir / "stage2-best.pt"), "--split", str(ds.root / "test.txt"), "--source", source,
+                      "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    assert_in_output(f"left out 1 clip(s) of {ds.root / 'test.txt'}", result.output)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["skipped_clips"] == 1 and report["source"] == source
+    assert [p["video_id"] for p in report["predictions"]] == ds.root.joinpath("test.txt").read_text().split()[3::3]
+
+
+def test_a_store_without_skipped_clips_is_read_from_its_skipped_lines(skipped_store, tmp_path):
+    """Stores written before the ``skipped_clips`` attribute: the video ids come from the annotation lines that
+    ``skipped`` names; a clip neither extracted nor skipped is still an error."""
+    ds, store, bad = skipped_store
+    old = tmp_path / "old.zarr"
+    shutil.copytree(store, old)
+    zarr.open_group(str(old), mode="a").attrs.pop("skipped_clips", None)
+    cache = FeatureCache.open(old)
+    assert "skipped_clips" not in cache.attrs
+    assert recorded_skips(cache) == set(bad.values()) == recorded_skips(FeatureCache.open(store))
+    cfg = load_config("tiny", {"train_list": str(ds.root / "train.txt"), "test_list": str(ds.root / "test.txt")})
+    clips, left_out = split_clips(cfg, "train", cache, "cache")
+    assert left_out == [bad["train"]] and bad["train"] not in [c.video_id for c in clips]
+
+    never = tmp_path / "never.txt"
+    never.write_text(ds.root.joinpath("train.txt").read_text() + "frames/train/never_extracted 4 1\n")
+    cfg = load_config("tiny", {"train_list": str(never)})
+    with pytest.raises(CacheError, match=r"1 clip\(s\) of .* are not in the cache \(first: 'frames/train/never_extracted'\)"):
+        split_clips(cfg, "train", cache, "cache")
+
+
+# ------------------------------------------------------------------------------------------ 3. nothing to resume
+
+def test_resume_with_nothing_to_resume_says_so_and_starts_afresh(dataset, zarr_cache, weights, tmp_path):
+    run_dir = tmp_path / "run"
+    out = io.StringIO()
+    cfg = make_config(dataset, zarr_cache[0], weights, run_dir, stage=2, resume=True, test_list=None)
+    train_module.run(cfg, Console(file=out, width=300))
+    assert_in_output(f"nothing to resume in {run_dir}: starting stage 2 afresh", out.getvalue())
+    assert [r["epoch"] for r in records(run_dir)] == [0]
+
+
+# ------------------------------------------------------------------------------------------ 4. --epochs 0
+
+@pytest.mark.parametrize("extra, fragment", [
+    (("--epochs", "0"), "--epochs 0: stage 2 would train no epochs"),
+    (("--epochs-stage2", "0"), "--epochs-stage2 0: stage 2 would train no epochs"),
+    (("--staged-training", "--epochs", "0", "--epochs-stage1", "0", "--epochs-stage3", "0"),
+     "--staged-training with 0 epochs for every stage"),
+])
+def test_zero_epochs_is_refused_up_front_naming_the_flag(extra, fragment, dataset, zarr_cache, weights, tmp_path):
+    run_dir = tmp_path / "run"
+    line = error_line(run_cli(train_args(dataset, zarr_cache[0], weights, run_dir, *extra)))
+    assert_in_output(fragment, line)
+    assert not run_dir.exists()
+
+
+def test_staged_training_still_skips_a_stage_with_zero_epochs(dataset, zarr_cache, weights, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli(train_args(dataset, zarr_cache[0], weights, run_dir, "--staged-training", "--epochs-stage1", "0",
+                                "--epochs-stage3", "0"))
+    assert result.exit_code == 0, result.output
+    assert "stage 1: 0 epochs, skipped" in result.output and "stage 3: 0 epochs, skipped" in result.output
+    assert [r["stage"] for r in records(run_dir)] == [2]
+
+
+# ------------------------------------------------------------------------------------------ 5. safe checkpoints
+
+def test_rng_state_survives_a_weights_only_round_trip():
+    random.seed(1)
+    np.random.seed(2)
+    np.random.randn(3)  # a cached gaussian in numpy's state
+    torch.manual_seed(3)
+    buffer = io.BytesIO()
+    torch.save(runtime.rng_state(), buffer)
+    expected = (random.random(), np.random.randn(3).tolist(), torch.rand(3).tolist())
+    buffer.seek(0)
+    runtime.set_rng_state(torch.load(buffer, weights_only=True))
+    assert (random.random(), np.random.randn(3).tolist(), torch.rand(3).tolist()) == expected
+
+
+class Stop(Exception):
+    pass
+
+
+def test_a_checkpoint_of_train_loads_with_weights_only_and_resumes_exactly(dataset, zarr_cache, weights, tmp_path,
+                                                                            monkeypatch):
+    quiet = Console(file=io.StringIO())
+    full = make_config(dataset, zarr_cache[0], weights, tmp_path / "full", epochs_stage2=3, test_list=None)
+    train_stage(full, 2, quiet)
+    ckpt = torch.load(tmp_path / "full" / "stage2-last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["metrics"]["epoch"] == 2 and isinstance(ckpt["best"]["valid_uar"], float)
+
+    # stop after the first epoch (the second one's metrics line fails), then --resume
+    real = train_module._append_metrics
+
+    def stop(path, record):
+        if record["epoch"] == 1:
+            raise Stop
+        real(path, record)
+
+    cut = make_config(dataset, zarr_cache[0], weights, tmp_path / "cut", epochs_stage2=3, test_list=None)
+    monkeypatch.setattr(train_module, "_append_metrics", stop)
+    with pytest.raises(Stop):
+        train_stage(cut, 2, quiet)
+    monkeypatch.undo()
+    out = io.StringIO()
+    train_stage(make_config(dataset, zarr_cache[0], weights, tmp_path / "cut", epochs_stage2=3, test_list=None,
+                            resume=True), 2, Console(file=out, width=300))
+    assert "resuming stage 2 at epoch 2/3" in out.getvalue()
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in records(tmp_path / "full")]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in records(tmp_path / "cut")] == strip
+
+
+class RunsCode:
+    """Unpickling this runs a shell command: what a malicious "checkpoint" would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+def test_a_file_that_needs_full_unpickling_is_refused_without_running_it(writer, tmp_path):
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.pt"
+    payload = {"config": RunsCode(marker), "encoder": {}}
+    if writer == "torch.save":
+        torch.save(payload, evil)
+    else:
+        evil.write_bytes(pickle.dumps(payload, protocol=2))
+    with pytest.raises(ValueError, match=f"cannot be loaded safely.*set {TRUST_ENV}=1"):
+        load_checkpoint(evil)
+    line = error_line(run_cli(["eval", str(evil)]))
+    assert_in_output(f"{evil}: cannot be loaded safely", line)
+    assert not marker.exists()
+
+
+def test_an_older_checkpoint_loads_only_when_trusted(dataset, zarr_cache, weights, tmp_path, monkeypatch):
+    """A checkpoint with numpy's own RNG state (as caer wrote them before) needs full unpickling: refused, unless
+    CAER_TRUST_CHECKPOINTS=1; its RNG state still restores."""
+    train_stage(make_config(dataset, zarr_cache[0], weights, tmp_path / "run", test_list=None), 2,
+                Console(file=io.StringIO()))
+    ckpt = torch.load(tmp_path / "run" / "stage2-last.pt", weights_only=True)
+    ckpt["rng"]["numpy"], ckpt["rng"]["python"] = np.random.get_state(), random.getstate()
+    ckpt["metrics"]["valid_uar"] = np.float64(ckpt["metrics"]["valid_uar"])
+    older = tmp_path / "older.pt"
+    torch.save(ckpt, older)
+    with pytest.raises(ValueError, match="cannot be loaded safely: it needs full unpickling"):
+        load_checkpoint(older)
+    monkeypatch.setenv(TRUST_ENV, "1")
+    runtime.set_rng_state(load_checkpoint(older)["rng"])
+
+    # what caer writes now loads safely, numpy values included
+    save_checkpoint(ckpt, tmp_path / "now.pt")
+    again = torch.load(tmp_path / "now.pt", weights_only=True)
+    assert type(again["metrics"]["valid_uar"]) is float
