@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -306,7 +307,9 @@ def train_one_epoch(s: Stage, epoch: int, progress: Progress) -> tuple[np.ndarra
         labels.append(batch.label.cpu().numpy())
         preds.append(logits.argmax(1).cpu().numpy())
         progress.update(task, advance=1, info=f"loss {sums['loss'] / sum(map(len, labels)):.4f}")
-    s.scheduler.step()
+    with warnings.catch_warnings():  # an idle epoch made no optimiser step; the schedule still counts the epoch
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        s.scheduler.step()
     shares = runtime.gather((np.concatenate(labels), np.concatenate(preds), sums))
     cm = confusion_matrix(np.concatenate([x[0] for x in shares]), np.concatenate([x[1] for x in shares]),
                           len(s.cfg.model.classes))
