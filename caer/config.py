@@ -81,6 +81,14 @@ class StoreFormat(enum.StrEnum):
     h5 = "h5"
 
 
+class PrintConfusion(enum.StrEnum):
+    """When a stage prints the valid confusion matrix (``metrics.jsonl`` always records it)."""
+
+    every = "every"  # after every epoch, as the method's log does
+    best = "best"  # only after an epoch that becomes the best
+    end = "end"  # once, the best epoch's, when the stage ends
+
+
 class TTA(enum.StrEnum):
     none = "none"
     flip = "flip"
@@ -387,6 +395,8 @@ class RunDirConfig:
                                    shown="stage{N-1}-best.pt of the run dir, if there")
     resume: bool = option(False, "Continue a stopped run from its last checkpoint.")
     seed: int = option(0, "Random seed (data order, sampled frames, init).")
+    print_confusion: PrintConfusion = option(PrintConfusion.every, "When to print the valid confusion matrix: every "
+                                             "epoch, when the best epoch improves, or at the end of the stage.")
 
 
 @dataclass

@@ -328,3 +328,22 @@ def test_raw_frames_with_other_boxes_than_the_caches_are_refused(dataset, body_c
     split = next(s for s in ("train", "val", "test") if video_id in (dataset.root / f"{s}.txt").read_text())
     with pytest.raises(CacheError, match=f"the face/body boxes of clip '{video_id}' differ"):
         split_dataset(cfg, split, False, build_model(cfg, torch.device("cpu"))[1].preprocess, cache, "raw")
+
+
+# ------------------------------------------------------------------------------------------ the per-epoch log
+
+@pytest.mark.parametrize("when, tables", [("every", 3), ("end", 1)])
+def test_the_epoch_log_has_best_train_and_valid_pairs_and_prints_confusion_as_asked(when, tables, dataset, zarr_cache,
+                                                                                   weights, tmp_path):
+    cfg = make_config(dataset, zarr_cache[0], weights, tmp_path / "run", epochs_stage2=3, print_confusion=when)
+    out = io.StringIO()
+    train_stage(cfg, 2, Console(file=out, width=250))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for r in records:  # the best train pair is one epoch's pair, like the valid one
+        best = records[r["best_train_epoch"]]
+        assert (r["best_train_war"], r["best_train_uar"]) == (best["train_war"], best["train_uar"])
+        assert best["train_uar"] == max(x["train_uar"] for x in records[: r["epoch"] + 1])
+        assert "valid_confusion" in r  # always recorded
+    lines = [line for line in out.getvalue().splitlines() if line.startswith("stage 2 epoch")]
+    assert len(lines) == 3 and all("best train (ep" in line and "best valid (ep" in line for line in lines)
+    assert out.getvalue().count("valid confusion matrix") == tables

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from .. import runtime
 from ..cache import FeatureCache
-from ..config import IECBase, Optimizer, RunConfig, Scheduler, Source, save_config
+from ..config import IECBase, Optimizer, PrintConfusion, RunConfig, Scheduler, Source, save_config
 from ..data.loaders import (
     check_splits_disjoint,
     class_counts,
@@ -116,6 +116,8 @@ class Stage:
     skipped: dict = field(default_factory=dict)  # {split: clips left out because caer extract skipped them}
     start_epoch: int = 0
     best: dict = field(default_factory=lambda: {"valid_uar": -1.0, "valid_war": -1.0, "epoch": -1})
+    best_train: dict = field(default_factory=lambda: {"train_uar": -1.0, "train_war": -1.0, "epoch": -1})
+    best_confusion: list | None = None  # the best epoch's valid confusion matrix
 
     @property
     def epochs(self) -> int:
@@ -248,6 +250,7 @@ def _resume_or_start(s: Stage, last: dict | None) -> None:
     s.scheduler.load_state_dict(last["scheduler"])
     s.scaler.load_state_dict(last["scaler"])
     s.start_epoch, s.best = last["epoch"] + 1, last["best"]
+    s.best_train, s.best_confusion = last.get("best_train", s.best_train), last.get("best_confusion")
     if s.rank == 0:
         _drop_metrics_after(s.paths.metrics, s.number, last["epoch"])
     runtime.set_rng_state(last["rng"])
@@ -336,8 +339,9 @@ def epoch_record(s: Stage, epoch: int, train_cm: np.ndarray, sums: dict, val_cm:
     }
 
 
-def record_epoch(s: Stage, epoch: int, record: dict) -> None:
-    """Update the best, then write the metrics line, the best checkpoint (if improved) and the last one.
+def record_epoch(s: Stage, epoch: int, record: dict) -> bool:
+    """Update the bests, then write the metrics line, the best checkpoint (if improved) and the last one;
+    whether this epoch became the best.
 
     In this order, a run stopped anywhere in between resumes from the previous last checkpoint,
     drops the lines logged after it and redoes this epoch.
@@ -347,13 +351,18 @@ def record_epoch(s: Stage, epoch: int, record: dict) -> None:
     improved = trained and record["valid_uar"] >= s.best["valid_uar"]
     if improved:
         s.best = {"valid_uar": record["valid_uar"], "valid_war": record["valid_war"], "epoch": epoch}
+        s.best_confusion = record["valid_confusion"]
+    if trained and record["train_uar"] >= s.best_train["train_uar"]:  # the same rule, on the training split
+        s.best_train = {"train_uar": record["train_uar"], "train_war": record["train_war"], "epoch": epoch}
     record |= {"trained": trained, "best_epoch": s.best["epoch"], "best_war": s.best["valid_war"],
-               "best_uar": s.best["valid_uar"]}
+               "best_uar": s.best["valid_uar"], "best_train_epoch": s.best_train["epoch"],
+               "best_train_war": s.best_train["train_war"], "best_train_uar": s.best_train["train_uar"]}
     own_encoder = s.number == 3 or is_finetuned(s.encoder)
     checkpoint = {
         "stage": s.number, "epoch": epoch, "model": model_state(s.model, with_image_encoder=own_encoder),
         "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(), "scaler": s.scaler.state_dict(),
-        "rng": runtime.rng_state(), "config": s.cfg.to_dict(), "best": s.best, "classes": s.cfg.model.classes,
+        "rng": runtime.rng_state(), "config": s.cfg.to_dict(), "best": s.best, "best_train": s.best_train,
+        "best_confusion": s.best_confusion, "classes": s.cfg.model.classes,
         "encoder": finetuned_identity(s.model, s.encoder) if own_encoder else s.encoder,
         "cache_fingerprint": s.cache.fingerprint if s.cache else None, "metrics": record,
     }
@@ -361,6 +370,7 @@ def record_epoch(s: Stage, epoch: int, record: dict) -> None:
     if improved:
         save_checkpoint(checkpoint, s.paths.best)
     save_checkpoint(checkpoint, s.paths.last)
+    return improved
 
 
 def _append_metrics(path: Path, record: dict) -> None:
@@ -368,16 +378,28 @@ def _append_metrics(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def show_epoch(s: Stage, epoch: int, record: dict, val_cm: np.ndarray) -> None:
+def show_epoch(s: Stage, epoch: int, record: dict, improved: bool) -> None:
+    """One line per epoch (the method's log: train, valid, best train and best valid pairs), and the valid
+    confusion matrix as ``--print-confusion`` says."""
+    bt, bv = s.best_train, s.best
     s.console.print(
-        f"stage {s.number} epoch {epoch + 1:>3}/{s.epochs}  loss {record['losses']['loss']:.4f}  "
+        f"stage {s.number} epoch {epoch + 1:>3}/{s.epochs}  loss {record['losses']['loss']:.4f} | "
         f"train WAR {record['train_war']:6.2f} UAR {record['train_uar']:6.2f} | "
         f"valid WAR {record['valid_war']:6.2f} UAR {record['valid_uar']:6.2f} | "
-        f"best (epoch {s.best['epoch'] + 1}) WAR {s.best['valid_war']:6.2f} UAR {s.best['valid_uar']:6.2f}  "
-        f"({record['seconds']:.1f}s)",
-        highlight=False,
+        f"best train (ep {bt['epoch'] + 1}) {bt['train_war']:6.2f} {bt['train_uar']:6.2f} | "
+        f"best valid (ep {bv['epoch'] + 1}) {bv['valid_war']:6.2f} {bv['valid_uar']:6.2f} | {record['seconds']:.1f}s",
+        highlight=False, soft_wrap=True,
     )
-    s.console.print(confusion_table(val_cm, s.cfg.model.classes, f"valid confusion matrix, epoch {epoch + 1}"))
+    when = s.cfg.run.print_confusion
+    if when == PrintConfusion.every or (when == PrintConfusion.best and improved):
+        s.console.print(confusion_table(np.array(record["valid_confusion"]), s.cfg.model.classes,
+                                        f"valid confusion matrix, epoch {epoch + 1}"))
+
+
+def show_stage_end(s: Stage) -> None:
+    if s.cfg.run.print_confusion == PrintConfusion.end and s.best_confusion is not None:
+        s.console.print(confusion_table(np.array(s.best_confusion), s.cfg.model.classes,
+                                        f"valid confusion matrix of the best epoch ({s.best['epoch'] + 1})"))
 
 
 # ------------------------------------------------------------------------------------ recipes
@@ -402,9 +424,10 @@ def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
             val_cm = validate(s, progress) if s.rank == 0 else None
         if s.rank == 0:  # rank 0 validates and records the epoch
             record = epoch_record(s, epoch, train_cm, sums, val_cm, time.perf_counter() - start, rates)
-            record_epoch(s, epoch, record)
-            show_epoch(s, epoch, record, val_cm)
+            show_epoch(s, epoch, record, record_epoch(s, epoch, record))
         runtime.barrier()
+    if s.rank == 0:
+        show_stage_end(s)
     best = runtime.gather(s.best)[0]
     if not s.paths.best.exists():
         raise RuntimeError(f"stage {stage} has no best checkpoint: nothing trained in any of its epochs (the MI and DC "
