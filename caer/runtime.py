@@ -31,7 +31,8 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
     """The autocast dtype on this device: bf16, or fp16 where bf16 is unsupported; None off CUDA."""
     if device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # emulated bf16 (e.g. a T4) is slower than fp16 with a grad scaler: ask for bf16 only where the hardware has it
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def autocast(device: torch.device, enabled: bool = True):
