@@ -22,10 +22,12 @@ from rich.markup import escape
 from .config import (
     EVAL_OVERRIDES,
     TTA,
+    CompareConfig,
     DemoConfig,
     EvalConfig,
     ExtractConfig,
     InitWeightsConfig,
+    PlotConfig,
     RunConfig,
     SynthConfig,
     VerifyConfig,
@@ -128,8 +130,9 @@ def friendly_errors(fn):
 
 CONFIG_FILE = inspect.Parameter(
     "config", inspect.Parameter.KEYWORD_ONLY, default=None,
-    annotation=Annotated[Optional[str], typer.Option(
-        "--config", "-c", help="YAML config (a path, or a shipped one: raer, tiny). Flags win over it.",
+    annotation=Annotated[Optional[list[str]], typer.Option(
+        "--config", "-c", help="YAML config (a path, or a shipped one: raer, tiny, ablations/no_eaa, ...). Repeat it to "
+        "apply several in order (-c raer -c ablations/no_eaa): a later file's keys win. Flags win over them all.",
         rich_help_panel="Run")],
 )
 
@@ -144,6 +147,7 @@ def demo(values: dict):
 
     Examples:
       [cyan]caer demo[/]
+      [cyan]caer demo --ablations[/]   (then the full model and six ablations, compared in one table)
       [cyan]caer demo --model ViT-B-32 --pretrained openai --device auto[/]
     """
     from .pipeline.demo import demo as run_demo
@@ -217,7 +221,7 @@ def train(values: dict):
     from .pipeline.train import run
     from .runtime import rank
 
-    config = values.pop("config")
+    config = values.pop("config") or None
     results = run(load_config(config, {k: v for k, v in values.items() if v not in (None, [])}), console)
     if rank() != 0:
         return  # under torchrun, rank 0 reports
@@ -251,6 +255,48 @@ def eval_(values: dict):
     if cfg.plot:
         report.plot(Path(cfg.plot))
         console.print(f"confusion matrix picture: {cfg.plot}")
+
+
+@app.command(rich_help_panel="Results")
+@friendly_errors
+@flags_of(PlotConfig)
+def plot(values: dict):
+    """Draw the training curves of a run (WAR/UAR, loss terms, MI/DC weights, learning rates; one column per stage).
+
+    caer train writes RUN_DIR/curves.png at the end of every stage; this redraws it, e.g. while a run is going on.
+
+    Example: [cyan]caer plot runs/raer -o raer-curves.png[/]
+    """
+    from .pipeline.curves import write_curves
+
+    cfg = PlotConfig(**values)
+    console.print(f"training curves: {write_curves(cfg.run_dir, cfg.out)}", highlight=False, soft_wrap=True)
+
+
+@app.command(rich_help_panel="Results")
+@friendly_errors
+@flags_of(CompareConfig)
+def compare(values: dict):
+    """One table of several runs: the settings that differ, best epoch, valid and test WAR/UAR, per-class test recall.
+
+    Never columns: settings that say only where a run writes or how it reports (run_dir, resume, workers, print_confusion, tensorboard).
+
+    Test columns are blank for a run without test_report.json.
+
+    Examples:
+      [cyan]caer compare runs/full runs/no_eaa runs/no_iec[/]
+      [cyan]caer compare runs/* --markdown --csv runs.csv[/]
+    """
+    from .pipeline.compare import compare_runs, markdown_table, rich_tables, write_csv
+
+    cfg = CompareConfig(**values)
+    columns, rows = compare_runs(cfg.run_dirs)
+    if cfg.markdown:
+        console.print(markdown_table(columns, rows), markup=False, highlight=False, soft_wrap=True)
+    else:
+        console.print(*rich_tables(columns, rows))
+    if cfg.csv:
+        console.print(f"table: {write_csv(columns, rows, cfg.csv)}", highlight=False, soft_wrap=True)
 
 
 cache_app = typer.Typer(help="Look after a feature cache.", rich_markup_mode="rich", no_args_is_help=True,

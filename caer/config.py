@@ -5,7 +5,8 @@ or parts (other records). The CLI builds its flags from these declarations, conf
 same names as keys, and both are checked against the same types, choices and ranges.
 
 Run configs are flat in files (``lr: 0.01``, not ``optim: {lr: 0.01}``): every key is also a flag.
-Values come from the defaults, then a YAML file (``--config``), then the flags that were given.
+Values come from the defaults, then the YAML files (``--config``, repeatable: later files win), then the
+flags that were given.
 """
 
 import dataclasses
@@ -397,6 +398,8 @@ class RunDirConfig:
     seed: int = option(0, "Random seed (data order, sampled frames, init).")
     print_confusion: PrintConfusion = option(PrintConfusion.every, "When to print the valid confusion matrix: every "
                                              "epoch, when the best epoch improves, or at the end of the stage.")
+    tensorboard: bool = option(False, "Also log each epoch's scalars and valid confusion matrix to RUN_DIR/tensorboard "
+                               "(needs pip install -e '.[tensorboard]').")
 
 
 @dataclass
@@ -544,19 +547,40 @@ class DemoConfig:
     pretrained: str | None = option(None, "Weights for --model: an open_clip tag or a local file.",
                                     shown="random tiny weights")
     device: str = option("cpu", "auto, cpu, cuda or cuda:N.")
+    ablations: bool = option(False, "After the demo, train the full model and each configs/ablations file (stages 1 "
+                             "and 2; --epochs, else 15, stage-2 epochs) and print their caer compare table.")
+
+
+@dataclass
+class PlotConfig:
+    """``caer plot``: the training curves of a run."""
+
+    PANEL = "Options"
+    run_dir: str = option(None, "Run directory of caer train (holds metrics.jsonl).", argument=True)
+    out: str | None = option(None, "PNG to write.", flags=("--out", "-o"), shown="RUN_DIR/curves.png")
+
+
+@dataclass
+class CompareConfig:
+    """``caer compare``: one table of several runs."""
+
+    PANEL = "Options"
+    run_dirs: list[str] = option(help="Run directories of caer train.", factory=list, argument=True)
+    markdown: bool = option(False, "Print the table as Markdown instead of a console table.")
+    csv: str | None = option(None, "Also write the table to this CSV file.")
 
 
 # ------------------------------------------------------------------------------------------ files
 
 def resolve_config_path(path: str | Path) -> Path:
-    """A config file path, or the name of a shipped config (``raer``, ``tiny``)."""
+    """A config file path, or the name of a shipped config (``raer``, ``tiny``, ``ablations/no_eaa``, ...)."""
     p = Path(path)
     if p.is_file():
         return p
-    shipped = CONFIG_DIR / f"{p.name}.yaml"
-    if not p.suffix and shipped.is_file():
+    shipped = CONFIG_DIR / f"{p.as_posix()}.yaml"
+    if not p.suffix and not p.is_absolute() and shipped.is_file():
         return shipped
-    names = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
+    names = ", ".join(sorted(q.relative_to(CONFIG_DIR).with_suffix("").as_posix() for q in CONFIG_DIR.rglob("*.yaml")))
     raise FileNotFoundError(f"--config {path}: no such file (shipped configs: {names})")
 
 
@@ -578,11 +602,16 @@ def read_config_file(path: str | Path) -> dict:
     return values
 
 
-def load_config(path: str | Path | None = None, overrides: dict | None = None) -> RunConfig:
-    """Defaults, then the YAML file, then ``overrides`` (flags that were given; None values are ignored)."""
-    values = read_config_file(path) if path is not None else {}
-    where = str(resolve_config_path(path)) if path is not None else "config"
-    cfg = from_flat(RunConfig, values, where)
+def load_config(path: str | Path | list | tuple | None = None, overrides: dict | None = None) -> RunConfig:
+    """Defaults, then the YAML file(s) in order (a later file's keys win), then ``overrides`` (flags that were
+    given; None values are ignored). Each file's keys are checked naming that file."""
+    paths = [] if path is None else list(path) if isinstance(path, (list, tuple)) else [path]
+    values: dict = {}
+    for one in paths:
+        mine = read_config_file(one)
+        from_flat(RunConfig, mine, str(resolve_config_path(one)))  # checked on its own, so errors name its file
+        values |= mine
+    cfg = from_flat(RunConfig, values, str(resolve_config_path(paths[-1])) if len(paths) == 1 else "config")
     if overrides:
         cfg = replace_options(cfg, overrides)
     check_config(cfg)

@@ -75,28 +75,35 @@ class Report:
 
     def plot(self, path: Path) -> None:
         """PNG of the row-normalised confusion matrix with class names and values in the cells."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        cm = self.confusion
-        norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-        n = len(self.classes)
-        fig, ax = plt.subplots(figsize=(1.3 * n + 2.5, 1.1 * n + 2))
-        im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-        ax.set_xticks(range(n), self.classes, rotation=35, ha="right")
-        ax.set_yticks(range(n), self.classes)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
         d = self.as_dict()
-        ax.set_title(f"{self.split}: WAR {d['war']:.2f}%  UAR {d['uar']:.2f}%")
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, f"{100 * norm[i, j]:.0f}%\n({cm[i, j]})", ha="center", va="center", fontsize=9,
-                        color="white" if norm[i, j] > 0.5 else "black")
-        fig.colorbar(im, ax=ax, fraction=0.046)
-        fig.tight_layout()
+        fig = confusion_figure(self.confusion, self.classes, f"{self.split}: WAR {d['war']:.2f}%  UAR {d['uar']:.2f}%")
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)
+        import matplotlib.pyplot as plt
+
         plt.close(fig)
+
+
+def confusion_figure(cm: np.ndarray, classes: list[str], title: str):
+    """A matplotlib figure (Agg) of the row-normalised confusion matrix, rows = true class, with each cell's share and count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1.3 * n + 2.5, 1.1 * n + 2))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), classes, rotation=35, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{100 * norm[i, j]:.0f}%\n({cm[i, j]})", ha="center", va="center", fontsize=9,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig

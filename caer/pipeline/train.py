@@ -43,6 +43,7 @@ from ..model.caer_model import STAGE_GROUPS, CAERModel
 from ..model.checkpoint import build_model, finetuned_identity, is_finetuned, load_checkpoint, model_state, save_checkpoint
 from ..model.losses import CAERLoss
 from ..model.metrics import confusion_matrix, uar, war
+from .curves import TensorBoardLog, check_tensorboard, write_curves
 from .display import confusion_table, progress_bar
 from .evaluate import evaluate, note_left_out, predict
 
@@ -408,26 +409,35 @@ def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
     """Train one stage; returns where its checkpoints are. ``init_from``: the previous stage's best checkpoint.
 
     Under ``torchrun`` it trains with DDP: every rank takes its share of each epoch's batches, and rank 0
-    alone validates, writes checkpoints and metrics, and prints.
+    alone validates, writes checkpoints, metrics, curves (and TensorBoard events), and prints.
     """
     s = setup_stage(cfg, stage, console, init_from)
+    board = (TensorBoardLog(s.paths.run_dir, stage, s.start_epoch, s.cfg.model.classes)
+             if s.cfg.run.tensorboard and s.rank == 0 else None)
     groups = ", ".join(g for g in STAGE_GROUPS[stage] if s.model.parameter_groups()[g])
     s.console.rule(f"stage {stage}: training {groups} from the {s.source}"
                    + (f" on {s.world} processes" if s.world > 1 else ""))
     rates = ", ".join(f"{g['name']} {g['lr']:g}" for g in s.optimizer.param_groups)
     s.console.print(f"learning rates at the start of stage {stage}: {rates}", highlight=False)
-    for epoch in range(s.start_epoch, s.epochs):
-        start = time.perf_counter()
-        rates = {g["name"]: g["lr"] for g in s.optimizer.param_groups}  # before this epoch's scheduler step
-        with progress_bar(s.console) as progress:
-            train_cm, sums = train_one_epoch(s, epoch, progress)
-            val_cm = validate(s, progress) if s.rank == 0 else None
-        if s.rank == 0:  # rank 0 validates and records the epoch
-            record = epoch_record(s, epoch, train_cm, sums, val_cm, time.perf_counter() - start, rates)
-            show_epoch(s, epoch, record, record_epoch(s, epoch, record))
-        runtime.barrier()
+    try:
+        for epoch in range(s.start_epoch, s.epochs):
+            start = time.perf_counter()
+            rates = {g["name"]: g["lr"] for g in s.optimizer.param_groups}  # before this epoch's scheduler step
+            with progress_bar(s.console) as progress:
+                train_cm, sums = train_one_epoch(s, epoch, progress)
+                val_cm = validate(s, progress) if s.rank == 0 else None
+            if s.rank == 0:  # rank 0 validates and records the epoch
+                record = epoch_record(s, epoch, train_cm, sums, val_cm, time.perf_counter() - start, rates)
+                show_epoch(s, epoch, record, record_epoch(s, epoch, record))
+                if board is not None:
+                    board.epoch(record)
+            runtime.barrier()
+    finally:
+        if board is not None:
+            board.close()
     if s.rank == 0:
         show_stage_end(s)
+        s.console.print(f"training curves: {write_curves(s.paths.run_dir)}", highlight=False, soft_wrap=True)
     best = runtime.gather(s.best)[0]
     if not s.paths.best.exists():
         raise RuntimeError(f"stage {stage} has no best checkpoint: nothing trained in any of its epochs (the MI and DC "
@@ -453,6 +463,8 @@ def _starting_checkpoint(cfg: RunConfig, console: Console) -> Path | None:
 def run(cfg: RunConfig, console: Console | None = None) -> list[StageResult]:
     """``caer train``: one stage, or 1 -> 2 -> 3 with ``--staged-training``, each from the last one's best."""
     console = console or Console()
+    if cfg.run.tensorboard:
+        check_tensorboard()
     stages = stages_to_run(cfg)
     check_test_in_cache(cfg, stages)
     init = _starting_checkpoint(cfg, console)

@@ -1,0 +1,160 @@
+"""``caer compare``: one table of several runs, a row per run.
+
+Each row holds the settings that differ between the runs (from each run's ``config.yaml``), the best epoch of
+the run's last stage and its valid WAR/UAR (the last record of that stage in ``metrics.jsonl``), and the test
+WAR/UAR and per-class recall of ``test_report.json`` (blank when a run has none).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from rich import box
+from rich.table import Table
+
+from ..config import RunConfig, options
+from .curves import read_metrics
+
+# settings that say where a run writes or how it reports, not what it computes: never a column
+IGNORED = ("run_dir", "resume", "print_confusion", "tensorboard", "workers")
+BLANK = ""
+
+
+@dataclass
+class RunSummary:
+    """What ``caer compare`` reads from one run directory."""
+
+    path: Path
+    config: dict
+    stage: int | None = None
+    best_epoch: int | None = None  # 1-based, as the console prints it
+    valid_war: float | None = None
+    valid_uar: float | None = None
+    test_war: float | None = None
+    test_uar: float | None = None
+    recall: dict[str, float] = field(default_factory=dict)
+
+
+def read_run(run_dir: str | Path) -> RunSummary:
+    """The config, best valid pair and test report of a run directory (test fields None without a report)."""
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise ValueError(f"{run_dir}: no config.yaml (is it a caer train run directory?)")
+    summary = RunSummary(run_dir, yaml.safe_load(config_file.read_text()) or {})
+    metrics = run_dir / "metrics.jsonl"
+    records = read_metrics(metrics) if metrics.is_file() else []
+    if records:
+        last_stage = max(int(r["stage"]) for r in records)
+        last = [r for r in records if int(r["stage"]) == last_stage][-1]
+        summary.stage = last_stage
+        if last.get("best_epoch", -1) >= 0:
+            summary.best_epoch = last["best_epoch"] + 1
+            summary.valid_war, summary.valid_uar = last["best_war"], last["best_uar"]
+    report = run_dir / "test_report.json"
+    if report.is_file():
+        test = json.loads(report.read_text())
+        summary.test_war, summary.test_uar = test["war"], test["uar"]
+        summary.recall = {row["name"]: row["recall"] for row in test["per_class"]}
+    return summary
+
+
+def differing_settings(configs: list[dict]) -> list[str]:
+    """The config keys whose values are not the same in every run (a key missing from a run counts as differing),
+    in the order ``caer train --help`` lists them; ``IGNORED`` keys never."""
+    declared = [f.name for f, _ in options(RunConfig)]
+    keys = declared + sorted({k for c in configs for k in c} - set(declared))
+    missing = object()
+    return [k for k in keys if k not in IGNORED and len({repr(c.get(k, missing)) for c in configs}) > 1]
+
+
+def _setting(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
+def _number(value: float | int | None) -> str:
+    if value is None:
+        return BLANK
+    return str(value) if isinstance(value, int) else f"{value:.2f}"
+
+
+def compare_runs(run_dirs: list[str | Path]) -> tuple[list[str], list[list[str]]]:
+    """(column names, one row of cells per run). The run column is the folder name, or the path as given when
+    two runs share a name."""
+    if not run_dirs:
+        raise ValueError("caer compare needs at least one run directory")
+    runs = [read_run(d) for d in run_dirs]
+    settings = differing_settings([r.config for r in runs])
+    classes = list(dict.fromkeys(name for r in runs for name in r.recall))
+    names = [Path(d).name for d in run_dirs]
+    labels = names if len(set(names)) == len(names) else [str(d) for d in run_dirs]
+    columns = ["run", *settings, "stage", "best epoch", "valid WAR", "valid UAR", "test WAR", "test UAR",
+               *(f"{c} recall" for c in classes)]
+    rows = []
+    for label, r in zip(labels, runs):
+        rows.append([label, *(_setting(r.config.get(k)) for k in settings), _number(r.stage), _number(r.best_epoch),
+                     _number(r.valid_war), _number(r.valid_uar), _number(r.test_war), _number(r.test_uar),
+                     *(_number(r.recall.get(c)) for c in classes)])
+    return columns, rows
+
+
+def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-flavoured Markdown table (numbers right-aligned)."""
+
+    def line(cells):
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(columns), line(["---:" if _is_number(c) else "---" for c in columns]),
+                      *(line(row) for row in rows)])
+
+
+def _is_number(column: str) -> bool:
+    return column in ("stage", "best epoch", "valid WAR", "valid UAR", "test WAR", "test UAR") or column.endswith(" recall")
+
+
+def write_csv(columns: list[str], rows: list[list[str]], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    return path
+
+
+def rich_tables(columns: list[str], rows: list[list[str]], title: str | None = None) -> list[Table]:
+    """The console form, as two tables that fit a narrow console: the settings with the valid and test pairs, and
+    the test recall per class. Numbers never wrap; a setting too long for the console folds."""
+    recall = [i for i, c in enumerate(columns) if c.endswith(" recall")]
+    main = [i for i in range(len(columns)) if i not in recall]
+    tables = [_table([columns[i] for i in main], [[row[i] for i in main] for row in rows], title)]
+    if recall:
+        tables.append(_table(["run", *(columns[i].removesuffix(" recall") for i in recall)],
+                             [[row[0], *(row[i] for i in recall)] for row in rows], "test recall per class (%)",
+                             numbers=len(recall)))
+    return tables
+
+
+def _table(columns: list[str], rows: list[list[str]], title: str | None, numbers: int = 0) -> Table:
+    """A compact table, headers over two lines; ``numbers``: the last so many columns hold numbers (else told by
+    their names)."""
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    for i, c in enumerate(columns):
+        number = _is_number(c) or i >= len(columns) - numbers
+        table.add_column(c.replace(" ", "\n").replace("_", "_\n", 1), justify="right" if number else "left",
+                         no_wrap=number, overflow="ellipsis" if number else "fold")
+    for row in rows:
+        table.add_row(*row)
+    return table

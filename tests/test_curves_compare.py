@@ -1,0 +1,220 @@
+"""Seeing and comparing runs (issue 13): training curves, TensorBoard events, `caer compare`, stacked config files
+and the ablation configs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+
+import pytest
+import yaml
+from rich.console import Console
+
+from caer.config import CONFIG_DIR, load_config, to_flat
+from caer.pipeline import train as train_module
+from caer.pipeline.compare import compare_runs, read_run
+from caer.pipeline.curves import curve_data, epoch_scalars, read_metrics
+from caer.pipeline.demo import ABLATIONS, run_ablations
+from conftest import assert_in_output, run_cli
+
+PNG = b"\x89PNG\r\n\x1a\n"
+RESULT_COLUMNS = ["stage", "best epoch", "valid WAR", "valid UAR", "test WAR", "test UAR"]
+
+
+def run_values(dataset, cache, weights, run_dir, **overrides) -> dict:
+    """Flat options of a tiny run on the session dataset (2 training clips, batch 1: 2 steps per epoch)."""
+    train_list, val_list, test_list = map(str, dataset.annotations)
+    return dict(pretrained=str(weights), train_list=train_list, val_list=val_list, test_list=test_list,
+                cache=str(cache), face_boxes=str(dataset.face_boxes), run_dir=str(run_dir), workers=0, device="cpu",
+                batch_size=1) | overrides
+
+
+def train(dataset, cache, weights, run_dir, **overrides):
+    values = run_values(dataset, cache, weights, run_dir, **overrides)
+    return train_module.run(load_config("tiny", values), Console(file=io.StringIO(), width=200))
+
+
+def metrics(run_dir) -> list[dict]:
+    return read_metrics(run_dir / "metrics.jsonl")
+
+
+# ------------------------------------------------------------------------------------------ curves
+
+def test_curve_data_has_one_point_per_epoch_per_series_and_each_stage_writes_the_png(dataset, zarr_cache, weights,
+                                                                                   tmp_path, monkeypatch):
+    drawn = []
+    real = train_module.write_curves
+    monkeypatch.setattr(train_module, "write_curves", lambda run_dir: drawn.append(real(run_dir)) or drawn[-1])
+    run_dir = tmp_path / "run"
+    train(dataset, zarr_cache[0], weights, run_dir, staged_training=True, epochs_stage1=2, epochs_stage2=3,
+          epochs_stage3=0, test_list=None)
+    assert drawn == [run_dir / "curves.png"] * 2  # at the end of each stage
+    assert (run_dir / "curves.png").read_bytes()[:8] == PNG
+
+    records = metrics(run_dir)
+    data = curve_data(records)
+    assert sorted(data) == [1, 2]  # one column of panels per stage present
+    common = {"accuracy/train_war", "accuracy/valid_war", "accuracy/train_uar", "accuracy/valid_uar", "loss/loss",
+              "loss/cls", "loss/mi", "loss/dc", "weight/w_mi", "weight/w_dc"}
+    groups = {1: {"lr/prompt"}, 2: {"lr/adapter", "lr/temporal"}}
+    for stage, epochs in ((1, 2), (2, 3)):
+        mine = [r for r in records if r["stage"] == stage]
+        assert data[stage]["epochs"] == list(range(1, epochs + 1))  # 1-based, as the console prints them
+        assert set(data[stage]["series"]) == common | groups[stage]
+        for name, values in data[stage]["series"].items():
+            assert len(values) == epochs, name  # one point per epoch per series
+            assert values == [epoch_scalars(r)[name] for r in mine], name
+        assert data[stage]["series"]["accuracy/valid_uar"] == [r["valid_uar"] for r in mine]
+        assert data[stage]["series"]["loss/mi"] == [r["losses"]["mi"] for r in mine]
+        assert data[stage]["series"]["weight/w_dc"] == [r["w_dc"] for r in mine]
+        assert data[stage]["series"]["lr/prompt" if stage == 1 else "lr/temporal"] == [
+            r["lr"]["prompt" if stage == 1 else "temporal"] for r in mine]
+        assert data[stage]["best_epoch"] == mine[-1]["best_epoch"] + 1
+
+    other = tmp_path / "elsewhere" / "c.png"
+    result = run_cli(["plot", str(run_dir), "-o", str(other)])
+    assert result.exit_code == 0, result.output
+    assert other.read_bytes()[:8] == PNG
+
+
+def test_plot_of_a_folder_without_metrics_is_one_line(tmp_path):
+    result = run_cli(["plot", str(tmp_path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert_in_output(f"{tmp_path}: no metrics.jsonl", result.output)
+
+
+# ------------------------------------------------------------------------------------------ compare
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, dataset, zarr_cache, weights):
+    """Two stage-2 runs that differ in exactly one setting (label smoothing), each with a test report."""
+    root = tmp_path_factory.mktemp("compare")
+    for name, smoothing in (("plain", 0.0), ("smooth", 0.2)):
+        train(dataset, zarr_cache[0], weights, root / name, stage=2, epochs_stage2=2, label_smoothing=smoothing)
+    return root / "plain", root / "smooth"
+
+
+def expected_cells(run_dir, report: bool = True) -> list[str]:
+    """The result cells of a run, read here from its own files."""
+    last = metrics(run_dir)[-1]
+    cells = ["2", str(last["best_epoch"] + 1), f"{last['best_war']:.2f}", f"{last['best_uar']:.2f}"]
+    if not report:
+        return cells + ["", ""] + [""] * 5
+    test = json.loads((run_dir / "test_report.json").read_text())
+    return cells + [f"{test['war']:.2f}", f"{test['uar']:.2f}"] + [f"{row['recall']:.2f}" for row in test["per_class"]]
+
+
+def test_compare_shows_the_one_differing_setting_and_each_runs_numbers(two_runs):
+    plain, smooth = two_runs
+    configs = [yaml.safe_load((d / "config.yaml").read_text()) for d in two_runs]
+    assert {k for k in configs[0] if configs[0][k] != configs[1][k]} == {"run_dir", "label_smoothing"}
+    columns, rows = compare_runs([plain, smooth])
+    classes = json.loads((plain / "test_report.json").read_text())["classes"]
+    assert columns == ["run", "label_smoothing", *RESULT_COLUMNS, *(f"{c} recall" for c in classes)]
+    assert rows[0] == ["plain", "0", *expected_cells(plain)]
+    assert rows[1] == ["smooth", "0.2", *expected_cells(smooth)]
+
+
+def test_compare_leaves_the_test_columns_blank_without_a_test_report(two_runs, tmp_path):
+    import shutil
+
+    plain, smooth = two_runs
+    untested = tmp_path / "untested"
+    shutil.copytree(smooth, untested)
+    (untested / "test_report.json").unlink()
+    assert read_run(untested).test_uar is None
+    columns, rows = compare_runs([plain, untested])
+    assert rows[0][2:] == expected_cells(plain)
+    assert rows[1][2:] == expected_cells(untested, report=False)
+
+
+def test_compare_cli_prints_markdown_and_writes_csv(two_runs, tmp_path):
+    plain, smooth = two_runs
+    table = tmp_path / "runs.csv"
+    result = run_cli(["compare", str(plain), str(smooth), "--markdown", "--csv", str(table)])
+    assert result.exit_code == 0, result.output
+    columns, rows = compare_runs([plain, smooth])
+    lines = [line for line in result.output.splitlines() if line.startswith("|")]
+    assert lines[0] == "| " + " | ".join(columns) + " |"
+    assert lines[2:] == ["| " + " | ".join(row) + " |" for row in rows]
+    with open(table, newline="") as f:
+        assert list(csv.reader(f)) == [columns, *rows]
+    console = run_cli(["compare", str(plain), str(smooth)])
+    assert console.exit_code == 0 and "test recall per class" in console.output
+
+
+def test_compare_of_a_folder_that_is_not_a_run_is_one_line(tmp_path):
+    result = run_cli(["compare", str(tmp_path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert_in_output(f"{tmp_path}: no config.yaml", result.output)
+
+
+# ------------------------------------------------------------------------------------------ TensorBoard
+
+def test_tensorboard_events_hold_each_epochs_scalars_and_confusion_matrix(dataset, zarr_cache, weights, tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (the optional extra: pip install -e '.[tensorboard]')")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    train(dataset, zarr_cache[0], weights, run_dir, stage=2, epochs_stage2=2, test_list=None, tensorboard=True)
+    events = EventAccumulator(str(run_dir / "tensorboard" / "stage2"))
+    events.Reload()
+    records = metrics(run_dir)
+    assert set(events.Tags()["scalars"]) == set(epoch_scalars(records[0]))
+    for name in epoch_scalars(records[0]):
+        logged = events.Scalars(name)
+        assert [e.step for e in logged] == [1, 2]
+        assert [e.value for e in logged] == pytest.approx([epoch_scalars(r)[name] for r in records], rel=1e-6), name
+    assert [e.step for e in events.Images("valid/confusion_matrix")] == [1, 2]
+
+
+def test_tensorboard_without_the_package_stops_before_training(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the extra were not installed
+    run_dir = tmp_path / "run"
+    result = run_cli(["train", "-c", "tiny", "--tensorboard", "--run-dir", str(run_dir), "--pretrained", "random"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert_in_output("--tensorboard needs the tensorboard package: pip install -e '.[tensorboard]'", result.output)
+    assert not run_dir.exists()
+
+
+# ------------------------------------------------------------------------------------------ config files, ablations
+
+@pytest.mark.parametrize("name", ABLATIONS)
+def test_each_ablation_file_changes_only_its_own_few_keys(name):
+    own = yaml.safe_load((CONFIG_DIR / "ablations" / f"{name}.yaml").read_text())
+    assert 1 <= len(own) <= 3
+    base, ablated = to_flat(load_config("tiny")), to_flat(load_config(["tiny", f"ablations/{name}"]))
+    assert {k for k in base if base[k] != ablated[k]} == set(own)
+    assert all(ablated[k] == v for k, v in own.items())
+
+
+def test_config_files_apply_in_order_and_each_is_checked_naming_it(tmp_path):
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("lr: 0.5\nbatch_size: 3\n")
+    second.write_text("lr: 0.25\n")
+    cfg = load_config(["tiny", first, second], {"batch_size": 4})
+    assert (cfg.optim.lr, cfg.optim.batch_size, cfg.model.num_frames) == (0.25, 4, 8)  # later file, then flags win
+    second.write_text("lr: fast\n")
+    result = run_cli(["train", "-c", "tiny", "-c", str(first), "-c", str(second)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert_in_output(f"{second}: lr: expected float, got 'fast'", result.output)
+    missing = run_cli(["train", "-c", "tiny", "-c", "ablations/no_such"])
+    assert missing.exit_code == 2
+    assert_in_output("ablations/no_eaa", missing.output)  # the shipped configs are listed
+
+
+@pytest.mark.slow
+def test_demo_ablations_train_each_config_and_compare_them(dataset, zarr_cache, weights, tmp_path):
+    base = run_values(dataset, zarr_cache[0], weights, None, staged_training=True, epochs_stage1=1, epochs_stage2=1)
+    out = io.StringIO()
+    columns, rows = run_ablations(tmp_path / "ablations", base, Console(file=out, width=250))
+    assert [row[0] for row in rows] == ["full", *ABLATIONS]
+    assert columns[:6] == ["run", "streams", "adapter", "slerp_weight", "lambda_mi", "lambda_dc"]
+    settings = {row[0]: row[1:6] for row in rows}
+    assert settings["full"] == ["both", "true", "0.2", "0.1", "0.1"]
+    assert settings["no_eaa"][1] == "false" and settings["no_iec"][2] == "0" and settings["no_mi"][3] == "0"
+    assert settings["no_dc"][4] == "0" and settings["face_only"][0] == "face" and settings["context_only"][0] == "context"
+    assert all(row[6] == "2" and row[11] != "" for row in rows)  # stages 1 and 2; each with a test report
+    assert "test recall per class" in out.getvalue()
