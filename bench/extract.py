@@ -2,9 +2,10 @@
 
 Measures, with the same model, device, batch size and autocast:
   (a) the bare encoder's images/s on ready, already-normalised tensors on the device, and
-  (b) `caer extract`'s images/s end to end (decode, crop, letterbox, resize in DataLoader workers;
-      normalise + encode on the device; write float16 features) on a synthetic RAER dataset,
-and prints both and their ratio. The goal is a ratio of at least 0.85: decoding, cropping and
+  (b) `caer extract`'s images/s end to end (decode, crop, letterbox, resize in DataLoader workers, or with
+      --decode tensor on a GPU: workers read bytes, the main process decodes and cuts on the GPU; normalise +
+      encode on the device; write float16 features) on a synthetic RAER dataset, once per --decode path,
+and prints both and their ratios. The goal is a ratio of at least 0.85: decoding, cropping and
 writing should hide behind the encoder. Model loading and warm-up are outside both timings.
 
 Not a test: run it by hand, e.g.
@@ -12,6 +13,7 @@ Not a test: run it by hand, e.g.
     .venv/bin/python bench/extract.py                                   # ViT-B-32, random weights
     .venv/bin/python bench/extract.py --model caer-tiny --clips 20      # a quick smoke run
     .venv/bin/python bench/extract.py --device cuda --workers 12 --repeat 40
+    .venv/bin/python bench/extract.py --device cuda --workers 4 --width 1280 --height 720 --decode pil tensor
 
 Images are counted as the encoder sees them: 2 per frame (face, context) times --views.
 """
@@ -32,6 +34,7 @@ import torch
 from machine import machine  # bench/machine.py (scripts run from bench/ are on sys.path)
 
 from caer import runtime
+from caer.cache import FeatureCache
 from caer.cache.store import CacheWriter
 from caer.config import ExtractConfig, SynthConfig, from_flat
 from caer.data.synth import synthesise
@@ -87,6 +90,93 @@ def time_encoder(clip_model: CLIPBackbone, batch_size: int, use_amp: bool, secon
     return n * batch_size / elapsed, n
 
 
+def time_extraction(args, settings, decode: str, clip_model: CLIPBackbone, enc_ips: float, annotations, tmp: Path,
+                    quiet) -> dict:
+    """One timed `caer extract` with one decode path (plus --diagnose's variants): its numbers, printed and returned."""
+    suffix = ".h5" if args.format == "h5" else ".zarr"
+    # time spent in the device step (H2D copy, normalise, encode, D2H; it waits for the GPU), and, with --decode
+    # tensor on a GPU, in the main process's decoding and cutting
+    spent = {"encode": 0.0, "decode": 0.0}
+    encode_pixels, decode_on_device = extract_module.encode_pixels, extract_module.decode_on_device
+
+    def timed(fn, key):
+        def run(*a, **kw):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[key] += time.perf_counter() - start
+        return run
+
+    extract_module.encode_pixels = timed(encode_pixels, "encode")
+    extract_module.decode_on_device = timed(decode_on_device, "decode")
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    start = time.perf_counter()
+    try:
+        summary = extract(settings(annotations, tmp / f"bench-{decode}{suffix}", decode), clip_model, quiet)
+    finally:
+        extract_module.encode_pixels, extract_module.decode_on_device = encode_pixels, decode_on_device
+    wall = time.perf_counter() - start
+    if profiler:
+        profiler.disable()
+    resolved = FeatureCache.open(tmp / f"bench-{decode}{suffix}").fingerprint["decode"]
+
+    images = summary.frames * 2 * args.views
+    ext_ips = images / wall
+    print(f"caer extract --decode {decode} ({resolved}): {ext_ips:,.1f} images/s ({summary.clips_extracted} clips, "
+          f"{summary.frames} frames, {images} images in {wall:.1f} s; {summary.frames_without_face} frames without a "
+          f"face box; workers {args.workers}, batch {args.batch_size}, views {args.views}, {args.width}x{args.height} "
+          "JPEGs)")
+    print(f"  of which in the device step (copy in, normalise, encode, copy out): {spent['encode']:.1f} s "
+          f"({100 * spent['encode'] / wall:.0f}%); the bare encoder would need {images / enc_ips:.1f} s")
+    if spent["decode"]:
+        print(f"  of which decoding and cutting in the main process: {spent['decode']:.1f} s "
+              f"({100 * spent['decode'] / wall:.0f}%)")
+    ratio = ext_ips / enc_ips
+    print(f"ratio extract / encoder: {ratio:.3f} ({'meets' if ratio >= 0.85 else 'misses'} the 0.85 goal)", flush=True)
+    if profiler:
+        import pstats
+
+        pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(25)
+    diagnostics = diagnose(args, settings, decode, clip_model, images, tmp, quiet) if args.diagnose else {}
+    return {"decode": resolved, "extract_images_per_s": ext_ips, "ratio": ratio, "frames": summary.frames,
+            "extract_seconds": wall, "device_step_seconds": spent["encode"], "decode_seconds": spent["decode"],
+            "diagnostics": diagnostics}
+
+
+def diagnose(args, settings, decode: str, clip_model: CLIPBackbone, images: int, tmp: Path, quiet) -> dict:
+    """Where the time goes: the same extraction with parts switched off (their features are not kept)."""
+    suffix = ".h5" if args.format == "h5" else ".zarr"
+    annotations = [tmp / "all.txt"]
+    write, encode_pixels = CacheWriter.write, extract_module.encode_pixels
+    dim, views = clip_model.embed_dim, args.views
+    switched = {
+        "no store writes": (lambda self, *a: None, None),
+        "no store writes, no encoder (decode + pack only)": (
+            lambda self, *a: None,
+            lambda clip, px, *a: torch.zeros(len(px), views, dim, dtype=torch.float16)),
+    }
+    diagnostics = {}
+    for i, (name, (fake_write, fake_encode)) in enumerate(switched.items()):
+        CacheWriter.write = fake_write
+        if fake_encode:
+            extract_module.encode_pixels = fake_encode
+        try:
+            start = time.perf_counter()
+            extract(settings(annotations, tmp / f"diag{i}-{decode}{suffix}", decode), clip_model, quiet)
+            seconds = time.perf_counter() - start
+        finally:
+            CacheWriter.write, extract_module.encode_pixels = write, encode_pixels
+        diagnostics[name] = images / seconds
+        print(f"  {name}: {images / seconds:,.1f} images/s ({seconds:.1f} s)", flush=True)
+    return diagnostics
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="ViT-B-32", help="open_clip model (caer-tiny for a quick run)")
@@ -108,6 +198,8 @@ def main(argv=None) -> None:
     p.add_argument("--writer-threads", type=int, help="diagnostic: run extract's store writes on N threads")
     p.add_argument("--diagnose", action="store_true",
                    help="also time extraction with store writes disabled, and with writes and encoder disabled")
+    p.add_argument("--decode", nargs="+", default=["pil"], choices=["pil", "tensor", "auto"],
+                   help="decode-and-crop path(s) to time, one extraction each (e.g. --decode pil tensor)")
     p.add_argument("--keep", action="store_true", help="keep the temporary dataset and cache")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
@@ -127,13 +219,13 @@ def main(argv=None) -> None:
         enc_ips, iters = time_encoder(clip_model, args.batch_size, use_amp, args.encoder_seconds)
         print(f"encoder only: {enc_ips:,.1f} images/s ({iters} batches of {args.batch_size}, {size} px)", flush=True)
 
-        def settings(ann: list[Path], out: Path) -> ExtractConfig:
+        def settings(ann: list[Path], out: Path, decode: str) -> ExtractConfig:
             # the loaded encoder is passed to extract(), so model/pretrained/device only describe it here
             return from_flat(ExtractConfig, {
                 "annotations": [str(a) for a in ann], "out": str(out), "face_boxes": str(face_boxes), "root": str(tmp),
                 "views": args.views, "format": args.format, "batch_size": args.batch_size, "workers": args.workers,
                 "use_amp": use_amp, "num_classes": 5, "model": args.model, "pretrained": args.pretrained,
-                "device": str(device),
+                "device": str(device), "decode": decode,
             }, where="bench/extract.py")
 
         from rich.console import Console
@@ -143,77 +235,23 @@ def main(argv=None) -> None:
             # extract's _ClipWriter makes its pool as ThreadPoolExecutor(max_workers=1), by the module's name
             extract_module.ThreadPoolExecutor = lambda max_workers: ThreadPoolExecutor(max_workers=args.writer_threads)
         suffix = ".h5" if args.format == "h5" else ".zarr"
-        extract(settings([tmp / "warmup.txt"], tmp / f"warmup{suffix}"), clip_model, quiet)  # warm-up
 
-        # time spent in the device step (H2D copy, normalise, encode, D2H; it waits for the GPU)
-        encode_time = [0.0]
-        encode_pixels = extract_module.encode_pixels
-
-        def timed_encode(*a, **kw):
-            start = time.perf_counter()
-            try:
-                return encode_pixels(*a, **kw)
-            finally:
-                encode_time[0] += time.perf_counter() - start
-
-        extract_module.encode_pixels = timed_encode
-        profiler = None
-        if args.profile:
-            import cProfile
-
-            profiler = cProfile.Profile()
-            profiler.enable()
-        start = time.perf_counter()
-        summary = extract(settings(annotations, tmp / f"bench{suffix}"), clip_model, quiet)
-        wall = time.perf_counter() - start
-        if profiler:
-            profiler.disable()
-        extract_module.encode_pixels = encode_pixels
-
-        images = summary.frames * 2 * args.views
-        ext_ips = images / wall
-        print(f"caer extract: {ext_ips:,.1f} images/s ({summary.clips_extracted} clips, {summary.frames} frames, "
-              f"{images} images in {wall:.1f} s; {summary.frames_without_face} frames without a face box; "
-              f"workers {args.workers}, batch {args.batch_size}, views {args.views}, {args.width}x{args.height} JPEGs)")
-        print(f"  of which in the device step (copy in, normalise, encode, copy out): {encode_time[0]:.1f} s "
-              f"({100 * encode_time[0] / wall:.0f}%); the bare encoder would need {images / enc_ips:.1f} s")
-        ratio = ext_ips / enc_ips
-        verdict = "meets" if ratio >= 0.85 else "misses"
-        print(f"ratio extract / encoder: {ratio:.3f} ({verdict} the 0.85 goal)")
-        if profiler:
-            import pstats
-
-            pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(25)
-        diagnostics = {}
-        if args.diagnose:
-            # Where the time goes: the same extraction with parts switched off (their features are not kept).
-            write = CacheWriter.write
-            dim, views = clip_model.embed_dim, args.views
-            switched = {
-                "no store writes": (lambda self, *a: None, None),
-                "no store writes, no encoder (decode + pack only)": (
-                    lambda self, *a: None,
-                    lambda clip, px, *a: torch.zeros(len(px), views, dim, dtype=torch.float16)),
-            }
-            for i, (name, (fake_write, fake_encode)) in enumerate(switched.items()):
-                CacheWriter.write = fake_write
-                if fake_encode:
-                    extract_module.encode_pixels = fake_encode
-                try:
-                    start = time.perf_counter()
-                    extract(settings(annotations, tmp / f"diag{i}{suffix}"), clip_model, quiet)
-                    seconds = time.perf_counter() - start
-                finally:
-                    CacheWriter.write, extract_module.encode_pixels = write, encode_pixels
-                diagnostics[name] = images / seconds
-                print(f"  {name}: {images / seconds:,.1f} images/s ({seconds:.1f} s)", flush=True)
+        results = {}
+        for decode in args.decode:
+            extract(settings([tmp / "warmup.txt"], tmp / f"warmup-{decode}{suffix}", decode), clip_model, quiet)  # warm-up
+            results[decode] = time_extraction(args, settings, decode, clip_model, enc_ips, annotations, tmp, quiet)
+        print("\n| decode | caer extract images/s | bare encoder images/s | ratio |\n|---|---:|---:|---:|")
+        for r in results.values():
+            print(f"| {r['decode']} | {r['extract_images_per_s']:,.1f} | {enc_ips:,.1f} | {r['ratio']:.3f} |")
         if args.json:
+            first = results[args.decode[0]]
             args.json.write_text(json.dumps({
                 "machine": machine(), "device": str(device), "model": args.model, "batch_size": args.batch_size,
                 "workers": args.workers, "views": args.views, "frame_size": [args.width, args.height],
-                "encoder_images_per_s": enc_ips, "extract_images_per_s": ext_ips, "ratio": ratio,
-                "frames": summary.frames, "extract_seconds": wall, "device_step_seconds": encode_time[0],
-                "writer_threads": args.writer_threads, "diagnostics": diagnostics,
+                "encoder_images_per_s": enc_ips, "writer_threads": args.writer_threads,
+                **{k: first[k] for k in ("extract_images_per_s", "ratio", "frames", "extract_seconds",
+                                         "device_step_seconds", "diagnostics")},
+                "by_decode": results,
             }, indent=1))
     finally:
         if args.writer_threads:  # undo the patch (run.py calls main() in-process)

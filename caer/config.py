@@ -95,6 +95,14 @@ class TTA(enum.StrEnum):
     flip = "flip"
 
 
+class Decode(enum.StrEnum):
+    """How a frame file becomes the encoder's pixels (its two views)."""
+
+    auto = "auto"  # the cache's; else tensor when the encoder runs on CUDA, else pil
+    pil = "pil"  # PIL decode and crops, open_clip's own transform: the reference
+    tensor = "tensor"  # torchvision decode (nvJPEG on CUDA), crops and resize as batched tensor operations
+
+
 # ------------------------------------------------------------------------------------------ declaring
 
 def option(default=None, help: str = "", *, flags: tuple[str, ...] = (), min: float | None = None,
@@ -245,22 +253,30 @@ class CropConfig:
     crop_body: bool | None = option(None, "Context view = the body box crop instead of the whole frame.", fallback=False)
     margin: float | None = option(None, "Pixels added around each face box.", min=0, fallback=20.0)
     frame_stride: int | None = option(None, "Keep every k-th frame.", min=1, fallback=1)
+    decode: Decode | None = option(None, "How frames are decoded and cut: pil (open_clip's own PIL transform, the "
+                                   "reference), tensor (torchvision decode, nvJPEG on CUDA; crops and resize as "
+                                   "batched tensor operations), or auto (the cache's, else tensor when the encoder "
+                                   "runs on CUDA).",
+                                   fallback=Decode.pil)
 
     def resolved(self, stored: dict | None = None, inputs: dict | None = None, strict: bool = True,
-                 where: str = "the cache") -> "CropConfig":
+                 where: str = "the cache", device=None) -> "CropConfig":
         """The geometry a run uses: the flags', else the store's (``stored``: its fingerprint; ``inputs``: the box
         files and root it was cut with), else the declared fallbacks. With ``strict``, a flag that contradicts the
-        store is refused, naming both values (extraction leaves that to the store's own fingerprint check)."""
+        store is refused, naming both values (extraction leaves that to the store's own fingerprint check).
+        ``--decode auto`` is the store's path, else tensor when ``device`` (the encoder's) is a CUDA device, else pil."""
         values = {}
         for f in dataclasses.fields(self):
-            geometry = f.metadata["fallback"] is not None  # margin, crop_body, frame_stride; else a path
+            geometry = f.metadata["fallback"] is not None  # margin, crop_body, frame_stride, decode; else a path
             given, kept = getattr(self, f.name), ((stored if geometry else inputs) or {}).get(f.name)
+            if f.name == "decode" and given == Decode.auto:
+                given = kept or (Decode.tensor if str(device).startswith("cuda") else Decode.pil)
             if strict and geometry and given is not None and kept is not None and given != kept:
                 raise ValueError(f"--{f.name.replace('_', '-')} {given} contradicts {where}, which was extracted "
                                  f"with {f.name} {kept}: drop the flag (or give the cache's value), or extract a "
                                  "new cache with it")
             value = given if given is not None else kept
-            values[f.name] = value if value is not None else f.metadata["fallback"]
+            values[f.name] = coerce(f, value if value is not None else f.metadata["fallback"], f"{where}: {f.name}")
         return CropConfig(**values)
 
 

@@ -2,7 +2,8 @@
 
     /                       root attributes:
         caer_schema         SCHEMA_VERSION
-        fingerprint         everything that determines the features (see ``fingerprint``)
+        fingerprint         everything that determines the features (see ``fingerprint``; a store without
+                            ``decode`` was made with pil)
         splits              {annotation file stem: [video ids]}
         skipped             ["file:line: reason", ...] clips left out by --skip-bad
         skipped_clips       [video ids] of those clips
@@ -30,11 +31,16 @@ def store_key(video_id: str) -> str:
     return urllib.parse.quote(video_id, safe="")
 
 
-def fingerprint(encoder_identity: dict, *, margin: float, crop_body: bool, views: int, frame_stride: int) -> dict:
+# keys added to the fingerprint after stores were written without them, with the value those stores were made with
+ADDED_KEYS = {"decode": "pil"}
+
+
+def fingerprint(encoder_identity: dict, *, margin: float, crop_body: bool, views: int, frame_stride: int,
+                decode: str = "pil") -> dict:
     """The record that says whether two caches hold comparable features.
 
     The boxes are not in it: each clip records a digest of its own boxes (``boxes_sha256``), so
-    fixing one clip's boxes redoes that clip only.
+    fixing one clip's boxes redoes that clip only. ``decode`` is the decode-and-crop path (pil or tensor).
     """
     return {
         "schema": SCHEMA_VERSION,
@@ -43,8 +49,14 @@ def fingerprint(encoder_identity: dict, *, margin: float, crop_body: bool, views
         "crop_body": crop_body,
         "views": views,
         "frame_stride": frame_stride,
+        "decode": str(decode),
         "dtype": "float16",
     }
+
+
+def with_added_keys(found: dict) -> dict:
+    """A stored fingerprint as this version reads it: a store written before a key existed has that key's old value."""
+    return {**ADDED_KEYS, **found}
 
 
 def differences(expected: dict, found: dict, prefix: str = "") -> list[str]:

@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 import zarr
 
-from .schema import CLIPS, SCHEMA_VERSION, STREAMS, differences, store_key
+from .schema import CLIPS, SCHEMA_VERSION, STREAMS, differences, store_key, with_added_keys
 
 try:
     import fcntl
@@ -87,12 +87,12 @@ def stored_fingerprint(path: str | Path, fmt: str = "auto") -> dict | None:
     if fmt == "h5" and path.is_file():
         try:
             with h5py.File(path, "r") as f:
-                return json.loads(f.attrs["fingerprint"])
+                return with_added_keys(json.loads(f.attrs["fingerprint"]))
         except (OSError, KeyError, ValueError):
             return None
     staged = _staging_path(path) if fmt == "h5" else path
     attrs = _zarr_root_attrs(staged) if staged.exists() else None
-    return attrs.get("fingerprint") if attrs else None
+    return with_added_keys(attrs["fingerprint"]) if attrs and "fingerprint" in attrs else None
 
 
 def one_line(err: BaseException) -> str:
@@ -169,7 +169,7 @@ class CacheWriter:
             self._remove()
             existing = None
         if existing is not None:
-            found = existing.get("fingerprint", {})
+            found = with_added_keys(existing.get("fingerprint", {}))
             diff = differences(fingerprint, found)
             if diff:
                 raise CacheError(
@@ -369,7 +369,7 @@ class FeatureCache:
 
     @property
     def fingerprint(self) -> dict:
-        return self.attrs["fingerprint"]
+        return with_added_keys(self.attrs["fingerprint"])
 
     def check_encoder(self, identity: dict) -> None:
         """Refuse to serve features that another image encoder than ``identity`` made."""

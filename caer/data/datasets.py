@@ -14,10 +14,12 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
+from torchvision.transforms import v2
 
 from ..cache import FeatureCache
 from ..model.encoder import Preprocess
 from .raer import Clip, DataError, ViewMaker
+from .tensor_views import TensorViews
 
 
 class Batch(NamedTuple):
@@ -126,14 +128,17 @@ class CachedClips(_Clips):
 class RawClips(_Clips):
     """Items ``Batch(face [T, 3, S, S] uint8, context [T, 3, S, S] uint8, flip, ...)`` decoded from frame files.
 
-    The same frames and views as ``CachedClips`` for the same key; ``flip`` = view 1, the mirror image.
+    The same frames and views as ``CachedClips`` for the same key; ``flip`` = view 1, the mirror image. With
+    ``tensor_views`` (``--decode tensor``) the workers decode and cut frames with tensor operations on the CPU.
     """
 
     def __init__(self, clips: list[Clip], view_maker: ViewMaker, preprocess: Preprocess, segments, train,
-                 views: int = 1, frame_stride: int = 1, seed=0, rotate: float = 0.0, eval_view: int = 0):
+                 views: int = 1, frame_stride: int = 1, seed=0, rotate: float = 0.0, eval_view: int = 0,
+                 tensor_views: TensorViews | None = None):
         super().__init__([c.video_id for c in clips], [c.label for c in clips], segments, train, views, seed, eval_view)
         self.clips, self.view_maker, self.preprocess, self.stride = clips, view_maker, preprocess, frame_stride
         self.rotate = rotate  # stage-3 augmentation: one random angle in [-rotate, rotate] degrees per clip
+        self.tensor_views = tensor_views
 
     def __getitem__(self, key):
         index = key[0]
@@ -141,27 +146,41 @@ class RawClips(_Clips):
         files = clip.frames[:: self.stride]
         frames, view = self._choose(key, len(files))
         angle = float(np.random.default_rng([self.seed, key[1], index, 1]).uniform(-self.rotate, self.rotate)) if self.rotate else 0.0
-        decoded = {}
-        pixels = []
-        for i in frames:
-            if i not in decoded:
-                views = self.view_maker.views(clip, files[i])[:2]
-                if angle:
-                    views = [v.rotate(angle, resample=Image.BICUBIC) for v in views]
-                decoded[i] = torch.stack([self.preprocess.to_uint8(v) for v in views])
-            pixels.append(decoded[i])
-        pixels = torch.stack(pixels)  # [T, 2, 3, S, S]
+        used = sorted(set(frames.tolist()))  # each sampled file is decoded once
+        decoded = self._views(clip, [files[i] for i in used], angle)
+        pixels = decoded[[used.index(i) for i in frames.tolist()]]  # [T, 2, 3, S, S]
         return Batch(pixels[:, 0], pixels[:, 1], bool(view), self.labels[index], index)
+
+    def _views(self, clip: Clip, files: list, angle: float) -> torch.Tensor:
+        """uint8 [len(files), 2 (face, context), 3, S, S], rotated by ``angle`` degrees."""
+        if self.tensor_views is not None:
+            pixels = self.tensor_views.pixels(self.tensor_views.read(clip, files), "cpu")
+            if angle:  # PIL rotates the crops before the resize; here the finished views turn (an augmentation)
+                turned = v2.functional.rotate(pixels.flatten(0, 1), angle, v2.InterpolationMode.BILINEAR)
+                pixels = turned.view_as(pixels)
+            return pixels
+        out = []
+        for frame in files:
+            views = self.view_maker.views(clip, frame)[:2]
+            if angle:
+                views = [v.rotate(angle, resample=Image.BICUBIC) for v in views]
+            out.append(torch.stack([self.preprocess.to_uint8(v) for v in views]))
+        return torch.stack(out)
 
 
 class ClipFrames(Dataset):
     """Extraction's items: every frame of one clip, ``{"pixels": uint8 [frames, 2 (face, context), 3, S, S]}``.
 
-    Bad input does not raise across the worker-process boundary: the item carries the error instead.
+    With ``tensor_views`` the frames are decoded and cut with tensor operations; with ``defer`` too, the item carries
+    ``{"inputs": ...}`` (the frames' bytes and boxes) instead of pixels, for the main process to decode on the encoder's
+    device (``TensorViews.pixels``). Bad input does not raise across the worker-process boundary: the item carries
+    the error instead.
     """
 
-    def __init__(self, clips: list[Clip], view_maker: ViewMaker, preprocess: Preprocess, frame_stride: int):
+    def __init__(self, clips: list[Clip], view_maker: ViewMaker, preprocess: Preprocess, frame_stride: int,
+                 tensor_views: TensorViews | None = None, defer: bool = False):
         self.clips, self.view_maker, self.preprocess, self.stride = clips, view_maker, preprocess, frame_stride
+        self.tensor_views, self.defer = tensor_views, defer
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -169,12 +188,22 @@ class ClipFrames(Dataset):
     def __getitem__(self, i: int) -> dict:
         clip = self.clips[i]
         frames = clip.frames[:: self.stride]
+        item = {"index": i, "frame_names": [f.name for f in frames]}
         try:
-            pixels, no_face = [], 0
-            for frame in frames:
-                face, context, has_box = self.view_maker.views(clip, frame)
-                no_face += not has_box
-                pixels.append(torch.stack([self.preprocess.to_uint8(face), self.preprocess.to_uint8(context)]))
+            if self.tensor_views is None:
+                return item | self._pil_pixels(clip, frames)
+            inputs = self.tensor_views.read(clip, list(frames))
+            item["no_face"] = sum(box is None for box in inputs["faces"])
+            if self.defer:
+                return item | {"inputs": inputs}
+            return item | {"pixels": self.tensor_views.pixels(inputs, "cpu")}
         except DataError as err:
             return {"index": i, "error": str(err)}
-        return {"index": i, "pixels": torch.stack(pixels), "frame_names": [f.name for f in frames], "no_face": no_face}
+
+    def _pil_pixels(self, clip: Clip, frames) -> dict:
+        pixels, no_face = [], 0
+        for frame in frames:
+            face, context, has_box = self.view_maker.views(clip, frame)
+            no_face += not has_box
+            pixels.append(torch.stack([self.preprocess.to_uint8(face), self.preprocess.to_uint8(context)]))
+        return {"pixels": torch.stack(pixels), "no_face": no_face}

@@ -11,10 +11,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..cache import CacheError, FeatureCache
-from ..config import RunConfig, Source
+from ..config import Decode, RunConfig, Source
 from ..model.encoder import Preprocess
 from .datasets import CachedClips, EpochSampler, RawClips
 from .raer import Clip, DataError, ViewMaker, check_disjoint, read_annotations
+from .tensor_views import TensorViews
 
 
 def open_cache(cfg: RunConfig, source: Source, encoder: dict) -> FeatureCache | None:
@@ -32,13 +33,14 @@ def open_cache(cfg: RunConfig, source: Source, encoder: dict) -> FeatureCache | 
     return FeatureCache.open(path) if path and Path(path).exists() else None
 
 
-def with_cache_geometry(cfg: RunConfig, cache: FeatureCache | None) -> RunConfig:
-    """The run config with one crop geometry for everything: the cache's margin, crop-body and frame stride (a
-    flag that contradicts them is refused) and, unless given, its box files and root; without a cache, the
-    flags' or the declared fallbacks."""
+def with_cache_geometry(cfg: RunConfig, cache: FeatureCache | None, device=None) -> RunConfig:
+    """The run config with one crop geometry for everything: the cache's margin, crop-body, frame stride and decode
+    path (a flag that contradicts them is refused) and, unless given, its box files and root; without a cache, the
+    flags' or the declared fallbacks (``--decode auto`` by the encoder's ``device``)."""
     if cache is None:
-        return dataclasses.replace(cfg, crop=cfg.crop.resolved())
-    return dataclasses.replace(cfg, crop=cfg.crop.resolved(cache.fingerprint, cache.inputs, where=str(cache.path)))
+        return dataclasses.replace(cfg, crop=cfg.crop.resolved(device=device))
+    return dataclasses.replace(cfg, crop=cfg.crop.resolved(cache.fingerprint, cache.inputs, where=str(cache.path),
+                                                           device=device))
 
 
 def check_boxes_match(cache: FeatureCache, view_maker: ViewMaker, clips: list[Clip]) -> None:
@@ -125,8 +127,10 @@ def split_dataset(cfg: RunConfig, split: str, train: bool, preprocess: Preproces
         check_boxes_match(cache, view_maker, clips)
     # training on raw frames picks a random view per clip: the cache's views, or (stage 3) always a random flip
     views = 2 if augment else (cache.views if cache is not None else 1)
+    tensor_views = TensorViews(view_maker, preprocess) if cfg.crop.decode == Decode.tensor else None
     dataset = RawClips(clips, view_maker, preprocess, segments, train, views=views, frame_stride=cfg.crop.frame_stride,
-                       seed=seed, rotate=cfg.stages.rotate_degrees if augment else 0.0, eval_view=eval_view)
+                       seed=seed, rotate=cfg.stages.rotate_degrees if augment else 0.0, eval_view=eval_view,
+                       tensor_views=tensor_views)
     dataset.left_out = left_out
     return dataset
 

@@ -71,7 +71,7 @@ def evaluate(checkpoint: str | Path, split: str = "test", source: EvalSource = E
     device = resolve_device(cfg.runtime.device)
     model, backbone = build_model(cfg, device, ckpt)
     cache = open_cache(cfg, source, ckpt["encoder"])
-    cfg = with_cache_geometry(cfg, cache)
+    cfg = with_cache_geometry(cfg, cache, device)
     if tta_flip and source == Source.cache and cache.views < 2:
         raise ValueError("--tta flip from the cache needs a cache extracted with --views 2 (or use --source raw)")
     views = (0, 1) if tta_flip else (0,)

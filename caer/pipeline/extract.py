@@ -16,9 +16,10 @@ from rich.table import Table
 
 from .. import runtime
 from ..cache import CacheWriter, fingerprint, store_key, stored_fingerprint
-from ..config import ExtractConfig
+from ..config import Decode, ExtractConfig
 from ..data.datasets import ClipFrames
 from ..data.raer import BadClip, Clip, DataError, ViewMaker, check_disjoint, read_annotations
+from ..data.tensor_views import TensorViews
 from ..model.checkpoint import backbone_from_checkpoint
 from ..model.encoder import CLIPBackbone, load_backbone
 
@@ -140,7 +141,7 @@ def load_encoder(cfg: ExtractConfig) -> CLIPBackbone:
 def open_writer(cfg: ExtractConfig, backbone: CLIPBackbone, root: Path, rank: int) -> CacheWriter:
     """The store to write into; rank 0 checks (or replaces) it before the other ranks open it."""
     fp = fingerprint(backbone.identity(), margin=cfg.crop.margin, crop_body=cfg.crop.crop_body, views=cfg.views,
-                     frame_stride=cfg.crop.frame_stride)
+                     frame_stride=cfg.crop.frame_stride, decode=cfg.crop.decode)
     inputs = {"root": root, "face_boxes": cfg.crop.face_boxes, "body_boxes": cfg.crop.body_boxes}
     inputs = {k: str(Path(v).resolve()) if v else None for k, v in inputs.items()}
     writer = CacheWriter(cfg.out, fp, cfg.format, cfg.overwrite, inputs) if rank == 0 else None
@@ -189,13 +190,32 @@ def _progress(console: Console, rank: int) -> Progress:
     return Progress(*columns, console=console, disable=rank != 0)
 
 
+def clip_frames(cfg: ExtractConfig, backbone: CLIPBackbone, todo: list[Clip], view_maker: ViewMaker) -> ClipFrames:
+    """Extraction's dataset. With ``--decode tensor`` on a GPU its workers only read bytes and look up boxes: the main
+    process decodes and cuts each clip on the GPU (``decode_on_device``); on the CPU the workers do it all."""
+    if cfg.crop.decode != Decode.tensor:
+        return ClipFrames(todo, view_maker, backbone.preprocess, cfg.crop.frame_stride)
+    views = TensorViews(view_maker, backbone.preprocess)
+    return ClipFrames(todo, view_maker, backbone.preprocess, cfg.crop.frame_stride, views,
+                      defer=backbone.device.type == "cuda")
+
+
+def decode_on_device(dataset: ClipFrames, item: dict, device: torch.device) -> dict:
+    """An item that carries bytes and boxes, with its pixels decoded and cut on ``device`` instead (or its error)."""
+    inputs = item.pop("inputs")
+    try:
+        return item | {"pixels": dataset.tensor_views.pixels(inputs, device)}
+    except DataError as err:
+        return {"index": item["index"], "error": str(err)}
+
+
 def encode_clips(cfg: ExtractConfig, backbone: CLIPBackbone, todo: list[Clip], view_maker: ViewMaker,
                  out: _ClipWriter, bad: list[BadClip], console: Console, rank: int) -> None:
-    """Decode and crop in worker processes, encode in full batches, hand finished clips to ``out``."""
+    """Decode and crop in worker processes (or on the GPU), encode in full batches, hand finished clips to ``out``."""
     workers = cfg.runtime.num_workers()
+    dataset = clip_frames(cfg, backbone, todo, view_maker)
     loader = torch.utils.data.DataLoader(
-        ClipFrames(todo, view_maker, backbone.preprocess, cfg.crop.frame_stride),
-        batch_size=None, shuffle=False, num_workers=workers, pin_memory=backbone.device.type == "cuda",
+        dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=backbone.device.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if workers else None,
     )
     packer = _BatchPacker(cfg.batch_size, lambda x: encode_pixels(backbone, x, cfg.views, cfg.runtime.use_amp))
@@ -207,6 +227,8 @@ def encode_clips(cfg: ExtractConfig, backbone: CLIPBackbone, todo: list[Clip], v
     with _progress(console, rank) as progress:
         task = progress.add_task("extract", total=len(todo), fps=0.0)
         for item in loader:
+            if "inputs" in item:
+                item = decode_on_device(dataset, item, backbone.device)
             if "error" in item:
                 if not cfg.skip_bad:
                     out.put(finished(packer.flush()))  # every complete clip is written before stopping
@@ -263,7 +285,7 @@ def extract(cfg: ExtractConfig, backbone: CLIPBackbone | None = None, console: C
     backbone = backbone or load_encoder(cfg)
     # unset crop options: those of the store being resumed, else the declared fallbacks
     stored = None if cfg.overwrite else stored_fingerprint(cfg.out, cfg.format)
-    cfg = dataclasses.replace(cfg, crop=cfg.crop.resolved(stored, strict=False))
+    cfg = dataclasses.replace(cfg, crop=cfg.crop.resolved(stored, strict=False, device=backbone.device))
     root = Path(cfg.crop.root or Path(cfg.annotations[0]).parent)
     clips, splits, bad = collect_clips(cfg, root)
     view_maker = ViewMaker.from_config(cfg.crop, root)

@@ -211,7 +211,7 @@ def setup_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
     model, backbone = build_model(cfg, device, init)
     encoder = init["encoder"] if init is not None else backbone.identity()
     cache = open_cache(cfg, source, encoder)
-    cfg = with_cache_geometry(cfg, cache)
+    cfg = with_cache_geometry(cfg, cache, device)
     paths.run_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         save_config(cfg, paths.run_dir / "config.yaml")
