@@ -252,6 +252,12 @@ def test_view_maker_face_crop_context_and_missing_box(tmp_path):
     with pytest.raises(DataError, match="--crop-body is on but clip 'frames/c' has no body box"):
         maker.views(clip, clip.frames[0])
 
+    maker = ViewMaker(face_boxes={"frames/c": {"0.png": (20, 15, 30, 25)}})  # no margin given: the declared 20 px
+    face, _, _ = maker.views(clip, clip.frames[0])
+    width, height = Image.open(clip.frames[0]).size
+    left, top, right, bottom = clip_box((20, 15, 30, 25), width, height, 20.0, "here")
+    assert maker.margin == 20.0 and face.size == (right - left, bottom - top) != (10, 10)
+
     maker = ViewMaker(face_boxes={"frames/c": {"0.png": (130, 10, 160, 40)}})
     with pytest.raises(DataError, match=rf"face box of {frame_dir / '0.png'}: box .* has no area"):
         maker.views(clip, clip.frames[0])

@@ -246,7 +246,7 @@ class ViewMaker:
 
     face_boxes: dict[str, dict[str, Box]] = field(default_factory=dict)
     body_boxes: dict[str, Box] = field(default_factory=dict)
-    margin: float = CropConfig.margin
+    margin: float = CropConfig().resolved().margin  # the declared fallback (CropConfig.margin itself is "unset")
     crop_body: bool = False
 
     @classmethod
@@ -269,19 +269,20 @@ class ViewMaker:
         boxes = {"face": self.face_boxes.get(key), "body": self.body_boxes.get(key) if self.crop_body else None}
         return hashlib.sha256(json.dumps(boxes, sort_keys=True).encode()).hexdigest()
 
-    def views(self, clip: Clip, frame: Path) -> tuple[Image.Image, Image.Image, bool]:
-        """(face crop, letterboxed context view, whether the frame had a face box)."""
-        img = read_image(frame)
+    def frame_boxes(self, clip: Clip, frame: Path) -> tuple[Box | None, Box | None]:
+        """(the frame's face box or None, the clip's body box with --crop-body else None); no body box is an error."""
         key = clip_dir_key(clip.video_id)
-        box = self.face_boxes.get(key, {}).get(frame.name)
-        if box is None:
-            face = img
-        else:
-            face = img.crop(clip_box(box, img.width, img.height, self.margin, f"face box of {frame}"))
-        context = img
+        body = None
         if self.crop_body:
             body = self.body_boxes.get(key)
             if body is None:
                 raise DataError(f"{frame}: --crop-body is on but clip {clip.video_id!r} has no body box")
-            context = img.crop(clip_box(body, img.width, img.height, 0, f"body box of {clip.video_id}"))
+        return self.face_boxes.get(key, {}).get(Path(frame).name), body
+
+    def views(self, clip: Clip, frame: Path) -> tuple[Image.Image, Image.Image, bool]:
+        """(face crop, letterboxed context view, whether the frame had a face box)."""
+        box, body = self.frame_boxes(clip, frame)
+        img = read_image(frame)
+        face = img if box is None else img.crop(clip_box(box, img.width, img.height, self.margin, f"face box of {frame}"))
+        context = img if body is None else img.crop(clip_box(body, img.width, img.height, 0, f"body box of {clip.video_id}"))
         return face, letterbox(context), box is not None

@@ -29,7 +29,7 @@ from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from ..model.encoder import Preprocess
-from .raer import Clip, DataError, ViewMaker, clip_box, clip_dir_key
+from .raer import Clip, DataError, ViewMaker, clip_box
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 CHUNK_ELEMENTS = 1 << 26  # float32 elements of one batch of view windows (256 MiB): bounds the memory of big frames
@@ -239,16 +239,10 @@ class TensorViews:
 
     def read(self, clip: Clip, files: list[Path]) -> dict:
         """Bytes and boxes of ``files`` (frames of ``clip``): what ``pixels`` needs, no decoding."""
-        key = clip_dir_key(clip.video_id)
-        faces = self.view_maker.face_boxes.get(key, {})
-        body = None
-        if self.view_maker.crop_body:
-            body = self.view_maker.body_boxes.get(key)
-            if body is None:
-                raise DataError(f"{files[0]}: --crop-body is on but clip {clip.video_id!r} has no body box")
+        boxes = [self.view_maker.frame_boxes(clip, f) for f in files]
         data, offsets = read_frames(files)
-        return {"data": data, "offsets": offsets, "faces": [faces.get(Path(f).name) for f in files], "body": body,
-                "files": [str(f) for f in files], "video_id": clip.video_id}
+        return {"data": data, "offsets": offsets, "faces": [face for face, _ in boxes],
+                "body": boxes[0][1] if boxes else None, "files": [str(f) for f in files], "video_id": clip.video_id}
 
     def pixels(self, inputs: dict, device) -> torch.Tensor:
         """uint8 [frames, 2, 3, S, S] on ``device`` from what ``read`` gathered (a DataError names a bad frame)."""
