@@ -77,6 +77,9 @@ def test_eval_cache_and_raw_agree_for_a_stage2_checkpoint(demo_run, tmp_path):
     raw = evaluate(ckpt, "test", "raw", console=quiet).as_dict()
     assert _predictions(cached) == _predictions(raw)
     assert cached["uar"] == raw["uar"]
+    # --source auto: the run's cache for a stage-2 checkpoint, raw frames for stage 3's fine-tuned encoder
+    assert evaluate(ckpt, "test", "auto", console=quiet).source == "cache"
+    assert evaluate(out / "run" / "stage3-best.pt", "test", "auto", console=quiet).source == "raw"
 
 
 def test_stage3_checkpoint_needs_its_own_cache(demo_run, tmp_path):

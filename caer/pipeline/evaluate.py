@@ -11,7 +11,8 @@ from rich.markup import escape
 from rich.progress import Progress
 from torch.utils.data import DataLoader
 
-from ..cache import CacheError, FeatureCache
+from ..cache import stored_fingerprint
+from ..cache.schema import differences
 from ..config import EvalSource, RunConfig, Source
 from ..data.loaders import make_loader, open_cache, split_dataset, with_cache_geometry
 from ..model.caer_model import CAERModel
@@ -47,13 +48,8 @@ def predict(model: CAERModel, loader: DataLoader, device: torch.device, use_amp:
 def pick_source(cfg: RunConfig, encoder: dict) -> Source:
     """``--source auto``: the run's cache when it holds this encoder's features, else raw frames (e.g. for a
     stage-3 checkpoint, whose fine-tuned encoder has no cache unless one was re-extracted with it)."""
-    if cfg.data.cache and Path(cfg.data.cache).exists():
-        try:
-            FeatureCache.open(cfg.data.cache).check_encoder(encoder)
-            return Source.cache
-        except CacheError:
-            pass
-    return Source.raw
+    stored = stored_fingerprint(cfg.data.cache) if cfg.data.cache else None  # the root attributes only, not every clip
+    return Source.cache if stored is not None and not differences(encoder, stored["encoder"]) else Source.raw
 
 
 def evaluate(checkpoint: str | Path, split: str = "test", source: EvalSource = EvalSource.auto, tta_flip: bool = False,
