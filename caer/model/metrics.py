@@ -14,7 +14,7 @@ def confusion_matrix(labels, preds, num_classes: int) -> np.ndarray:
 
 def war(cm: np.ndarray) -> float:
     """Weighted average recall = overall accuracy, in percent."""
-    return 100.0 * np.trace(cm) / max(cm.sum(), 1)
+    return 100.0 * float(np.trace(cm)) / max(int(cm.sum()), 1)
 
 
 def uar(cm: np.ndarray) -> float:

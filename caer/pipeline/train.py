@@ -334,8 +334,8 @@ def epoch_record(s: Stage, epoch: int, train_cm: np.ndarray, sums: dict, val_cm:
     return {
         "stage": s.number, "epoch": epoch, "lr": rates,
         "losses": {k: v / n_train for k, v in sums.items()}, "w_mi": w_mi, "w_dc": w_dc, "train_clips": n_train,
-        "train_war": round(float(war(train_cm)), 2), "train_uar": round(float(uar(train_cm)), 2),
-        "valid_war": round(float(war(val_cm)), 2), "valid_uar": round(float(uar(val_cm)), 2),
+        "train_war": round(war(train_cm), 2), "train_uar": round(uar(train_cm), 2),
+        "valid_war": round(war(val_cm), 2), "valid_uar": round(uar(val_cm), 2),
         "valid_confusion": val_cm.tolist(), "skipped_clips": dict(s.skipped), "seconds": round(seconds, 3),
     }
 
