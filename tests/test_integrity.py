@@ -135,3 +135,13 @@ def test_skipped_clips_of_an_earlier_run_over_other_lists_are_kept(tmp_path, dat
     assert run_cli([*base, str(train)]).exit_code == 0
     attrs = FeatureCache.open(out).attrs
     assert attrs["skipped_clips"] == [] and attrs["skipped"] == [] and bad in FeatureCache.open(out)
+
+
+def test_a_clip_is_hashed_once_per_process_and_verify_still_checks_every_clip(tmp_path, zarr_cache, dataset):
+    out = tmp_path / "c.zarr"
+    shutil.copytree(zarr_cache[0], out)
+    cache = FeatureCache.open(out)
+    victim = dataset.video_ids()[0]
+    cache.clip(victim)  # read and checked once: later epochs of this process do not hash it again
+    _damage(out, "zarr", victim)
+    assert victim in cache.verify()  # verify checks every clip, whatever was read before

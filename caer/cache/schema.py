@@ -11,7 +11,7 @@
         inputs              {root, face_boxes, body_boxes}: absolute paths the last extraction read
     /clips/<key>            float16 [2 streams (face, context), views, frames, D]; one chunk per clip
         video_id, label (0-based), frame_names, frames_without_face, boxes_sha256,
-        sha256 (of the float16 data, checked on every read), done
+        sha256 (of the float16 data, checked on the first read in each process), done
 
 ``<key>`` is the video id with "/" and "%" percent-escaped. A clip counts only once ``done`` is
 true, which is written after its features. In HDF5 every attribute value is a JSON string.

@@ -342,6 +342,7 @@ class FeatureCache:
         self._handle = None
         self._pid = None
         self._memory: dict[str, np.ndarray] | None = None
+        self._verified: set[str] = set()  # clips this process has checked against their checksum
 
     @classmethod
     def open(cls, path: str | Path) -> FeatureCache:
@@ -427,12 +428,15 @@ class FeatureCache:
             )
             self._pid = os.getpid()
         data = np.asarray(self._handle[key][...])
+        if video_id in self._verified:  # once per process: later epochs read the same bytes
+            return data
         expected = self._entry(video_id).get("sha256")  # stores written before checksums have none
         if expected is not None and clip_checksum(data) != expected:
             raise CacheError(
                 f"{self.path}: clip {video_id!r} is damaged (its data no longer matches the checksum written with it); "
                 f"run the same caer extract again to repair it (caer cache verify {self.path} lists every damaged clip)"
             )
+        self._verified.add(video_id)
         return data
 
     def clips_without_checksum(self) -> int:
@@ -442,6 +446,7 @@ class FeatureCache:
         """``{video_id: what is wrong}`` for every damaged clip, and every clip of a split that has no finished
         data (and was not skipped as bad input)."""
         problems = {}
+        self._verified.clear()  # check every clip now, whatever this process has read before
         for video_id in self.video_ids:
             try:
                 self.clip(video_id)
