@@ -43,7 +43,7 @@ from ..model.caer_model import STAGE_GROUPS, CAERModel
 from ..model.checkpoint import build_model, finetuned_identity, is_finetuned, load_checkpoint, model_state, save_checkpoint
 from ..model.losses import CAERLoss
 from ..model.metrics import confusion_matrix, uar, war
-from .curves import TensorBoardLog, check_tensorboard, write_curves
+from .curves import TensorBoardLog, check_tensorboard, read_metrics, write_curves
 from .display import confusion_table, progress_bar
 from .evaluate import evaluate, note_left_out, predict
 
@@ -261,7 +261,7 @@ def _resume_or_start(s: Stage, last: dict | None) -> None:
 def _drop_metrics_after(path: Path, stage: int, epoch: int) -> None:
     """Forget the records of ``stage`` logged after ``epoch`` (on resume, those after the checkpoint)."""
     if path.exists():
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = read_metrics(path)
         keep = [r for r in records if not (r["stage"] == stage and r["epoch"] > epoch)]
         path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
