@@ -3,7 +3,7 @@
 Measures, with the same model, device, batch size and autocast:
   (a) the bare encoder's images/s on ready, already-normalised tensors on the device, and
   (b) `caer extract`'s images/s end to end (decode, crop, letterbox, resize in DataLoader workers, or with
-      --decode tensor on a GPU: workers read bytes, the main process decodes and cuts on the GPU; normalise +
+      --decode tensor on a GPU: workers read bytes, a thread decodes and cuts on the GPU ahead of the encoder; normalise +
       encode on the device; write float16 features) on a synthetic RAER dataset, once per --decode path,
 and prints both and their ratios. The goal is a ratio of at least 0.85: decoding, cropping and
 writing should hide behind the encoder. Model loading and warm-up are outside both timings.
@@ -94,8 +94,8 @@ def time_extraction(args, settings, decode: str, clip_model: CLIPBackbone, enc_i
                     quiet) -> dict:
     """One timed `caer extract` with one decode path (plus --diagnose's variants): its numbers, printed and returned."""
     suffix = ".h5" if args.format == "h5" else ".zarr"
-    # time spent in the device step (H2D copy, normalise, encode, D2H; it waits for the GPU), and, with --decode
-    # tensor on a GPU, in the main process's decoding and cutting
+    # time spent in the device step (H2D copy, normalise, encode: on CUDA only the launches, since the features come
+    # back asynchronously), and, with --decode tensor on a GPU, in the decode-ahead thread's decoding and cutting
     spent = {"encode": 0.0, "decode": 0.0}
     encode_pixels, decode_on_device = extract_module.encode_pixels, extract_module.decode_on_device
 
@@ -132,10 +132,10 @@ def time_extraction(args, settings, decode: str, clip_model: CLIPBackbone, enc_i
           f"{summary.frames} frames, {images} images in {wall:.1f} s; {summary.frames_without_face} frames without a "
           f"face box; workers {args.workers}, batch {args.batch_size}, views {args.views}, {args.width}x{args.height} "
           "JPEGs)")
-    print(f"  of which in the device step (copy in, normalise, encode, copy out): {spent['encode']:.1f} s "
+    print(f"  main thread in the device step (copy in, normalise, encode; on CUDA the launches only): {spent['encode']:.1f} s "
           f"({100 * spent['encode'] / wall:.0f}%); the bare encoder would need {images / enc_ips:.1f} s")
     if spent["decode"]:
-        print(f"  of which decoding and cutting in the main process: {spent['decode']:.1f} s "
+        print(f"  decode-ahead thread decoding and cutting on the device (overlaps the encoder): {spent['decode']:.1f} s "
               f"({100 * spent['decode'] / wall:.0f}%)")
     ratio = ext_ips / enc_ips
     print(f"ratio extract / encoder: {ratio:.3f} ({'meets' if ratio >= 0.85 else 'misses'} the 0.85 goal)", flush=True)

@@ -206,6 +206,25 @@ def test_bytes_decoded_in_the_main_process_as_on_a_gpu_give_the_same_cache(tmp_p
         assert_fp16_equal(deferred_cache.clip(video_id), cache.clip(video_id).astype(np.float32), video_id)
 
 
+def test_a_bad_frame_met_by_the_decode_ahead_thread_stops_the_run_and_keeps_earlier_clips(tmp_path, dataset,
+                                                                                          clip_model, monkeypatch):
+    """The GPU path decodes in a background thread, clips ahead of the encoder: a bad frame there still stops the run
+    with the frame named, every clip encoded before it is in the store, and the thread has ended."""
+    import threading
+
+    ds = dataset.copy(tmp_path / "ds")
+    clips = [line.split()[0] for path in ds.annotations for line in Path(path).read_text().splitlines()]
+    frame = sorted((ds.root / clips[3]).glob("*.jpg"))[0]
+    frame.write_bytes(frame.read_bytes()[:100])
+    real = extract_module.clip_frames
+    monkeypatch.setattr(extract_module, "clip_frames", lambda *a: setattr(data := real(*a), "defer", True) or data)
+    out = tmp_path / "c.zarr"
+    with pytest.raises(extract_module.DataError, match=f"{frame}: cannot read image"):
+        extract(settings_for(ds, out, decode="tensor", batch_size=4), clip_model, Console(file=io.StringIO()))
+    assert not [t for t in threading.enumerate() if t.name == "caer-decode-ahead"]
+    assert set(FeatureCache.open(out).video_ids) >= set(clips[:3])
+
+
 def test_a_bad_frame_decoded_in_the_main_process_is_the_items_error(tmp_path, dataset, clip_model):
     ds = dataset.copy(tmp_path / "ds")
     video_id = ds.video_ids()[0]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import queue
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -66,14 +69,27 @@ class ExtractSummary:
 
 
 def encode_pixels(backbone: CLIPBackbone, pixels: torch.Tensor, views: int, use_amp: bool) -> torch.Tensor:
-    """uint8 images [N, 3, S, S] -> float16 features [N, views, D] on the CPU; view 1 is the mirror image."""
+    """uint8 images [N, 3, S, S] -> float16 features [N, views, D] on the encoder's device; view 1 is the mirror image.
+    Nothing here waits for the GPU: ``_ClipWriter`` copies finished clips back in the background."""
     device = backbone.device
     x = backbone.preprocess.normalize(pixels.to(device, non_blocking=True))
     with torch.no_grad(), runtime.autocast(device, use_amp):
         feats = [backbone.model.encode_image(x)]
         if views == 2:
             feats.append(backbone.model.encode_image(x.flip(-1)))
-    return torch.stack(feats, dim=1).to(torch.float16).cpu()
+    return torch.stack(feats, dim=1).to(torch.float16)
+
+
+def to_host(feats: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """A CPU copy of ``feats`` and, on CUDA, the event to wait on before reading it: the copy runs in the background
+    (into pinned memory), so the loop goes on feeding the encoder while the features travel back."""
+    if feats.device.type != "cuda":
+        return feats, None
+    host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
+    host.copy_(feats, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(feats.device))
+    return host, ready
 
 
 class _BatchPacker:
@@ -160,18 +176,22 @@ class _ClipWriter:
     def put(self, done: list[tuple[Clip, dict, torch.Tensor]]) -> None:
         for clip, item, feats in done:
             n = len(item["frame_names"])
-            # features arrive [frames * 2, views, D] in frame-major order -> [2, views, frames, D]
-            array = feats.view(n, 2, self.views, -1).permute(1, 2, 0, 3).numpy()
             attrs = {"label": clip.label, "frame_names": item["frame_names"], "frames_without_face": item["no_face"],
                      "boxes_sha256": self.digests[clip.video_id]}
             if len(self.pending) >= MAX_PENDING_WRITES:
                 self.pending.popleft().result()
-            self.pending.append(self.pool.submit(self.writer.write, clip.video_id, array, attrs))
+            self.pending.append(self.pool.submit(self._write, clip.video_id, *to_host(feats), n, attrs))
             self.summary.frames += n
             self.summary.frames_without_face += item["no_face"]
             self.summary.clips_extracted += 1
         while self.pending and self.pending[0].done():  # surface a failed write early
             self.pending.popleft().result()
+
+    def _write(self, key: str, feats: torch.Tensor, ready: torch.cuda.Event | None, n: int, attrs: dict) -> None:
+        if ready is not None:
+            ready.synchronize()
+        # features arrive [frames * 2, views, D] in frame-major order -> [2, views, frames, D]
+        self.writer.write(key, feats.view(n, 2, self.views, -1).permute(1, 2, 0, 3).numpy(), attrs)
 
     def close(self) -> None:
         """Wait for every write (re-raising the first failure)."""
@@ -209,6 +229,50 @@ def decode_on_device(dataset: ClipFrames, item: dict, device: torch.device) -> d
         return {"index": item["index"], "error": str(err)}
 
 
+DECODE_AHEAD = 4  # clips decoded on the GPU ahead of the encoder
+
+
+def decoded_ahead(dataset: ClipFrames, loader, device: torch.device):
+    """The loader's items, those that carry bytes decoded on ``device`` by a background thread (on CUDA, on its own
+    stream) up to ``DECODE_AHEAD`` clips ahead: decoding and cutting the next clips overlaps encoding this one."""
+    cuda = device.type == "cuda"
+    stream, ready, stop = torch.cuda.Stream(device) if cuda else None, queue.Queue(maxsize=DECODE_AHEAD), threading.Event()
+
+    def work() -> None:
+        try:
+            with torch.cuda.device(device) if cuda else contextlib.nullcontext(), torch.cuda.stream(stream):
+                for item in loader:
+                    if stop.is_set():
+                        return
+                    item = decode_on_device(dataset, item, device) if "inputs" in item else item
+                    done = torch.cuda.Event() if cuda else None
+                    if done is not None:
+                        done.record(stream)
+                    ready.put((item, done))
+            ready.put(None)
+        except BaseException as err:  # re-raised in the consuming thread
+            ready.put(err)
+
+    thread = threading.Thread(target=work, name="caer-decode-ahead", daemon=True)
+    thread.start()
+    try:
+        while (entry := ready.get()) is not None:
+            if isinstance(entry, BaseException):
+                raise entry
+            item, done = entry
+            if done is not None:
+                current = torch.cuda.current_stream(device)
+                current.wait_event(done)
+                if "pixels" in item:
+                    item["pixels"].record_stream(current)  # its memory is not reused before the encoder has read it
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a thread waiting to put, then let it end
+            with contextlib.suppress(queue.Empty):
+                ready.get(timeout=0.05)
+
+
 def encode_clips(cfg: ExtractConfig, backbone: CLIPBackbone, todo: list[Clip], view_maker: ViewMaker,
                  out: _ClipWriter, bad: list[BadClip], console: Console, rank: int) -> None:
     """Decode and crop in worker processes (or on the GPU), encode in full batches, hand finished clips to ``out``."""
@@ -219,16 +283,15 @@ def encode_clips(cfg: ExtractConfig, backbone: CLIPBackbone, todo: list[Clip], v
         persistent_workers=False, prefetch_factor=4 if workers else None,
     )
     packer = _BatchPacker(cfg.batch_size, lambda x: encode_pixels(backbone, x, cfg.views, cfg.runtime.use_amp))
+    items = decoded_ahead(dataset, loader, backbone.device) if dataset.defer else iter(loader)
     start = time.perf_counter()
 
     def finished(done: list[tuple[dict, torch.Tensor]]) -> list:
         return [(todo[item["index"]], item, feats) for item, feats in done]
 
-    with _progress(console, rank) as progress:
+    with _progress(console, rank) as progress, contextlib.closing(items) if dataset.defer else contextlib.nullcontext():
         task = progress.add_task("extract", total=len(todo), fps=0.0)
-        for item in loader:
-            if "inputs" in item:
-                item = decode_on_device(dataset, item, backbone.device)
+        for item in items:
             if "error" in item:
                 if not cfg.skip_bad:
                     out.put(finished(packer.flush()))  # every complete clip is written before stopping
