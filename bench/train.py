@@ -81,7 +81,8 @@ def time_epoch(args, tmp: Path, data: Path, cache: Path, stage: int, source: str
         # soft: the classification loss reaches the prompts, so stage 1 trains them from its first epoch (with
         # raer.yaml's desc they get gradients only from the MI/DC losses, which are off during their warm-up)
         iec_base="soft",
-        train_list=str(data / "train.txt"), val_list=str(data / "val.txt"), test_list=str(data / "test.txt"), face_boxes=str(data / "face_boxes.json"),
+        train_list=str(data / "train.txt"), val_list=str(data / "val.txt"), test_list=str(data / "test.txt"),
+        face_boxes=str(data / "face_boxes.json"),
         cache=str(cache), source=source, stage=stage, epochs=epochs, epochs_stage1=epochs,
         epochs_stage2=epochs, epochs_stage3=epochs, batch_size=args.batch_size, workers=args.workers, device=args.device,
         use_amp=args.amp, seed=args.seed, run_dir=str(run_dir), cache_in_memory=args.cache_in_memory,
