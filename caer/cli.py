@@ -21,13 +21,19 @@ from rich.markup import escape
 
 from .config import (
     EVAL_OVERRIDES,
+    IMPORT_OVERRIDES,
+    PREDICT_DETECTION,
+    PREDICT_OVERRIDES,
     TTA,
+    BoxesConfig,
     CompareConfig,
     DemoConfig,
     EvalConfig,
     ExtractConfig,
+    ImportReferenceConfig,
     InitWeightsConfig,
     PlotConfig,
+    PredictConfig,
     RunConfig,
     SynthConfig,
     VerifyConfig,
@@ -78,11 +84,14 @@ def flag_parameter(f: dataclasses.Field, panel: str, optional: bool) -> inspect.
                              default=inspect.Parameter.empty if required else default, annotation=Annotated[f.type, info])
 
 
-def flags_of(record, optional: bool = False, reuse: tuple[str, ...] = (), extra: tuple[inspect.Parameter, ...] = ()):
+def flags_of(record, optional: bool = False, reuse: tuple[str, ...] = (), extra: tuple[inspect.Parameter, ...] = (),
+             borrow: tuple = ()):
     """Decorator: the command takes the flags of ``record`` (plus ``reuse``: options of ``RunConfig`` given
-    as optional overrides, and ``extra`` parameters) and its body receives them as one dict."""
+    as optional overrides; ``borrow``: ``(record, names)`` pairs, other records' options taken the same way; and
+    ``extra`` parameters) and its body receives them as one dict."""
     params = [flag_parameter(f, panel, optional) for f, panel in options(record)]
-    params += [flag_parameter(f, panel, True) for f, panel in options(RunConfig) if f.name in reuse]
+    for other, names in ((RunConfig, reuse), *borrow):
+        params += [flag_parameter(f, panel, True) for f, panel in options(other) if f.name in names]
 
     def wrap(body):
         @functools.wraps(body)
@@ -186,6 +195,26 @@ def init_weights(values: dict):
     console.print(f"wrote {save_random_weights(cfg.model, cfg.out, cfg.seed)}")
 
 
+@app.command(rich_help_panel="Data")
+@friendly_errors
+@flags_of(BoxesConfig, reuse=("root", "workers"))
+def boxes(values: dict):
+    """Find face boxes (and body boxes) for clips that have none: detect faces in every frame, track them, keep each
+    clip's person.
+
+    Writes the RAER box files that caer extract and caer train read (--face-boxes, --body-boxes).
+
+    Example: [cyan]caer boxes data/train.txt data/val.txt data/test.txt -o data/face_boxes.json --body-boxes data/body_boxes.json[/]
+    """
+    from .config import default_workers
+    from .pipeline.boxes import find_boxes
+
+    root, workers = values.pop("root"), values.pop("workers")
+    summary = find_boxes(from_flat(BoxesConfig, values, "flag"), root, default_workers() if workers is None else workers,
+                         console)
+    console.print(summary.table())
+
+
 @app.command(rich_help_panel="Pipeline")
 @friendly_errors
 @flags_of(ExtractConfig)
@@ -255,6 +284,53 @@ def eval_(values: dict):
     if cfg.plot:
         report.plot(Path(cfg.plot))
         console.print(f"confusion matrix picture: {cfg.plot}")
+
+
+@app.command("import-reference", rich_help_panel="Pipeline")
+@friendly_errors
+@flags_of(ImportReferenceConfig, reuse=IMPORT_OVERRIDES)
+def import_reference(values: dict):
+    """Convert the authors' released CLIP-CAER checkpoint into a caer checkpoint (stage 3, reference mode).
+
+    Every tensor of the official file is mapped, or repeats a mapped one (checked, then left out); any other key,
+    or a missing one, is an error naming it. The data options given here go into the checkpoint's run config.
+
+    Example: [cyan]caer import-reference CLIP-CAER.pth -o clip-caer.pt --root RAER --face-boxes RAER/face_boxes.json[/]
+    """
+    from .pipeline.import_reference import import_reference as run_import
+
+    overrides = {k: values.pop(k) for k in IMPORT_OVERRIDES}
+    cfg = ImportReferenceConfig(**values)
+    console.print(run_import(cfg, {k: v for k, v in overrides.items() if v is not None}, console))
+    console.print(f"next: [cyan]caer eval {escape(cfg.out)} --split test[/] (raw frames; add --root/--face-boxes "
+                  "if they differ from the ones given here)", highlight=False, soft_wrap=True)
+
+
+@app.command(rich_help_panel="Pipeline")
+@friendly_errors
+@flags_of(PredictConfig, reuse=PREDICT_OVERRIDES, borrow=((BoxesConfig, PREDICT_DETECTION),))
+def predict(values: dict):
+    """Predict the emotion of the people in videos or frame folders with a checkpoint of any stage.
+
+    Faces come from --face-boxes (RAER format, keyed by each input's path) or from a face detector and tracking
+    (--detector, default hog): the clip's person, or every tracked face with --all-faces. Each person gets class
+    probabilities per window of --window frames (every --stride frames) and their mean as the clip-level label.
+
+    Here --root defaults to the --face-boxes file's folder, and --pretrained and --device to the checkpoint's.
+
+    Examples:
+      [cyan]caer predict runs/raer/stage2-best.pt lesson.mp4 --json lesson.json --annotate lesson-labelled.mp4[/]
+      [cyan]caer predict runs/raer/stage3-best.pt videos/*.mp4 --all-faces --window 32 --stride 16[/]
+      [cyan]caer predict ckpt.pt data/videos/a.mp4 --face-boxes data/face_boxes.json --root data[/]
+    """
+    from .pipeline.predict import predict as run_predict
+
+    overrides = {k: values.pop(k) for k in PREDICT_OVERRIDES}
+    detection = {k: values.pop(k) for k in PREDICT_DETECTION}
+    result = run_predict(PredictConfig(**values), overrides, detection, console)
+    console.print(result.table())
+    for path in result.written:
+        console.print(f"written: {escape(path)}", highlight=False, soft_wrap=True)
 
 
 @app.command(rich_help_panel="Results")

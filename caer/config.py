@@ -103,6 +103,27 @@ class Decode(enum.StrEnum):
     tensor = "tensor"  # torchvision decode (nvJPEG on CUDA), crops and resize as batched tensor operations
 
 
+class Preprocessing(enum.StrEnum):
+    """How a view's pixels become the image encoder's input (part of the encoder's identity in caches)."""
+
+    open_clip = "open_clip"  # the encoder's own eval transform: shorter side resized (bicubic), centre crop, mean/std
+    reference = "reference"  # CLIP-CAER's code: squashed to the input size (bilinear), pixels in [0, 1], no mean/std
+
+
+class TemporalBlock(enum.StrEnum):
+    """The layer of the temporal transformers."""
+
+    torch = "torch"  # torch.nn.TransformerEncoderLayer (pre-norm, exact GELU, biased QKV), then a final LayerNorm
+    reference = "reference"  # CLIP-CAER's: pre-norm, tanh-approximated GELU, QKV without bias, no final norm
+
+
+class ClassPrompts(enum.StrEnum):
+    """Where the token embeddings of the learnable prompts' class texts come from."""
+
+    text = "text"  # the config's class texts, through CLIP's tokenizer
+    embedded = "embedded"  # stored in the checkpoint (caer import-reference keeps the official checkpoint's)
+
+
 # ------------------------------------------------------------------------------------------ declaring
 
 def option(default=None, help: str = "", *, flags: tuple[str, ...] = (), min: float | None = None,
@@ -236,9 +257,14 @@ class EncoderConfig:
     """The CLIP image encoder whose features everything else reads."""
 
     PANEL = "Encoder"
-    model: str = option("ViT-B-32", "open_clip model name (caer-tiny is the offline test model).")
+    model: str = option("ViT-B-32-quickgelu", "open_clip model name (caer-tiny is the offline test model). OpenAI's "
+                        "weights need the -quickgelu names: plain ViT-B-32 runs exact GELU on weights trained with "
+                        "QuickGELU.")
     pretrained: str = option("openai", "Weights: an open_clip tag (needs internet once), a local file "
                              "(open_clip state dict or OpenAI .pt), or 'random'.")
+    preprocess: Preprocessing = option(Preprocessing.open_clip, "Pixels to encoder input: open_clip (the encoder's "
+                                       "own transform: resize, centre crop, CLIP mean/std) or reference (CLIP-CAER's "
+                                       "code: squashed to the input size, [0, 1] pixels, no mean/std).")
 
 
 @dataclass
@@ -253,6 +279,9 @@ class CropConfig:
     crop_body: bool | None = option(None, "Context view = the body box crop instead of the whole frame.", fallback=False)
     margin: float | None = option(None, "Pixels added around each face box.", min=0, fallback=20.0)
     frame_stride: int | None = option(None, "Keep every k-th frame.", min=1, fallback=1)
+    fps: float | None = option(None, "Resample video files to N frames/s before --frame-stride (0: every frame): at each "
+                               "time k/N s the frame on screen then, each frame once. Frame folders keep every frame.",
+                               min=0, fallback=0.0)
     decode: Decode | None = option(None, "How frames are decoded and cut: pil (open_clip's own PIL transform, the "
                                    "reference), tensor (torchvision decode, nvJPEG on CUDA; crops and resize as "
                                    "batched tensor operations), or auto (the cache's, else tensor when the encoder "
@@ -267,7 +296,7 @@ class CropConfig:
         ``--decode auto`` is the store's path, else tensor when ``device`` (the encoder's) is a CUDA device, else pil."""
         values = {}
         for f in dataclasses.fields(self):
-            geometry = f.metadata["fallback"] is not None  # margin, crop_body, frame_stride, decode; else a path
+            geometry = f.metadata["fallback"] is not None  # margin, crop_body, frame_stride, fps, decode; else a path
             given, kept = getattr(self, f.name), ((stored if geometry else inputs) or {}).get(f.name)
             if f.name == "decode" and given == Decode.auto:
                 given = kept or (Decode.tensor if str(device).startswith("cuda") else Decode.pil)
@@ -328,6 +357,9 @@ class ModelConfig:
     temporal_heads: int | None = option(None, "Attention heads of the temporal transformers.", min=1, shown="D / 64")
     temporal_mlp: int | None = option(None, "MLP width of the temporal transformers.", min=1, shown="2 D")
     dropout: float = option(0.1, "Dropout in the temporal transformers.", min=0, max=1)
+    temporal_block: TemporalBlock = option(TemporalBlock.torch, "Layer of the temporal transformers: torch (PyTorch's, "
+                                           "then a final LayerNorm) or reference (CLIP-CAER's: tanh GELU, QKV without "
+                                           "bias, no final norm).")
     contexts_number: int = option(8, "CoOp context vectors per prompt.", min=1, panel="Prompts and classifier")
     class_specific_contexts: bool = option(True, "One set of context vectors per class.", panel="Prompts and classifier",
                                            flags=("--class-specific-contexts/--shared-contexts",))
@@ -341,6 +373,9 @@ class ModelConfig:
                                  panel="Prompts and classifier")
     iec_base: IECBase = option(IECBase.desc, "Prototype base: desc (fixed sentences) or soft (learnable prompts).",
                                panel="Prompts and classifier")
+    class_prompts: ClassPrompts = option(ClassPrompts.text, "Token embeddings of the learnable prompts' class texts: "
+                                         "text (tokenised from the config) or embedded (stored in the checkpoint, as "
+                                         "caer import-reference writes them).", panel="Prompts and classifier")
 
 
 @dataclass
@@ -519,6 +554,71 @@ class EvalConfig:
 
 # run-config options that `caer eval` may override; their declarations are RunConfig's
 EVAL_OVERRIDES = ("cache", "root", "face_boxes", "batch_size", "workers", "device")
+
+
+@dataclass
+class ImportReferenceConfig:
+    """``caer import-reference``: the authors' released CLIP-CAER checkpoint as a caer checkpoint."""
+
+    PANEL = "Options"
+    source: str = option(None, "The official CLIP-CAER checkpoint (a .pth saved by its main.py).", argument=True)
+    out: str = option(None, "caer checkpoint to write (.pt).", flags=("--out", "-o"))
+
+
+# run-config options that `caer import-reference` writes into the converted checkpoint's config (the rest is
+# configs/clip-caer-reference.yaml's, and what the official checkpoint's shapes say); declarations are RunConfig's.
+# `model` is the official ViT-B-32-quickgelu unless a modified reference was trained on another CLIP.
+IMPORT_OVERRIDES = ("train_list", "val_list", "test_list", "root", "face_boxes", "body_boxes", "crop_body", "margin",
+                    "model")
+
+
+@dataclass
+class BoxesConfig:
+    """``caer boxes``: face (and body) boxes for clips that have none; ``--root`` and ``--workers`` are RunConfig's."""
+
+    PANEL = "Output"
+    annotations: list[str] = option(help="Annotation files whose clips (frame folders or videos) get boxes.",
+                                    factory=list, argument=True)
+    out: str = option(None, "Face boxes JSON to write.", flags=("--out", "-o"))
+    body_boxes: str | None = option(None, "Also write each clip's body box (for --crop-body), derived from its "
+                                    "person's face track, to this JSON.")
+    overwrite: bool = option(False, "Replace box files that already exist.")
+    # a free-form name rather than a choice: yunet takes the path of a model file
+    detector: str = option("hog", "Face detector: hog (dlib), cnn (dlib's CNN, more accurate, ~65x slower on a CPU), "
+                           "haar (OpenCV cascades, frontal and profile), or yunet:PATH.onnx (OpenCV's YuNet, a model "
+                           "file you downloaded).", panel="Detection")
+    upsample: int = option(1, "Times the frame is doubled before detection: each step finds faces half as small "
+                           "(about 80 px at 0, 40 px at 1) for about 4x the time.", min=0, max=3, panel="Detection")
+    min_iou: float = option(0.3, "A detection continues a track when its IoU with the track's expected box is at "
+                            "least this.", min=0.01, max=1, panel="Tracking")
+    max_gap: int = option(5, "Fill gaps of up to N frames in the person's face track by interpolation; frames in "
+                          "longer gaps get no box.", min=0, panel="Tracking")
+
+
+@dataclass
+class PredictConfig:
+    """``caer predict``: the emotion of the people in videos or frame folders (see ``PREDICT_OVERRIDES`` and
+    ``PREDICT_DETECTION`` for the options it shares with ``caer train`` and ``caer boxes``)."""
+
+    PANEL = "Options"
+    checkpoint: str = option(None, "Checkpoint of any stage (caer train, or caer import-reference).", argument=True)
+    inputs: list[str] = option(help="Video files (.mp4 .avi .mkv .webm .mov) or frame folders.", factory=list,
+                               argument=True)
+    all_faces: bool = option(False, "Predict for every tracked face, not only the clip's person.", panel="Detection")
+    window: int = option(16, "Frames per window (the frames the checkpoint uses, after its --fps and "
+                         "--frame-stride); a shorter clip is one window.", min=1)
+    stride: int = option(8, "Frames from one window's start to the next's.", min=1)
+    json: str | None = option(None, "Write every number (persons, their boxes, windows, probabilities) as JSON.",
+                              panel="Output")
+    annotate: str | None = option(None, "Write a copy of the video (.mp4, .mkv or .mov) with each person's face "
+                                  "boxed and labelled; with several inputs, one file each (OUT-1-NAME.mp4, ...).",
+                                  panel="Output")
+
+
+# options of `caer predict` declared elsewhere: the run config's (the box files of the inputs, their root, the
+# checkpoint's base weights where its recorded path is not on this machine, the device) and caer boxes' detection
+PREDICT_OVERRIDES = ("face_boxes", "body_boxes", "root", "pretrained", "device")
+PREDICT_DETECTION = ("detector", "upsample", "min_iou", "max_gap")
 
 
 @dataclass

@@ -15,6 +15,7 @@ from rich.console import Console
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
 from caer.config import DemoConfig
+from caer.data.video import index_video
 from caer.pipeline.demo import demo
 from caer.pipeline.evaluate import evaluate
 from conftest import assert_in_output, run_cli
@@ -47,6 +48,17 @@ def test_demo_runs_every_stage_and_beats_chance(demo_run):
     assert report["uar"] > CHANCE_UAR + 30, report["uar"]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in records} == {1, 2, 3}
+
+
+def test_demo_ends_with_caer_predict_on_an_mp4(demo_run):
+    out, report = demo_run
+    saved = json.loads((out / "video" / "predict.json").read_text())
+    (entry,) = saved["inputs"]
+    assert entry["kind"] == "video" and entry["input"].endswith(".mp4") and saved["stage"] == 3
+    # the first test clip as a lossless mp4 gets the label that the test report (stage 3, its frames) gave it
+    first = (out / "data" / "test.txt").read_text().split()[0]
+    assert entry["persons"][0]["label_index"] == _predictions(report)[first]
+    assert index_video(out / "video" / "labelled.mp4").count == entry["frame_count"]
 
 
 def test_stage3_does_not_undo_stage2(demo_run):

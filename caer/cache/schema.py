@@ -3,14 +3,15 @@
     /                       root attributes:
         caer_schema         SCHEMA_VERSION
         fingerprint         everything that determines the features (see ``fingerprint``; a store without
-                            ``decode`` was made with pil)
+                            ``decode`` was made with pil, one without ``fps`` kept every frame of a video)
         splits              {annotation file stem: [video ids]}
         skipped             ["file:line: reason", ...] clips left out by --skip-bad
         skipped_clips       [video ids] of those clips
         summary             the last extraction's summary numbers
         inputs              {root, face_boxes, body_boxes}: absolute paths the last extraction read
     /clips/<key>            float16 [2 streams (face, context), views, frames, D]; one chunk per clip
-        video_id, label (0-based), frame_names, frames_without_face, boxes_sha256,
+        video_id, label (0-based), frame_names (a video's: the frame_key of each frame used), frames_without_face,
+        boxes_sha256, origin ("frames": a frame folder, "video": a video file),
         sha256 (of the float16 data, checked on the first read in each process), done
 
 ``<key>`` is the video id with "/" and "%" percent-escaped. A clip counts only once ``done`` is
@@ -32,15 +33,16 @@ def store_key(video_id: str) -> str:
 
 
 # keys added to the fingerprint after stores were written without them, with the value those stores were made with
-ADDED_KEYS = {"decode": "pil"}
+ADDED_KEYS = {"decode": "pil", "fps": 0.0}
 
 
 def fingerprint(encoder_identity: dict, *, margin: float, crop_body: bool, views: int, frame_stride: int,
-                decode: str = "pil") -> dict:
+                decode: str = "pil", fps: float = 0.0) -> dict:
     """The record that says whether two caches hold comparable features.
 
     The boxes are not in it: each clip records a digest of its own boxes (``boxes_sha256``), so
-    fixing one clip's boxes redoes that clip only. ``decode`` is the decode-and-crop path (pil or tensor).
+    fixing one clip's boxes redoes that clip only. ``decode`` is the decode-and-crop path (pil or tensor);
+    ``fps`` the rate video files are resampled to (0: every frame).
     """
     return {
         "schema": SCHEMA_VERSION,
@@ -49,6 +51,7 @@ def fingerprint(encoder_identity: dict, *, margin: float, crop_body: bool, views
         "crop_body": crop_body,
         "views": views,
         "frame_stride": frame_stride,
+        "fps": float(fps),
         "decode": str(decode),
         "dtype": "float16",
     }

@@ -417,6 +417,10 @@ class FeatureCache:
     def frame_names(self, video_id: str) -> list[str]:
         return list(self._entry(video_id)["frame_names"])
 
+    def origin(self, video_id: str) -> str:
+        """Where the clip's frames came from: "frames" (a frame folder; stores older than videos) or "video"."""
+        return self._entry(video_id).get("origin", "frames")
+
     def clip(self, video_id: str) -> np.ndarray:
         """All of a clip's features: float16 [2 streams, views, frames, D]."""
         key = self._entry(video_id)["key"]

@@ -20,6 +20,7 @@ from ..cache import FeatureCache
 from ..model.encoder import Preprocess
 from .raer import Clip, DataError, ViewMaker
 from .tensor_views import TensorViews
+from .video import clip_images
 
 
 class Batch(NamedTuple):
@@ -160,8 +161,8 @@ class RawClips(_Clips):
                 pixels = turned.view_as(pixels)
             return pixels
         out = []
-        for frame in files:
-            views = self.view_maker.views(clip, frame)[:2]
+        for frame, image in clip_images(clip, files):  # a video's frames: decoded with seeks past the others
+            views = self.view_maker.views(clip, frame, image)[:2]
             if angle:
                 views = [v.rotate(angle, resample=Image.BICUBIC) for v in views]
             out.append(torch.stack([self.preprocess.to_uint8(v) for v in views]))
@@ -202,8 +203,8 @@ class ClipFrames(Dataset):
 
     def _pil_pixels(self, clip: Clip, frames) -> dict:
         pixels, no_face = [], 0
-        for frame in frames:
-            face, context, has_box = self.view_maker.views(clip, frame)
+        for frame, image in clip_images(clip, frames):
+            face, context, has_box = self.view_maker.views(clip, frame, image)
             no_face += not has_box
             pixels.append(torch.stack([self.preprocess.to_uint8(face), self.preprocess.to_uint8(context)]))
         return {"pixels": torch.stack(pixels), "no_face": no_face}

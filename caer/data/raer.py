@@ -2,7 +2,8 @@
 
 Layout (README, "Data format"):
   annotation file  one clip per line: ``<clip_dir> <num_frames> <label>`` with 1-based labels
-  face boxes JSON  ``{clip_dir: {frame_file: [left, top, right, bottom]}}``
+  face boxes JSON  ``{clip_dir: {frame_file: [left, top, right, bottom]}}``; a clip may be a video file, whose
+                   frames are keyed by number (``video.frame_key``)
   body boxes JSON  ``{clip_dir: [left, top, right, bottom]}``
 """
 
@@ -18,25 +19,33 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from ..config import CropConfig
+from .errors import DataError
+from .video_io import VideoIndex, frame_key, frames_at_rate, index_video, is_video
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 Box = tuple[float, float, float, float]
 
 
-class DataError(Exception):
-    """Bad input data. The message names the file (and line) at fault."""
-
-
 @dataclass(frozen=True)
 class Clip:
-    """One annotated clip: its id as written in the annotation file, 0-based label and frame files."""
+    """One annotated clip: its id as written in the annotation file, 0-based label and frames.
+
+    A frame folder's frames are its image files. A video file's are ``<video>/<frame_key(n)>`` for the frames it
+    uses (all, or those ``--fps`` picks), so that ``Path(frame).name`` is the frame's box-file key either way.
+    """
 
     video_id: str
     label: int
     frames: tuple[Path, ...]
     source: str  # "file:line" it came from, for error messages
     listed_frames: int = -1  # the annotation's num_frames column (many public datasets disagree with the disk)
+    video: VideoIndex | None = None  # a video file's frame index; None for a frame folder
+
+    @property
+    def frame_count(self) -> int:
+        """Frames in the folder or in the video file (with ``--fps`` a video's clip uses fewer)."""
+        return self.video.count if self.video is not None else len(self.frames)
 
 
 @dataclass
@@ -61,13 +70,15 @@ def list_frames(clip_dir: Path) -> list[Path]:
 
 
 def read_annotations(
-    path: str | Path, root: str | Path | None, num_classes: int, skip_bad: bool = False, need_frames: bool = True
+    path: str | Path, root: str | Path | None, num_classes: int, skip_bad: bool = False, need_frames: bool = True,
+    fps: float = 0.0,
 ) -> tuple[list[Clip], list[BadClip]]:
     """Parse an annotation file into clips; ``root`` defaults to the file's folder.
 
     Every problem raises :class:`DataError` naming ``file:line``; with ``skip_bad`` the bad
     clips are returned in the second list instead. ``need_frames=False`` (training from the
-    cache) skips looking for the frame files, which may not be on this machine.
+    cache) skips looking for the frame files, which may not be on this machine. A clip path may
+    name a video file, which is indexed here; ``fps`` (0: all) picks its frames (``frames_at_rate``).
     """
     path = Path(path)
     if not path.is_file():
@@ -81,7 +92,7 @@ def read_annotations(
             continue
         where = f"{path}:{lineno}"
         try:
-            clip = _parse_line(line, where, root, num_classes, need_frames)
+            clip = _parse_line(line, where, root, num_classes, need_frames, fps)
             if clip.video_id in seen:
                 raise DataError(f"clip {clip.video_id!r} is listed twice (first at {seen[clip.video_id]})")
         except DataError as err:
@@ -97,7 +108,7 @@ def read_annotations(
     return clips, bad
 
 
-def _parse_line(line: str, where: str, root: Path, num_classes: int, need_frames: bool) -> Clip:
+def _parse_line(line: str, where: str, root: Path, num_classes: int, need_frames: bool, fps: float = 0.0) -> Clip:
     """One annotation line -> a clip (a DataError says what is wrong with it)."""
     parts = line.split()
     if len(parts) > 3:
@@ -117,14 +128,21 @@ def _parse_line(line: str, where: str, root: Path, num_classes: int, need_frames
     if Path(video_id).is_absolute() or ".." in Path(video_id).parts:
         raise DataError(f"clip path {video_id!r} must be relative to the dataset root and stay inside it")
     frames: list[Path] = []
-    if need_frames:
+    video = None
+    if need_frames and is_video(root / video_id):
+        video_file = root / video_id
+        if not video_file.is_file():
+            raise DataError(f"video file {video_file} does not exist")
+        video = index_video(video_file)
+        frames = [video_file / frame_key(n) for n in frames_at_rate(video, fps)]
+    elif need_frames:
         clip_dir = root / video_id
         if not clip_dir.is_dir():
             raise DataError(f"clip directory {clip_dir} does not exist")
         frames = list_frames(clip_dir)
         if not frames:
             raise DataError(f"clip directory {clip_dir} holds no image files")
-    return Clip(video_id, label - 1, tuple(frames), where, listed)
+    return Clip(video_id, label - 1, tuple(frames), where, listed, video)
 
 
 def check_disjoint(splits: list[list[Clip]]) -> None:
@@ -279,10 +297,11 @@ class ViewMaker:
                 raise DataError(f"{frame}: --crop-body is on but clip {clip.video_id!r} has no body box")
         return self.face_boxes.get(key, {}).get(Path(frame).name), body
 
-    def views(self, clip: Clip, frame: Path) -> tuple[Image.Image, Image.Image, bool]:
-        """(face crop, letterboxed context view, whether the frame had a face box)."""
+    def views(self, clip: Clip, frame: Path, image: Image.Image | None = None) -> tuple[Image.Image, Image.Image, bool]:
+        """(face crop, letterboxed context view, whether the frame had a face box); ``image`` is the frame already
+        decoded (a video's frame), else the frame file is read."""
         box, body = self.frame_boxes(clip, frame)
-        img = read_image(frame)
+        img = read_image(frame) if image is None else image
         face = img if box is None else img.crop(clip_box(box, img.width, img.height, self.margin, f"face box of {frame}"))
         context = img if body is None else img.crop(clip_box(body, img.width, img.height, 0, f"body box of {clip.video_id}"))
         return face, letterbox(context), box is not None

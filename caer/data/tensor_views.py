@@ -30,6 +30,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from ..model.encoder import Preprocess
 from .raer import Clip, DataError, ViewMaker, clip_box
+from .video import clip_arrays
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 CHUNK_ELEMENTS = 1 << 26  # float32 elements of one batch of view windows (256 MiB): bounds the memory of big frames
@@ -50,6 +51,15 @@ def transform_sizes(preprocess: Preprocess) -> tuple[int, int]:
         raise ValueError(f"--decode tensor reproduces open_clip's Resize(bicubic) + CenterCrop only; this encoder's "
                          f"transform is {preprocess.pil}: use --decode pil")
     return size, crop[0]
+
+
+def reproduces(preprocess: Preprocess) -> bool:
+    """Whether the tensor path can make this encoder's views (``--decode auto`` picks it only then)."""
+    try:
+        transform_sizes(preprocess)
+    except ValueError:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------ reading and decoding
@@ -238,16 +248,24 @@ class TensorViews:
         self.resize, self.crop = transform_sizes(preprocess)
 
     def read(self, clip: Clip, files: list[Path]) -> dict:
-        """Bytes and boxes of ``files`` (frames of ``clip``): what ``pixels`` needs, no decoding."""
+        """Bytes and boxes of ``files`` (frames of ``clip``): what ``pixels`` needs, no decoding. A video has no
+        per-frame files: its frames (ascending) are decoded here, into ``frames`` uint8 [n, 3, H, W]."""
         boxes = [self.view_maker.frame_boxes(clip, f) for f in files]
+        found = {"faces": [face for face, _ in boxes], "body": boxes[0][1] if boxes else None,
+                 "files": [str(f) for f in files], "video_id": clip.video_id}
+        if clip.video is not None:
+            rgb = [torch.from_numpy(a) for _, a in clip_arrays(clip, files)]
+            return found | {"frames": torch.stack(rgb).permute(0, 3, 1, 2) if rgb else torch.empty(0, 3, 0, 0)}
         data, offsets = read_frames(files)
-        return {"data": data, "offsets": offsets, "faces": [face for face, _ in boxes],
-                "body": boxes[0][1] if boxes else None, "files": [str(f) for f in files], "video_id": clip.video_id}
+        return found | {"data": data, "offsets": offsets}
 
     def pixels(self, inputs: dict, device) -> torch.Tensor:
         """uint8 [frames, 2, 3, S, S] on ``device`` from what ``read`` gathered (a DataError names a bad frame)."""
         device = torch.device(device)
-        images = decode_frames(inputs["data"], inputs["offsets"], inputs["files"], device)
+        if "frames" in inputs:  # a video's, decoded by ``read``
+            images = list(inputs["frames"].to(device).unbind(0))
+        else:
+            images = decode_frames(inputs["data"], inputs["offsets"], inputs["files"], device)
         out = torch.empty(len(images), 2, 3, self.crop, self.crop, dtype=torch.uint8, device=device)
         shapes: dict[tuple[int, int], list[int]] = {}
         for i, image in enumerate(images):

@@ -5,6 +5,9 @@ encoder for raw frames) -> EAA adapter on the face stream -> one temporal transf
 -> fusion Linear(2D -> D) + L2 norm = ``z``. Class prototypes are the fixed descriptive sentences
 ``t_desc`` or the CoOp prompts ``t_soft``, optionally pulled towards ``z`` by slerp (IEC);
 logits = cos(z, prototype) / temperature.
+
+With the adapter, input norms and IEC off and ``--temporal-block reference`` it is the published CLIP-CAER
+(``configs/clip-caer-reference.yaml``; ``reference.py`` loads the authors' weights into it).
 """
 
 from __future__ import annotations
@@ -16,7 +19,16 @@ import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 from torch import nn
 
-from ..config import AdapterMode, IECBase, ModelConfig, SoftPromptText, Streams, TokenPosition
+from ..config import (
+    AdapterMode,
+    ClassPrompts,
+    IECBase,
+    ModelConfig,
+    SoftPromptText,
+    Streams,
+    TemporalBlock,
+    TokenPosition,
+)
 from .encoder import CLIPBackbone, unfreeze_last_blocks
 
 # the parameter groups each stage trains (SPEC section 7); the text tower is never trained
@@ -60,6 +72,46 @@ class TemporalEncoder(nn.Module):
         return self.norm(self.blocks(x)[:, 0])
 
 
+class ReferenceBlock(nn.Module):
+    """One layer of CLIP-CAER's temporal transformer: pre-norm attention with a bias-free QKV projection, then a
+    pre-norm MLP with the tanh approximation of GELU; each adds to its input."""
+
+    def __init__(self, dim: int, heads: int, mlp: int, dropout: float):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"--temporal-heads {heads} does not divide the feature width {dim}")
+        self.heads = heads
+        self.attn_norm, self.mlp_norm = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, mlp), nn.Linear(mlp, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, N, D] -> [B, N, D]
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.attn_norm(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        x = x + self.drop(self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)))
+        hidden = self.drop(F.gelu(self.fc1(self.mlp_norm(x)), approximate="tanh"))
+        return x + self.drop(self.fc2(hidden))
+
+
+class ReferenceTemporalEncoder(nn.Module):
+    """CLIP-CAER's temporal transformer (``--temporal-block reference``): CLS token and positions initialised from
+    N(0, 1) as the reference does, ``layers`` ReferenceBlocks and no final norm; returns the CLS output."""
+
+    def __init__(self, dim: int, num_frames: int, layers: int, heads: int, mlp: int, dropout: float):
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, num_frames + 1, dim))
+        self.blocks = nn.ModuleList(ReferenceBlock(dim, heads, mlp, dropout) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, D]
+        x = torch.cat([self.cls.expand(len(x), -1, -1), x], dim=1) + self.pos[:, : x.shape[1] + 1]
+        for block in self.blocks:
+            x = block(x)
+        return x[:, 0]
+
+
 def encode_text_embeddings(clip_model: nn.Module, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """open_clip's ``encode_text`` from token embeddings instead of token ids (for learnable prompts).
 
@@ -83,17 +135,26 @@ class PromptLearner(nn.Module):
 
     The class text is its name (``texts`` = class names, ``ending`` ".": "X X ... X name.") or, as both
     public CLIP-CAER codes do, its descriptive sentence (``ending`` "": "X X ... X <sentence>").
+    With ``embedded`` the class texts' token embeddings are not tokenised here but stored with the weights
+    (``prefix``, ``suffix`` and ``tokens`` come from a checkpoint, as ``caer import-reference`` writes them).
     """
 
     def __init__(self, backbone: CLIPBackbone, texts: list[str], n_ctx: int, class_specific: bool,
-                 position: TokenPosition = TokenPosition.end, ending: str = "."):
+                 position: TokenPosition = TokenPosition.end, ending: str = ".", embedded: bool = False):
         super().__init__()
         position = TokenPosition(position)
-        model = backbone.model
-        width = model.token_embedding.weight.shape[1]
+        width = backbone.model.token_embedding.weight.shape[1]
         shape = (len(texts), n_ctx, width) if class_specific else (n_ctx, width)
         self.ctx = nn.Parameter(torch.randn(shape) * 0.02)
         self.n_ctx, self.position = n_ctx, position
+        if embedded:
+            self._empty_slots(backbone, len(texts))
+        else:
+            self._tokenise(backbone, texts, ending)
+
+    def _tokenise(self, backbone: CLIPBackbone, texts: list[str], ending: str) -> None:
+        """``prefix`` (SOS) and ``suffix`` (text, ending, EOS, padding) embeddings of "X X ... X <text><ending>"."""
+        model, n_ctx = backbone.model, self.n_ctx
         placeholder = " ".join(["X"] * n_ctx)
         encode = getattr(backbone.tokenizer, "encode", None)
         limit = getattr(model, "context_length", 77)
@@ -108,6 +169,19 @@ class PromptLearner(nn.Module):
         self.register_buffer("prefix", embedding[:, :1].clone(), persistent=False)  # SOS
         self.register_buffer("suffix", embedding[:, 1 + n_ctx :].clone(), persistent=False)  # text, ending, EOS, pad
         self.name_lens = [len(encode(text)) if encode is not None else 1 for text in texts]
+
+    def _empty_slots(self, backbone: CLIPBackbone, classes: int) -> None:
+        """Saved (persistent) buffers of the tokenised shapes, for a checkpoint to fill: ``tokens`` only needs the
+        end-of-text id at the end-of-text position (the text encoder pools there)."""
+        if self.position != TokenPosition.end:
+            raise ValueError("--class-prompts embedded needs --class-token-position end (the class text's length "
+                             "inside the stored embeddings is not known)")
+        model = backbone.model
+        length, width = getattr(model, "context_length", 77), model.token_embedding.weight.shape[1]
+        self.register_buffer("tokens", torch.zeros(classes, length, dtype=torch.long, device=backbone.device))
+        self.register_buffer("prefix", torch.zeros(classes, 1, width, device=backbone.device))
+        self.register_buffer("suffix", torch.zeros(classes, length - 1 - self.n_ctx, width, device=backbone.device))
+        self.name_lens = []
 
     def embeddings(self) -> torch.Tensor:
         ctx = self.ctx if self.ctx.dim() == 3 else self.ctx.expand(len(self.prefix), -1, -1)
@@ -175,8 +249,9 @@ class CAERModel(nn.Module):
         mlp = cfg.temporal_mlp or 2 * d
         self.adapter = (ExpressionAdapter(d, cfg.adapter_reduction, cfg.adapter_scale, cfg.adapter_mode)
                         if cfg.adapter else nn.Identity())
-        self.temporal_face = TemporalEncoder(d, cfg.num_frames, cfg.temporal_layers, heads, mlp, cfg.dropout)
-        self.temporal_context = TemporalEncoder(d, cfg.num_frames, cfg.temporal_layers, heads, mlp, cfg.dropout)
+        temporal = ReferenceTemporalEncoder if cfg.temporal_block == TemporalBlock.reference else TemporalEncoder
+        self.temporal_face = temporal(d, cfg.num_frames, cfg.temporal_layers, heads, mlp, cfg.dropout)
+        self.temporal_context = temporal(d, cfg.num_frames, cfg.temporal_layers, heads, mlp, cfg.dropout)
         self.fusion = nn.Linear(d * (2 if self.streams == Streams.both else 1), d)
         # CLIP features of one dataset share a large common direction; centring and scaling each
         # dimension (BatchNorm over frames) lets the temporal encoders learn in far fewer steps.
@@ -186,11 +261,10 @@ class CAERModel(nn.Module):
         self.prompt_learner = PromptLearner(
             backbone, cfg.descriptions if by_descriptor else cfg.classes, cfg.contexts_number,
             cfg.class_specific_contexts, cfg.class_token_position, ending="" if by_descriptor else ".",
+            embedded=cfg.class_prompts == ClassPrompts.embedded,
         )
-        with torch.no_grad():  # t_desc: fixed, computed once
-            tokens = backbone.tokenizer(cfg.descriptions).to(backbone.device)
-            t_desc = encode_text_embeddings(self.clip, self.clip.token_embedding(tokens), tokens)
-            self.register_buffer("t_desc", F.normalize(t_desc.float(), dim=-1))
+        self.tokenizer = backbone.tokenizer
+        self.register_buffer("t_desc", self.encode_descriptions())  # fixed, computed once
         for name, p in self.clip.named_parameters():  # the text tower (all of CLIP but ``visual``) never trains
             if not name.startswith("visual."):
                 p.requires_grad_(False)
@@ -245,6 +319,12 @@ class CAERModel(nn.Module):
         return any(p.requires_grad for p in self.clip.visual.parameters())
 
     # ----------------------------------------------------------------- forward pieces
+
+    @torch.no_grad()
+    def encode_descriptions(self) -> torch.Tensor:
+        """t_desc [C, D], L2-normalised: the text encoder's features of the config's descriptive sentences."""
+        tokens = self.tokenizer(self.cfg.descriptions).to(self.clip.token_embedding.weight.device)
+        return F.normalize(encode_text_embeddings(self.clip, self.clip.token_embedding(tokens), tokens).float(), dim=-1)
 
     def text_features(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(t_desc, t_soft), both [C, D] and L2-normalised."""

@@ -9,6 +9,7 @@ scheduler, scaler and RNG states, and ``cache_fingerprint``: tensors and plain P
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
@@ -17,14 +18,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import RunConfig, check_config, from_flat, options, replace_options
+from ..config import ClassPrompts, RunConfig, check_config, from_flat, options, replace_options
 from .caer_model import CAERModel
-from .encoder import CLIPBackbone, load_backbone, weights_digest
+from .encoder import RANDOM_WEIGHTS, CLIPBackbone, load_backbone, weights_digest
 
 
 def build_model(cfg: RunConfig, device: torch.device, checkpoint: dict | None = None) -> tuple[CAERModel, CLIPBackbone]:
-    """The CLIP backbone named by the config, the CAER model on top, and a checkpoint's weights if given."""
-    backbone = load_backbone(cfg.encoder.model, cfg.encoder.pretrained, device)
+    """The CLIP backbone named by the config, the CAER model on top, and a checkpoint's weights if given.
+
+    A checkpoint that carries all of CLIP (``carries_clip``) needs no ``--pretrained`` weights: they would be
+    overwritten, so the backbone starts from a random init and nothing is downloaded."""
+    if cfg.model.class_prompts == ClassPrompts.embedded and checkpoint is None:
+        raise ValueError("--class-prompts embedded takes the prompts' token embeddings from a checkpoint (e.g. one "
+                         "written by caer import-reference): give one (--init-from), or use --class-prompts text")
+    pretrained = RANDOM_WEIGHTS if checkpoint is not None and carries_clip(checkpoint) else cfg.encoder.pretrained
+    backbone = load_backbone(cfg.encoder.model, pretrained, device, cfg.encoder.preprocess)
     torch.manual_seed(cfg.run.seed)
     model = CAERModel(backbone, cfg.model).to(device)
     if checkpoint is not None:
@@ -39,30 +47,38 @@ def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint written by ``caer train``, loaded with ``weights_only=True`` so that opening a shared file
     cannot run code (clear errors for anything else)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if os.environ.get(TRUST_ENV) != "1":
-            raise ValueError(_unsafe_message(path, err)) from None
-        ckpt = _load_trusted(path)
-    except Exception as err:  # not a torch file at all, or a truncated one
-        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    ckpt = safe_load(path)
     if not isinstance(ckpt, dict) or "config" not in ckpt or "encoder" not in ckpt:
         raise ValueError(f"{path}: not a caer checkpoint (made by caer train)")
     return ckpt
 
 
-def _unsafe_message(path: Path, err: Exception) -> str:
+def safe_load(path: Path, allowed: list | tuple = (), remedy: str = "Re-create it with this version of caer"):
+    """``torch.load`` on the CPU with ``weights_only=True`` (plus the ``allowed`` globals, as
+    ``torch.serialization.safe_globals`` takes them); a file that needs full unpickling is refused, saying
+    ``remedy``, unless ``CAER_TRUST_CHECKPOINTS=1``. Every failure is one ValueError naming the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        with torch.serialization.safe_globals(list(allowed)) if allowed else contextlib.nullcontext():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if os.environ.get(TRUST_ENV) != "1":
+            raise ValueError(_unsafe_message(path, err, remedy)) from None
+        return _load_trusted(path)
+    except Exception as err:  # not a torch file at all, or a truncated one
+        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+
+
+def _unsafe_message(path: Path, err: Exception, remedy: str) -> str:
     """One line: why the file was refused, and what to do."""
     found = re.search(r"GLOBAL ([\w.]+)", str(err))
     what = f" (it refers to {found.group(1)})" if found else ""
     return (f"{path}: cannot be loaded safely: it needs full unpickling{what}, which can run arbitrary code. "
-            f"Re-create it with this version of caer, or, only if you trust the file, set {TRUST_ENV}=1")
+            f"{remedy}, or, only if you trust the file, set {TRUST_ENV}=1")
 
 
-def _load_trusted(path: Path) -> dict:
+def _load_trusted(path: Path):
     """Full unpickling, asked for with ``CAER_TRUST_CHECKPOINTS=1`` (e.g. a checkpoint of an older caer)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
@@ -100,12 +116,25 @@ def model_state(model: CAERModel, with_image_encoder: bool) -> dict:
     }
 
 
+def carries_clip(checkpoint: dict) -> bool:
+    """Whether a checkpoint holds CLIP's text tower as well as its image tower (``caer import-reference`` writes
+    such checkpoints, whose text tower comes from the official file); then every CLIP weight must be there."""
+    return any(k.startswith("clip.") and not k.startswith("clip.visual.") for k in checkpoint["model"])
+
+
 def load_weights(model: CAERModel, checkpoint: dict) -> None:
-    missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+    except RuntimeError as err:  # a shape that differs: name the first one (the config's sizes differ from the file's)
+        found = re.search(r"size mismatch for [^\n]+", str(err))
+        raise ValueError(f"checkpoint does not fit this model: {found.group(0) if found else err}") from None
     unexpected = [k for k in unexpected if not k.startswith("clip.visual.")]
-    missing = [k for k in missing if not k.startswith("clip.")]
+    whole = carries_clip(checkpoint)
+    missing = [k for k in missing if whole or not k.startswith("clip.")]
     if missing or unexpected:
-        raise ValueError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        hint = (" (its class prompts are stored in it: add --class-prompts embedded)"
+                if "prompt_learner.prefix" in unexpected else "")
+        raise ValueError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}{hint}")
 
 
 def is_finetuned(encoder: dict) -> bool:

@@ -19,6 +19,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from ..config import Preprocessing
+
 CLIP_CONFIG_DIR = Path(str(importlib.resources.files("caer.configs") / "clip"))
 open_clip.add_model_config(CLIP_CONFIG_DIR)  # makes the offline tiny model ("caer-tiny") known by name
 
@@ -40,7 +42,8 @@ class Preprocess:
     """open_clip's eval transform, split so that only uint8 pixels cross process boundaries.
 
     ``pil`` (resize, centre crop) runs in data-loader workers; ``normalize`` (to [0,1], then
-    CLIP mean/std) runs on the device. Together they equal the encoder's own transform.
+    CLIP mean/std) runs on the device. Together they equal the encoder's own transform
+    (``--preprocess reference``: the reference code's input instead, see ``Preprocess.reference``).
     """
 
     pil: T.Compose
@@ -56,6 +59,13 @@ class Preprocess:
         if not isinstance(normalize, T.Normalize) or to_tensor != len(steps) - 2:
             raise ValueError(f"unexpected open_clip transform layout: {transform}")
         return cls(T.Compose(steps[:to_tensor]), tuple(normalize.mean), tuple(normalize.std), image_size)
+
+    @classmethod
+    def reference(cls, image_size: int) -> Preprocess:
+        """CLIP-CAER's input: each view squashed to ``image_size`` square with Pillow's bilinear filter (a
+        letterboxed context view keeps its aspect), and pixels in [0, 1] with no mean/std."""
+        squash = T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BILINEAR)
+        return cls(T.Compose([squash]), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), image_size)
 
     def to_uint8(self, img: Image.Image) -> torch.Tensor:
         """[3, S, S] uint8 tensor of the resized, centre-cropped image."""
@@ -122,8 +132,10 @@ def _quiet_root_logger():
         root.setLevel(level)
 
 
-def load_backbone(name: str = "ViT-B-32", pretrained: str = "openai", device: str | torch.device = "cpu") -> CLIPBackbone:
-    """Build an open_clip model by name; ``pretrained`` is a tag, a local checkpoint file, or ``random``."""
+def load_backbone(name: str = "ViT-B-32", pretrained: str = "openai", device: str | torch.device = "cpu",
+                  preprocess: Preprocessing = Preprocessing.open_clip) -> CLIPBackbone:
+    """Build an open_clip model by name; ``pretrained`` is a tag, a local checkpoint file, or ``random``;
+    ``preprocess`` is open_clip's own eval transform or the reference's pixels (``Preprocess.reference``)."""
     if name not in open_clip.list_models():
         raise ValueError(f"--model {name!r}: unknown open_clip model (try ViT-B-32, or caer-tiny for tests)")
     if pretrained == RANDOM_WEIGHTS:
@@ -149,7 +161,9 @@ def load_backbone(name: str = "ViT-B-32", pretrained: str = "openai", device: st
     log.info("image encoder: open_clip %s, weights %s, on %s", name, weights, device)
     image_size = model.visual.image_size
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
-    return CLIPBackbone(model, open_clip.get_tokenizer(name), Preprocess.from_transform(transform, image_size), name, weights)
+    pixels = (Preprocess.reference(image_size) if Preprocessing(preprocess) == Preprocessing.reference
+              else Preprocess.from_transform(transform, image_size))
+    return CLIPBackbone(model, open_clip.get_tokenizer(name), pixels, name, weights)
 
 
 def save_random_weights(name: str, path: str | Path, seed: int = 0) -> Path:

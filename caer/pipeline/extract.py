@@ -22,7 +22,7 @@ from ..cache import CacheWriter, fingerprint, store_key, stored_fingerprint
 from ..config import Decode, ExtractConfig
 from ..data.datasets import ClipFrames
 from ..data.raer import BadClip, Clip, DataError, ViewMaker, check_disjoint, read_annotations
-from ..data.tensor_views import TensorViews
+from ..data.tensor_views import TensorViews, reproduces
 from ..model.checkpoint import backbone_from_checkpoint
 from ..model.encoder import CLIPBackbone, load_backbone
 
@@ -138,7 +138,7 @@ def collect_clips(cfg: ExtractConfig, root: Path) -> tuple[list[Clip], dict[str,
     splits: dict[str, list[str]] = {}
     bad: list[BadClip] = []
     for path in cfg.annotations:
-        found, skipped = read_annotations(path, root, cfg.num_classes, cfg.skip_bad)
+        found, skipped = read_annotations(path, root, cfg.num_classes, cfg.skip_bad, fps=cfg.crop.fps)
         bad += skipped
         splits[Path(path).stem] = [c.video_id for c in found]
         per_file.append(found)
@@ -151,13 +151,13 @@ def load_encoder(cfg: ExtractConfig) -> CLIPBackbone:
     device = runtime.local_device(runtime.resolve_device(cfg.runtime.device))
     if cfg.from_checkpoint:
         return backbone_from_checkpoint(cfg.from_checkpoint, device)
-    return load_backbone(cfg.encoder.model, cfg.encoder.pretrained, device)
+    return load_backbone(cfg.encoder.model, cfg.encoder.pretrained, device, cfg.encoder.preprocess)
 
 
 def open_writer(cfg: ExtractConfig, backbone: CLIPBackbone, root: Path, rank: int) -> CacheWriter:
     """The store to write into; rank 0 checks (or replaces) it before the other ranks open it."""
     fp = fingerprint(backbone.identity(), margin=cfg.crop.margin, crop_body=cfg.crop.crop_body, views=cfg.views,
-                     frame_stride=cfg.crop.frame_stride, decode=cfg.crop.decode)
+                     frame_stride=cfg.crop.frame_stride, decode=cfg.crop.decode, fps=cfg.crop.fps)
     inputs = {"root": root, "face_boxes": cfg.crop.face_boxes, "body_boxes": cfg.crop.body_boxes}
     inputs = {k: str(Path(v).resolve()) if v else None for k, v in inputs.items()}
     writer = CacheWriter(cfg.out, fp, cfg.format, cfg.overwrite, inputs) if rank == 0 else None
@@ -177,7 +177,7 @@ class _ClipWriter:
         for clip, item, feats in done:
             n = len(item["frame_names"])
             attrs = {"label": clip.label, "frame_names": item["frame_names"], "frames_without_face": item["no_face"],
-                     "boxes_sha256": self.digests[clip.video_id]}
+                     "boxes_sha256": self.digests[clip.video_id], "origin": "video" if clip.video else "frames"}
             if len(self.pending) >= MAX_PENDING_WRITES:
                 self.pending.popleft().result()
             self.pending.append(self.pool.submit(self._write, clip.video_id, *to_host(feats), n, attrs))
@@ -321,14 +321,14 @@ def _clips_to_do(writer: CacheWriter, clips: list[Clip], digests: dict[str, str]
 def _warn_about_inputs(cfg: ExtractConfig, clips: list[Clip], view_maker: ViewMaker, root: Path,
                        summary: ExtractSummary, console: Console) -> None:
     """One warning each for frame counts that disagree with the lists and for clips without face boxes."""
-    miscounted = [c for c in clips if c.listed_frames != len(c.frames)]
+    miscounted = [c for c in clips if c.listed_frames != c.frame_count]
     summary.clips_with_other_frame_count = len(miscounted)
     if miscounted:
         first = miscounted[0]
         console.print(
             f"[yellow]warning:[/] {len(miscounted)} of {len(clips)} clips list another num_frames than their folder "
-            f"holds (first: {first.source} lists {first.listed_frames}, the folder has {len(first.frames)}); caer "
-            "uses the frames on disk.", highlight=False, soft_wrap=True,
+            f"holds (first: {first.source} lists {first.listed_frames}, the {'video' if first.video else 'folder'} "
+            f"has {first.frame_count}); caer uses the frames on disk.", highlight=False, soft_wrap=True,
         )
     unboxed = [c.video_id for c in clips if not view_maker.has_face_boxes(c)]
     if unboxed:
@@ -348,7 +348,8 @@ def extract(cfg: ExtractConfig, backbone: CLIPBackbone | None = None, console: C
     backbone = backbone or load_encoder(cfg)
     # unset crop options: those of the store being resumed, else the declared fallbacks
     stored = None if cfg.overwrite else stored_fingerprint(cfg.out, cfg.format)
-    cfg = dataclasses.replace(cfg, crop=cfg.crop.resolved(stored, strict=False, device=backbone.device))
+    auto_device = backbone.device if reproduces(backbone.preprocess) else None  # --decode auto: pil for other transforms
+    cfg = dataclasses.replace(cfg, crop=cfg.crop.resolved(stored, strict=False, device=auto_device))
     root = Path(cfg.crop.root or Path(cfg.annotations[0]).parent)
     clips, splits, bad = collect_clips(cfg, root)
     view_maker = ViewMaker.from_config(cfg.crop, root)

@@ -1,0 +1,185 @@
+"""``caer boxes``: face (and body) boxes for clips that have none, in the RAER box-file format.
+
+Every frame of every clip goes through the face detector (``--workers`` processes, or this one); each clip's
+detections are linked into tracks and its person's face track becomes its face boxes, and a body box derived
+from it (``caer.data.faces``). Both files are written at the end, each atomically.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from operator import itemgetter
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from ..config import BoxesConfig
+from ..data.faces import PersonBoxes, clip_person, detect_in_worker, make_detector, start_worker
+from ..data.raer import Box, Clip, read_annotations
+from ..data.video import iter_clip_images
+from .display import progress_bar
+
+
+@dataclass
+class BoxesSummary:
+    detector: str
+    clips: int = 0
+    frames: int = 0
+    frames_detected: int = 0  # frames where the detector found the clip's person
+    frames_filled: int = 0  # frames whose box was interpolated across a short gap
+    clips_without_face: int = 0
+    faces: int = 0  # every face found, the clip's person or not
+    most_faces: int = 0  # in one frame
+    tracks: int = 0
+    seconds: float = 0.0
+    written: list[str] = field(default_factory=list)
+
+    @property
+    def frames_without_face(self) -> int:
+        return self.frames - self.frames_detected - self.frames_filled
+
+    def add(self, person: PersonBoxes, detections: list[np.ndarray]) -> None:
+        self.frames += len(detections)
+        self.faces += sum(len(d) for d in detections)
+        self.most_faces = max([self.most_faces, *map(len, detections)])
+        self.frames_detected += person.detected
+        self.frames_filled += len(person.faces) - person.detected
+        self.clips_without_face += not person.faces
+        self.tracks += person.tracks
+
+    def table(self) -> Table:
+        t = Table(title="caer boxes", show_header=False)
+        t.add_row("detector", self.detector)
+        t.add_row("clips", str(self.clips))
+        t.add_row("clips with no face at all", str(self.clips_without_face))
+        t.add_row("frames", str(self.frames))
+        t.add_row("frames with the person's face found", _share(self.frames_detected, self.frames))
+        t.add_row("frames with a box filled in a short gap", _share(self.frames_filled, self.frames))
+        t.add_row("frames with no face (no box)", _share(self.frames_without_face, self.frames))
+        t.add_row("faces per frame (mean, most)", f"{self.faces / max(self.frames, 1):.2f}, {self.most_faces}")
+        t.add_row("tracks per clip", f"{self.tracks / max(self.clips, 1):.2f}")
+        t.add_row("seconds", f"{self.seconds:.1f}")
+        t.add_row("frames/s", f"{self.frames / self.seconds if self.seconds > 0 else 0.0:.1f}")
+        for path in self.written:
+            t.add_row("written", path)
+        return t
+
+
+def _share(count: int, total: int) -> str:
+    return f"{count} ({100 * count / max(total, 1):.1f}%)"
+
+
+def find_boxes(cfg: BoxesConfig, root: str | None = None, workers: int = 0, console: Console | None = None) -> BoxesSummary:
+    """Detect, track and choose each clip's person in every clip of ``cfg.annotations``; write the box files.
+    ``root`` defaults to the first annotation file's folder; ``workers`` = 0 detects in this process."""
+    console = console or Console()
+    outputs = _check_outputs(cfg)
+    if not cfg.annotations:
+        raise ValueError("caer boxes needs at least one annotation file")
+    make_detector(cfg.detector, cfg.upsample)  # a wrong name or a missing model file fails here, before any work
+    clips = read_clips(cfg.annotations, Path(root or Path(cfg.annotations[0]).parent))
+    summary = BoxesSummary(cfg.detector, clips=len(clips))
+    faces: dict[str, dict[str, list[int]]] = {}
+    bodies: dict[str, list[int]] = {}
+    start = time.perf_counter()
+    with progress_bar(console) as progress:
+        task = progress.add_task("boxes", total=sum(len(c.frames) for c in clips), info="")
+        stream = _detections(_frames(clips), cfg.detector, cfg.upsample, workers)
+        for index, rows in itertools.groupby(stream, key=itemgetter(0)):
+            clip, keys, sizes, detections = clips[index], [], [], []
+            progress.update(task, info=clip.video_id)
+            for _, key, size, found in rows:
+                keys.append(key)
+                sizes.append(size)
+                detections.append(found)
+                progress.advance(task)
+            height, width = np.max(sizes, axis=0).tolist()  # a folder's frames may differ in size: its largest
+            person = clip_person(detections, width, height, cfg.min_iou, cfg.max_gap)
+            faces[clip.video_id] = {keys[f]: _pixels(box) for f, box in person.faces.items()}
+            bodies[clip.video_id] = _pixels(person.body)
+            summary.add(person, detections)
+    summary.seconds = time.perf_counter() - start
+    for path, boxes in zip(outputs, (faces, bodies)):  # the body boxes only when --body-boxes named a file
+        write_json_atomic(path, boxes)
+        summary.written.append(str(path))
+    return summary
+
+
+def read_clips(annotations: list[str], root: Path) -> list[Clip]:
+    """Every clip of the annotation files, once (a clip listed in two files needs its boxes once)."""
+    clips: dict[str, Clip] = {}
+    for path in annotations:
+        found, _ = read_annotations(path, root, num_classes=sys.maxsize)  # any label will do: boxes ignore labels
+        for clip in found:
+            clips.setdefault(clip.video_id, clip)
+    return list(clips.values())
+
+
+def _check_outputs(cfg: BoxesConfig) -> list[Path]:
+    """The files to write (face boxes, then body boxes if asked for); existing ones are refused without --overwrite."""
+    outputs = [Path(cfg.out)] + ([Path(cfg.body_boxes)] if cfg.body_boxes else [])
+    if len(outputs) == 2 and outputs[0].resolve() == outputs[1].resolve():
+        raise ValueError(f"--out and --body-boxes name the same file, {cfg.out}")
+    for path in outputs:
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder: give the JSON file to write")
+        if path.exists() and not cfg.overwrite:
+            raise ValueError(f"{path} already exists: pass --overwrite to replace it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return outputs
+
+
+def _frames(clips: list[Clip]) -> Iterator[tuple[int, str, np.ndarray]]:
+    """(clip index, box-file key, RGB array) of every frame of every clip, in order."""
+    for index, clip in enumerate(clips):
+        for key, image in iter_clip_images(clip):
+            yield index, key, np.asarray(image)
+
+
+def _detections(frames: Iterator[tuple[int, str, np.ndarray]], detector: str, upsample: int,
+                workers: int) -> Iterator[tuple[int, str, tuple[int, int], np.ndarray]]:
+    """(clip index, key, (height, width), faces) of every frame, in order. With workers, this process decodes and
+    the workers detect, with a few frames in flight per worker (so memory stays bounded)."""
+    if workers == 0:
+        detect = make_detector(detector, upsample)
+        for index, key, rgb in frames:
+            yield index, key, rgb.shape[:2], detect(rgb)
+        return
+    context = multiprocessing.get_context("spawn")  # a fork of a process with threads (rich, OpenCV) may hang
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=start_worker, initargs=(detector, upsample)) as pool:
+        pending: deque = deque()
+        for index, key, rgb in frames:
+            pending.append((index, key, rgb.shape[:2], pool.submit(detect_in_worker, rgb)))
+            if len(pending) > 2 * workers:
+                index, key, size, future = pending.popleft()
+                yield index, key, size, future.result()
+        for index, key, size, future in pending:
+            yield index, key, size, future.result()
+
+
+def _pixels(box: Box) -> list[int]:
+    return [round(v) for v in box]
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON to a temporary file beside ``path`` and rename it, so a stopped run leaves no half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,447 @@
+"""``caer predict``: the emotion of the people in videos or frame folders, window by window, with any checkpoint.
+
+For each input: the frames the checkpoint uses (its ``--fps`` and ``--frame-stride``, as in training); its people
+(the box file's person, or a face detector's tracks: the clip's person, or with ``--all-faces`` every track);
+windows of ``--window`` frames every ``--stride`` frames, each read as ``caer eval`` reads a clip (TSN sampling,
+the middle frame of each of the model's T segments); class probabilities per window and person, and their mean
+per person. The image encoder runs on the frames directly (no cache), with the checkpoint's own preprocessing and
+crop geometry; a frame that several windows sample is cut and encoded once per person.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from ..config import BoxesConfig, CropConfig, Decode, PredictConfig, from_flat
+from ..data.datasets import sample_indices
+from ..data.faces import body_box, choose_person, make_detector, track_faces
+from ..data.raer import IMAGE_SUFFIXES, Box, Clip, DataError, ViewMaker, clip_dir_key, list_frames, load_body_boxes, load_face_boxes
+from ..data.tensor_views import TensorViews
+from ..data.video import VIDEO_SUFFIXES, clip_images, frame_key, frame_number, frames_at_rate, index_video, is_video
+from ..model.caer_model import CAERModel
+from ..model.checkpoint import build_model, checkpoint_config, is_finetuned, load_checkpoint
+from ..model.encoder import Preprocess
+from ..runtime import autocast, resolve_device
+from .annotate import ANNOTATE_SUFFIXES, write_annotated
+from .display import progress_bar
+
+FRAMES_PER_CHUNK = 32  # frames decoded, cut (for every person) and encoded together
+WINDOWS_PER_BATCH = 256  # windows through the temporal model at once
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+@dataclass
+class Predictor:
+    """A checkpoint's model, ready to classify raw frames, with the geometry and preprocessing it was trained with."""
+
+    model: CAERModel
+    preprocess: Preprocess
+    crop: CropConfig
+    classes: list[str]
+    segments: int  # T: frames per window the model sees
+    stage: int
+    device: torch.device
+    use_amp: bool
+    text: tuple[torch.Tensor, torch.Tensor]
+
+
+def load_predictor(path: str, overrides: dict) -> Predictor:
+    """The model of checkpoint ``path`` (``overrides``: run-config options, e.g. ``pretrained``, ``device``). Every
+    failure is one line naming the checkpoint."""
+    ckpt = load_checkpoint(path)
+    try:
+        cfg = checkpoint_config(ckpt, overrides)
+        device = resolve_device(cfg.runtime.device)
+        model, backbone = build_model(cfg, device, ckpt)
+    except ValueError as err:
+        hint = ("; pass --pretrained with the base weights it was trained from (a file on this machine or an "
+                "open_clip tag)") if "--pretrained" in str(err) else ""
+        raise ValueError(f"{path}: {err}{hint}") from None
+    trained_on = ckpt["encoder"].get("weights")
+    if not is_finetuned(ckpt["encoder"]) and trained_on != backbone.weights:
+        raise ValueError(f"{path}: it was trained on the features of the image encoder weights {trained_on}, but "
+                         f"--pretrained {cfg.encoder.pretrained} gives {backbone.weights}: pass the weights it was "
+                         "trained with")
+    model.eval()
+    with torch.no_grad():
+        text = tuple(t.detach() for t in model.text_features())
+    return Predictor(model, backbone.preprocess, cfg.crop.resolved(device=device), list(cfg.model.classes),
+                     cfg.model.num_frames, int(ckpt.get("stage", 0)), device, cfg.runtime.use_amp, text)
+
+
+# ------------------------------------------------------------------------------------------ inputs and faces
+
+def open_input(path: str, fps: float) -> Clip:
+    """An input as a clip: a video file (its frames at ``fps``, 0: all) or a frame folder; one clear line if it has
+    no frames or is neither."""
+    p = Path(path)
+    if is_video(p):
+        if not p.is_file():
+            raise DataError(f"{p}: no such video file")
+        index = index_video(p)
+        return Clip(path, 0, tuple(p / frame_key(n) for n in frames_at_rate(index, fps)), path, video=index)
+    if not p.is_dir():
+        raise DataError(f"{p}: neither a video file ({' '.join(VIDEO_SUFFIXES)}) nor a frame folder")
+    frames = list_frames(p)
+    if not frames:
+        raise DataError(f"{p}: no frames (the folder holds no {' '.join(sorted(IMAGE_SUFFIXES))} files)")
+    return Clip(path, 0, tuple(frames), path)
+
+
+@dataclass
+class Window:
+    start: int  # positions in the input's frames: [start, end)
+    end: int
+    sampled: list[int]  # the positions the model sees (TSN: the middle frame of each of T segments)
+    probabilities: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Person:
+    """One person of an input: face box per frame position, the span their windows cover, and the predictions."""
+
+    boxes: dict[int, Box]  # detected, interpolated across a short gap, or from the box file
+    detected: int  # frames whose box the detector (or the box file) gave
+    chosen: bool  # the clip's person (faces.choose_person; a box file's person is the clip's)
+    span: tuple[int, int]
+    body: Box
+    windows: list[Window] = field(default_factory=list)
+    note: str = ""
+
+    def probabilities(self) -> np.ndarray:
+        """The clip-level probabilities: the mean over the person's windows."""
+        return np.mean([w.probabilities for w in self.windows], axis=0)
+
+
+@dataclass
+class Faces:
+    """Where the inputs' faces come from: a box file (keys root-relative, as ``load_face_boxes`` reads them) or a
+    face detector with tracking (``detection``: caer boxes' options)."""
+
+    detection: BoxesConfig
+    box_file: str | None = None
+    root: Path = Path(".")
+    boxes: dict = field(default_factory=dict)
+    bodies: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_options(cls, overrides: dict, detection: dict) -> Faces:
+        face_boxes, body_boxes = overrides.get("face_boxes"), overrides.get("body_boxes")
+        if face_boxes and detection.get("detector"):
+            raise ValueError("give --face-boxes or --detector, not both")
+        if body_boxes and not face_boxes:
+            raise ValueError("--body-boxes goes with --face-boxes (with a detector, the body box comes from the "
+                             "person's face track)")
+        settings = from_flat(BoxesConfig, {k: v for k, v in detection.items() if v is not None}, "flag")
+        if not face_boxes:
+            make_detector(settings.detector, settings.upsample)  # a wrong name fails here, before any work
+            return cls(settings)
+        root = Path(overrides.get("root") or Path(face_boxes).parent)
+        bodies = load_body_boxes(body_boxes, root) if body_boxes else {}
+        return cls(settings, face_boxes, root, load_face_boxes(face_boxes, root), bodies)
+
+    def describe(self) -> dict:
+        if self.box_file:
+            return {"face_boxes": self.box_file, "root": str(self.root)}
+        d = self.detection
+        return {"detector": d.detector, "upsample": d.upsample, "min_iou": d.min_iou, "max_gap": d.max_gap}
+
+    def key(self, path: str) -> str:
+        """The box file's key of an input: its path relative to the root, or as given."""
+        relative = clip_dir_key(os.path.abspath(path), [os.path.abspath(self.root)])
+        for candidate in (relative, os.path.normpath(path)):
+            if candidate in self.boxes:
+                return candidate
+        example = next(iter(self.boxes), None)
+        raise DataError(f"{self.box_file}: no entry for {path} (keys are clip paths relative to --root {self.root}"
+                        f"{f', e.g. {example!r}' if example else ''}); give --root, or find its boxes with "
+                        "--detector instead")
+
+
+def frame_size(clip: Clip) -> tuple[int, int]:
+    """(width, height) of a video, or of a folder's first frame."""
+    if clip.video is not None:
+        return clip.video.width, clip.video.height
+    _, image = next(clip_images(clip, clip.frames[:1]))
+    return image.size
+
+
+def people_from_file(clip: Clip, frames: list[Path], faces: Faces) -> tuple[list[Person], int]:
+    """The box file's person of ``clip``, over all its frames; its body box from the body-box file, else derived
+    from its face boxes (the caer boxes rule)."""
+    key = faces.key(clip.video_id)
+    entry = faces.boxes[key]
+    boxes = {i: entry[f.name] for i, f in enumerate(frames) if f.name in entry}
+    if not boxes:
+        raise DataError(f"{clip.video_id}: {faces.box_file} has no face box for any of its {len(frames)} frames "
+                        f"(first frame key {frames[0].name!r}); give boxes, or use --detector")
+    body = faces.bodies.get(key) or body_box([np.asarray(b) for b in boxes.values()], *frame_size(clip))
+    return [Person(boxes, len(boxes), True, (0, len(frames)), body)], 1
+
+
+def people_from_detector(clip: Clip, frames: list[Path], faces: Faces, all_faces: bool,
+                         progress: Progress) -> tuple[list[Person], int]:
+    """Faces detected in every frame and linked into tracks: the clip's person (over the whole clip, as a clip is
+    read in training), or every track (each over its first to last detection); and how many tracks there were."""
+    d = faces.detection
+    detect = make_detector(d.detector, d.upsample)
+    task = progress.add_task("faces", total=len(frames), info=Path(clip.video_id).name)
+    found, sizes = [], []
+    for _, image in clip_images(clip, frames):
+        found.append(detect(np.asarray(image)))
+        sizes.append(image.size)
+        progress.advance(task)
+    progress.remove_task(task)
+    tracks = track_faces(found, d.min_iou, d.max_gap)
+    chosen = choose_person(tracks)
+    if chosen is None:
+        raise DataError(f"{clip.video_id}: --detector {d.detector} found no face in its {len(frames)} frames; give "
+                        "its boxes with --face-boxes, or try another --detector (hog, cnn, haar, yunet:PATH.onnx) or "
+                        "a higher --upsample")
+    people = []
+    for track in sorted(tracks if all_faces else [chosen], key=lambda t: (t.first, float(t.boxes[t.first][0]))):
+        boxes = {}
+        for f, box in track.filled(d.max_gap).items():
+            width, height = sizes[f]
+            boxes[f] = tuple(np.clip(box, 0, [width, height, width, height]).tolist())
+        span = (track.first, track.last + 1) if all_faces else (0, len(frames))
+        people.append(Person(boxes, len(track.boxes), track is chosen, span, body_box(track.boxes.values(), *sizes[0])))
+    return people, len(tracks)
+
+
+# ------------------------------------------------------------------------------------------ windows
+
+def make_windows(span: tuple[int, int], window: int, stride: int, segments: int) -> list[Window]:
+    """Windows of ``window`` positions every ``stride`` over ``span``, the last one moved back to end with the span
+    (so every frame is covered); a span of at most ``window`` frames is one window."""
+    first, end = span
+    size = min(window, end - first)
+    starts = list(range(first, end - size + 1, stride))
+    if starts[-1] + size < end:
+        starts.append(end - size)
+    return [Window(s, s + size, (s + sample_indices(size, segments, False)).tolist()) for s in starts]
+
+
+def person_views(clip: Clip, frames: list[Path], person: Person, crop: CropConfig) -> ViewMaker:
+    """The view maker of one person: their face box per frame, their body box, the checkpoint's margin."""
+    key = clip_dir_key(clip.video_id)
+    boxes = {frames[i].name: box for i, box in person.boxes.items()}
+    return ViewMaker({key: boxes}, {key: person.body}, crop.margin, crop.crop_body)
+
+
+def chunk_pixels(p: Predictor, clip: Clip, files: list[Path], makers: list[ViewMaker],
+                 wanted: list[tuple[int, Path]]) -> torch.Tensor:
+    """uint8 [len(wanted), 2 (face, context), 3, S, S]: the views of (person, frame) pairs; ``files`` (ascending)
+    are decoded once, by the checkpoint's decode path."""
+    if p.crop.decode == Decode.tensor:
+        inputs = TensorViews(makers[0], p.preprocess).read(clip, files)
+        out = []
+        for k, group in itertools.groupby(wanted, key=lambda pair: pair[0]):
+            boxes = [makers[k].frame_boxes(clip, f) for f in files]
+            pixels = TensorViews(makers[k], p.preprocess).pixels(
+                inputs | {"faces": [face for face, _ in boxes], "body": boxes[0][1]}, p.device)
+            out += [pixels[files.index(f)] for _, f in group]
+        return torch.stack(out)
+    images = dict(clip_images(clip, files))
+    return torch.stack([torch.stack([p.preprocess.to_uint8(v) for v in makers[k].views(clip, f, images[f])[:2]])
+                        for k, f in wanted])
+
+
+@torch.no_grad()
+def encode_people(p: Predictor, clip: Clip, frames: list[Path], people: list[Person],
+                  progress: Progress) -> list[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """Per person, {frame position: (face feature, context feature)} of every frame their windows sample."""
+    needs = [{i for w in person.windows for i in w.sampled} for person in people]
+    positions = sorted(set().union(*needs))
+    makers = [person_views(clip, frames, person, p.crop) for person in people]
+    features: list[dict] = [{} for _ in people]
+    task = progress.add_task("frames", total=len(positions), info=Path(clip.video_id).name)
+    for start in range(0, len(positions), FRAMES_PER_CHUNK):
+        chunk = positions[start : start + FRAMES_PER_CHUNK]
+        wanted = [(k, i) for k in range(len(people)) for i in chunk if i in needs[k]]  # grouped by person
+        pixels = chunk_pixels(p, clip, [frames[i] for i in chunk], makers, [(k, frames[i]) for k, i in wanted])
+        pixels = pixels.to(p.device)
+        with autocast(p.device, p.use_amp):
+            face, context = p.model.frame_features(pixels[None, :, 0], pixels[None, :, 1])
+        for (k, i), f, c in zip(wanted, face[0].float(), context[0].float()):
+            features[k][i] = (f, c)
+        progress.advance(task, len(chunk))
+    progress.remove_task(task)
+    return features
+
+
+@torch.no_grad()
+def classify(p: Predictor, person: Person, features: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Class probabilities of each of the person's windows (softmax of the model's logits)."""
+    for start in range(0, len(person.windows), WINDOWS_PER_BATCH):
+        batch = person.windows[start : start + WINDOWS_PER_BATCH]
+        face = torch.stack([torch.stack([features[i][0] for i in w.sampled]) for w in batch])
+        context = torch.stack([torch.stack([features[i][1] for i in w.sampled]) for w in batch])
+        with autocast(p.device, p.use_amp):
+            logits = p.model(face, context, p.text).float()
+        for window, probs in zip(batch, torch.softmax(logits, dim=-1).cpu().double().numpy()):
+            window.probabilities = probs.tolist()
+
+
+# ------------------------------------------------------------------------------------------ results
+
+@dataclass
+class InputResult:
+    clip: Clip
+    frames: list[Path]  # the frames the checkpoint uses, in time order (positions index into this)
+    people: list[Person]
+    tracks: int
+
+    def times(self) -> list[float] | None:
+        """Each used frame's start in seconds (videos only)."""
+        if self.clip.video is None:
+            return None
+        starts = self.clip.video.times()
+        return [float(starts[frame_number(f) - 1]) for f in self.frames]
+
+    def as_dict(self, classes: list[str]) -> dict:
+        clip = self.clip
+        return {"input": clip.video_id, "kind": "video" if clip.video is not None else "frames",
+                "frame_count": clip.frame_count, "frames_used": len(self.frames), "tracks": self.tracks,
+                "persons": [self._person(n, person, classes) for n, person in enumerate(self.people, start=1)]}
+
+    def _person(self, number: int, person: Person, classes: list[str]) -> dict:
+        names, times = [f.name for f in self.frames], self.times()
+        probs = person.probabilities()
+        first, end = person.span
+        windows = [{"first_frame": names[w.start], "last_frame": names[w.end - 1],
+                    **({"time_s": [times[w.start], times[w.end - 1]]} if times else {}),
+                    "sampled_frames": [names[i] for i in w.sampled], "label": classes[int(np.argmax(w.probabilities))],
+                    "probabilities": w.probabilities} for w in person.windows]
+        return {"person": number, "chosen": person.chosen, "label": classes[int(np.argmax(probs))],
+                "label_index": int(np.argmax(probs)), "probabilities": probs.tolist(), "first_frame": names[first],
+                "last_frame": names[end - 1], "frames_covered": end - first, "frames_with_face": len(person.boxes),
+                "frames_detected": person.detected, "note": person.note or None,
+                "boxes": {names[i]: [round(v, 2) for v in box] for i, box in sorted(person.boxes.items())},
+                "windows": windows}
+
+
+@dataclass
+class PredictResult:
+    checkpoint: str
+    predictor: Predictor
+    settings: PredictConfig
+    faces: Faces
+    inputs: list[InputResult]
+    written: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        p, s, crop = self.predictor, self.settings, self.predictor.crop
+        return {"checkpoint": self.checkpoint, "stage": p.stage, "classes": p.classes, "window": s.window,
+                "stride": s.stride, "num_frames": p.segments, "all_faces": s.all_faces, "faces": self.faces.describe(),
+                "geometry": {"margin": crop.margin, "crop_body": crop.crop_body, "frame_stride": crop.frame_stride,
+                             "fps": crop.fps, "decode": str(crop.decode)},
+                "inputs": [r.as_dict(p.classes) for r in self.inputs]}
+
+    def table(self) -> Table:
+        """One row per person of each input: the frames they cover, windows, clip-level label and its probability."""
+        t = Table(title=f"caer predict {self.checkpoint} (stage {self.predictor.stage})", title_justify="left")
+        notes = any(person.note for result in self.inputs for person in result.people)
+        for column in ("input", "person", "frames", "windows", "label", "probability", *(("note",) if notes else ())):
+            t.add_column(column, justify="right" if column in ("person", "windows", "probability") else "left")
+        for result in self.inputs:
+            names = [f.stem for f in result.frames]
+            for n, person in enumerate(result.people, start=1):
+                probs, (first, end) = person.probabilities(), person.span
+                tag = f"{n}" + (" (chosen)" if person.chosen and len(result.people) > 1 else "")
+                t.add_row(Path(result.clip.video_id).name, tag, f"{names[first]}..{names[end - 1]} ({end - first})",
+                          str(len(person.windows)), self.predictor.classes[int(np.argmax(probs))],
+                          f"{probs.max():.3f}", *((person.note,) if notes else ()))
+        return t
+
+
+# ------------------------------------------------------------------------------------------ the recipe
+
+def check_settings(cfg: PredictConfig) -> list[Path]:
+    """Refuse unusable settings before any work; the annotated videos to write (one per input, or none)."""
+    if not cfg.inputs:
+        raise ValueError("caer predict needs at least one video file or frame folder")
+    if not cfg.annotate:
+        return []
+    out = Path(cfg.annotate)
+    if out.suffix.lower() not in ANNOTATE_SUFFIXES:
+        raise ValueError(f"--annotate {out}: give a {', '.join(ANNOTATE_SUFFIXES)} file to write")
+    if len(cfg.inputs) == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{k}-{Path(name).stem}{out.suffix}") for k, name in enumerate(cfg.inputs, start=1)]
+
+
+def predict_input(p: Predictor, clip: Clip, faces: Faces, cfg: PredictConfig, progress: Progress) -> InputResult:
+    """People, windows and probabilities of one input."""
+    frames = list(clip.frames[:: p.crop.frame_stride])
+    if faces.box_file:
+        people, tracks = people_from_file(clip, frames, faces)
+    else:
+        people, tracks = people_from_detector(clip, frames, faces, cfg.all_faces, progress)
+    for person in people:
+        person.windows = make_windows(person.span, cfg.window, cfg.stride, p.segments)
+        length = person.span[1] - person.span[0]
+        if length < cfg.window:
+            person.note = f"shorter than --window {cfg.window}: one window"
+    features = encode_people(p, clip, frames, people, progress)
+    for person, found in zip(people, features):
+        classify(p, person, found)
+    return InputResult(clip, frames, people, tracks)
+
+
+def predict(cfg: PredictConfig, overrides: dict | None = None, detection: dict | None = None,
+            console: Console | None = None) -> PredictResult:
+    """Predict every input of ``cfg`` with its checkpoint; write ``--json`` and ``--annotate`` if asked.
+    ``overrides``: ``PREDICT_OVERRIDES`` (box files, root, base weights, device); ``detection``: caer boxes'
+    detection options (``PREDICT_DETECTION``)."""
+    console = console or Console()
+    overrides, detection = overrides or {}, detection or {}
+    annotated = check_settings(cfg)
+    faces = Faces.from_options(overrides, detection)
+    run_options = {k: overrides.get(k) for k in ("pretrained", "device")}
+    predictor = load_predictor(cfg.checkpoint, run_options)
+    clips = [open_input(path, predictor.crop.fps) for path in cfg.inputs]
+    with progress_bar(console) as progress:
+        task = progress.add_task("inputs", total=len(clips), info="")
+        results = []
+        for clip in clips:
+            progress.update(task, info=Path(clip.video_id).name)
+            results.append(predict_input(predictor, clip, faces, cfg, progress))
+            progress.advance(task)
+    result = PredictResult(cfg.checkpoint, predictor, cfg, faces, results)
+    if cfg.json:
+        Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.json).write_text(json.dumps(result.as_dict(), indent=1))
+        result.written.append(cfg.json)
+    for path, one in zip(annotated, results):
+        write_annotated(path, one.clip, one.frames, _labels(one, predictor.classes))
+        result.written.append(str(path))
+    return result
+
+
+def _labels(result: InputResult, classes: list[str]) -> list[dict[int, tuple[Box, str]]]:
+    """Per person, {frame position: (face box, "N label p")}: the label of the windows that cover the frame (their
+    mean probabilities), else the person's clip-level label."""
+    out = []
+    for n, person in enumerate(result.people, start=1):
+        sums, counts = np.zeros((len(result.frames), len(classes))), np.zeros(len(result.frames))
+        for w in person.windows:
+            sums[w.start : w.end] += w.probabilities
+            counts[w.start : w.end] += 1
+        clip_level, shown = person.probabilities(), {}
+        for i, box in person.boxes.items():
+            probs = sums[i] / counts[i] if counts[i] else clip_level
+            shown[i] = (box, f"{n} {classes[int(np.argmax(probs))]} {probs.max():.2f}")
+        out.append(shown)
+    return out
