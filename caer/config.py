@@ -172,34 +172,41 @@ def option_type(f: dataclasses.Field):
     return f.type
 
 
+def _scalar(kind, value):
+    """``value`` as the scalar type ``kind`` (ValueError if it is not one)."""
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        return kind(value)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError
+        return value
+    if kind is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        return int(value)
+    if kind is float:
+        return float(value)  # YAML reads 1e-5 (no dot) as a string
+    return str(value)
+
+
 def coerce(f: dataclasses.Field, value, where: str):
     """A value from a file or a checkpoint, checked against the declaration (type, choices, range)."""
     if value is None:
         return None
     kind = option_type(f)
     try:
-        if isinstance(kind, type) and issubclass(kind, enum.Enum):
-            value = kind(value)
-        elif kind is bool:
-            if not isinstance(value, bool):
-                raise ValueError
-        elif kind is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            value = int(value)
-        elif kind is float:
-            value = float(value)  # YAML reads 1e-5 (no dot) as a string
-        elif kind is str:
-            value = str(value)
-        elif typing.get_origin(kind) is list:
+        if typing.get_origin(kind) is list:
             if not isinstance(value, list):
                 raise ValueError
-            value = [str(v) for v in value]
+            value = [_scalar(typing.get_args(kind)[0], v) for v in value]
+        else:
+            value = _scalar(kind, value)
     except ValueError:
         if isinstance(kind, type) and issubclass(kind, enum.Enum):
             raise ValueError(f"{where}: {value!r} is not one of {', '.join(m.value for m in kind)}") from None
         raise ValueError(f"{where}: expected {getattr(kind, '__name__', kind)}, got {value!r}") from None
-    check_range(f, value, where)
+    for item in value if isinstance(value, list) else [value]:
+        check_range(f, item, where)
     return value
 
 
@@ -414,8 +421,11 @@ class OptimConfig:
                                  "repeat the flag. Wins over every other rate.", factory=list, shown="none")
     momentum: float = option(0.9, "SGD momentum.", min=0, max=1)
     weight_decay: float = option(1e-4, "Weight decay.", min=0)
-    scheduler: Scheduler = option(Scheduler.cosine, "Per-epoch schedule: cosine, or step (--step-size, --gamma).")
+    scheduler: Scheduler = option(Scheduler.cosine, "Per-epoch schedule: cosine, or step (--step-size or "
+                                  "--milestones, --gamma).")
     step_size: int = option(10, "Epochs between steps of the step schedule.", min=1)
+    milestones: list[int] = option(help="Epochs after which the step schedule multiplies the rates by --gamma (repeat "
+                                   "the flag); given, they replace --step-size.", factory=list, min=1, shown="none")
     gamma: float = option(0.1, "Factor of each step of the step schedule.", min=0)
     batch_size: int = option(8, "Clips per batch.", min=1)
     grad_accum: int = option(1, "Accumulate gradients over N batches.", min=1)

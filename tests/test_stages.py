@@ -202,6 +202,26 @@ def stage_rates(cfg, stage: int) -> dict[str, float]:
     return {g["name"]: g["lr"] for g in optimizer.param_groups}
 
 
+def test_the_step_schedule_steps_at_the_milestones_when_given_else_every_step_size():
+    """The reference lowers its rates after epochs 10 and 15 (configs/clip-caer-reference.yaml: --milestones)."""
+    def rates(**values) -> list[float]:
+        cfg = load_config("raer", {"model": "caer-tiny", "pretrained": "random", "scheduler": "step", "lr": 1.0,
+                                   "gamma": 0.1, **values})
+        model, _ = build_model(cfg, torch.device("cpu"))
+        model.prepare_stage(2)
+        optimizer, schedule = make_optimizer(model, cfg, 2)
+        seen = []
+        for _ in range(17):
+            seen.append(round(optimizer.param_groups[-1]["lr"], 6))
+            optimizer.step()
+            schedule.step()
+        return seen
+
+    assert rates(step_size=10) == [1.0] * 10 + [0.1] * 7
+    assert rates(milestones=[15, 10]) == [1.0] * 10 + [0.1] * 5 + [0.01] * 2
+    assert load_config("clip-caer-reference", {}).optim.milestones == [10, 15]
+
+
 def test_each_stage_rate_reaches_every_group_it_trains():
     """The most specific rate wins: --lr-group, the image encoder's own, --lr-stageN, --lr-prompt/--lr-adapter, --lr."""
     cfg = load_config("raer", {"model": "caer-tiny", "pretrained": "random", "lr_stage1": 0.05})

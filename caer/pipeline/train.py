@@ -149,6 +149,8 @@ def make_optimizer(model: CAERModel, cfg: RunConfig, stage: int):
         opt = torch.optim.AdamW(groups, weight_decay=o.weight_decay)
     if o.scheduler == Scheduler.cosine:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.stage_epochs(stage)))
+    elif o.milestones:
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=sorted(o.milestones), gamma=o.gamma)
     else:
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=o.step_size, gamma=o.gamma)
     return opt, sched
