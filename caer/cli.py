@@ -64,9 +64,9 @@ def _shown_default(f: dataclasses.Field, default) -> str | bool:
     return str(getattr(default, "value", default))
 
 
-def flag_parameter(f: dataclasses.Field, panel: str, optional: bool) -> inspect.Parameter:
+def flag_parameter(f: dataclasses.Field, panel: str, optional: bool, shown: str | bool | None = None) -> inspect.Parameter:
     """The Typer parameter of one declared option. ``optional``: None when not given, so that a config
-    file's value (or the declared default) stands; ``--help`` still shows the declared default."""
+    file's value (or the declared default) stands; ``--help`` shows the declared default, or ``shown``."""
     meta, kind = f.metadata, option_type(f)
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     text = escape(meta["help"])
@@ -75,7 +75,7 @@ def flag_parameter(f: dataclasses.Field, panel: str, optional: bool) -> inspect.
                                  annotation=Annotated[kind, typer.Argument(help=text, show_default=False,
                                                                           metavar=f.name.upper())])
     info = typer.Option(*meta["flags"], help=text, rich_help_panel=panel, min=meta["min"], max=meta["max"],
-                        show_default=_shown_default(f, default))
+                        show_default=_shown_default(f, default) if shown is None else shown)
     if optional:
         return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
                                  annotation=Annotated[Optional[kind], info])
@@ -85,13 +85,15 @@ def flag_parameter(f: dataclasses.Field, panel: str, optional: bool) -> inspect.
 
 
 def flags_of(record, optional: bool = False, reuse: tuple[str, ...] = (), extra: tuple[inspect.Parameter, ...] = (),
-             borrow: tuple = ()):
+             borrow: tuple = (), shown: dict | None = None):
     """Decorator: the command takes the flags of ``record`` (plus ``reuse``: options of ``RunConfig`` given
     as optional overrides; ``borrow``: ``(record, names)`` pairs, other records' options taken the same way; and
-    ``extra`` parameters) and its body receives them as one dict."""
+    ``extra`` parameters) and its body receives them as one dict. ``shown``: what ``--help`` gives as the default
+    of a reused option whose default is not the declared one here (e.g. "the checkpoint's")."""
+    shown = shown or {}
     params = [flag_parameter(f, panel, optional) for f, panel in options(record)]
     for other, names in ((RunConfig, reuse), *borrow):
-        params += [flag_parameter(f, panel, True) for f, panel in options(other) if f.name in names]
+        params += [flag_parameter(f, panel, True, shown.get(f.name)) for f, panel in options(other) if f.name in names]
 
     def wrap(body):
         @functools.wraps(body)
@@ -260,7 +262,7 @@ def train(values: dict):
 
 @app.command("eval", rich_help_panel="Pipeline")
 @friendly_errors
-@flags_of(EvalConfig, reuse=EVAL_OVERRIDES)
+@flags_of(EvalConfig, reuse=EVAL_OVERRIDES, shown=dict.fromkeys(EVAL_OVERRIDES, "the checkpoint's"))
 def eval_(values: dict):
     """Evaluate a checkpoint: WAR, UAR, per-class recall/precision/F1 and the confusion matrix.
 
@@ -308,7 +310,8 @@ def import_reference(values: dict):
 
 @app.command(rich_help_panel="Pipeline")
 @friendly_errors
-@flags_of(PredictConfig, reuse=PREDICT_OVERRIDES, borrow=((BoxesConfig, PREDICT_DETECTION),))
+@flags_of(PredictConfig, reuse=PREDICT_OVERRIDES, borrow=((BoxesConfig, PREDICT_DETECTION),),
+          shown={"root": "the --face-boxes file's folder", "pretrained": "the checkpoint's", "device": "the checkpoint's"})
 def predict(values: dict):
     """Predict the emotion of the people in videos or frame folders with a checkpoint of any stage.
 
