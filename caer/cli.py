@@ -35,6 +35,7 @@ from .config import (
     PlotConfig,
     PredictConfig,
     RunConfig,
+    SplitConfig,
     SynthConfig,
     VerifyConfig,
     from_flat,
@@ -214,6 +215,26 @@ def boxes(values: dict):
     root, workers = values.pop("root"), values.pop("workers")
     summary = find_boxes(from_flat(BoxesConfig, values, "flag"), root, default_workers() if workers is None else workers,
                          console)
+    console.print(summary.table())
+
+
+@app.command(rich_help_panel="Data")
+@friendly_errors
+@flags_of(SplitConfig, borrow=((ExtractConfig, ("num_classes",)),))
+def split(values: dict):
+    """Hold out a validation list from a training list: stratified by label, seeded, and with --group never one
+    person or video on both sides.
+
+    The test list must not choose the epoch; when a dataset ships only train and test lists, make the val list here.
+
+    Examples:
+      [cyan]caer split data/train.txt --train-out data/train-fit.txt --val-out data/val.txt[/]
+      [cyan]caer split RAER/train.txt --train-out RAER/train-fit.txt --val-out RAER/val.txt --group '^([^/]+)/'[/]
+    """
+    from .pipeline.split import split_list
+
+    num_classes = values.pop("num_classes")
+    summary = split_list(SplitConfig(**values), ExtractConfig().num_classes if num_classes is None else num_classes)
     console.print(summary.table())
 
 

@@ -632,6 +632,23 @@ PREDICT_DETECTION = ("detector", "upsample", "min_iou", "max_gap")
 
 
 @dataclass
+class SplitConfig:
+    """``caer split``: hold out a validation list from a training list (``--num-classes`` is ExtractConfig's)."""
+
+    PANEL = "Options"
+    train_list: str = option(None, "The training annotation file to split.", argument=True)
+    train_out: str = option(None, "Training list to write: the clips not held out.", panel="Output")
+    val_out: str = option(None, "Validation list to write: the clips held out.", panel="Output")
+    overwrite: bool = option(False, "Replace output lists that already exist.", panel="Output")
+    # typer's ranges are closed: 0 and 1 pass the flag and are refused by the recipe
+    val_fraction: float = option(0.1, "Share of each class held out for validation, strictly between 0 and 1.",
+                                 min=0, max=1)
+    seed: int = option(0, "Random seed of the choice (the same seed and list give the same split).")
+    group: str | None = option(None, "Regular expression whose first capture group names a clip's group (e.g. "
+                               "'^([^/]+)/' for a per-student folder): a group's clips all go to the same side.")
+
+
+@dataclass
 class VerifyConfig:
     """``caer cache verify``."""
 

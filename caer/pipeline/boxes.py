@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import multiprocessing
-import os
 import sys
 import time
 from collections import deque
@@ -29,6 +28,7 @@ from ..data.faces import PersonBoxes, clip_person, detect_in_worker, make_detect
 from ..data.raer import Box, Clip, read_annotations
 from ..data.video import iter_clip_images
 from .display import progress_bar
+from .report import write_atomically
 
 
 @dataclass
@@ -110,9 +110,9 @@ def find_boxes(cfg: BoxesConfig, root: str | None = None, workers: int = 0, cons
             bodies[clip.video_id] = _pixels(person.body)
             summary.add(person, detections)
     summary.seconds = time.perf_counter() - start
-    for path, boxes in zip(outputs, (faces, bodies)):  # the body boxes only when --body-boxes named a file
-        write_json_atomic(path, boxes)
-        summary.written.append(str(path))
+    written = dict(zip(outputs, (faces, bodies)))  # the body boxes only when --body-boxes named a file
+    write_atomically({path: json.dumps(boxes) for path, boxes in written.items()})
+    summary.written += [str(path) for path in written]
     return summary
 
 
@@ -170,16 +170,3 @@ def _detections(frames: Iterator[tuple[int, str, np.ndarray]], detector: str, up
 
 def _pixels(box: Box) -> list[int]:
     return [round(v) for v in box]
-
-
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it, so a stopped run leaves no half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

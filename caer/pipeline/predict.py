@@ -34,6 +34,7 @@ from ..model.encoder import Preprocess
 from ..runtime import autocast, resolve_device
 from .annotate import ANNOTATE_SUFFIXES, write_annotated
 from .display import progress_bar
+from .report import write_atomically
 
 FRAMES_PER_CHUNK = 32  # frames decoded, cut (for every person) and encoded together
 WINDOWS_PER_BATCH = 256  # windows through the temporal model at once
@@ -422,7 +423,7 @@ def predict(cfg: PredictConfig, overrides: dict | None = None, detection: dict |
     result = PredictResult(cfg.checkpoint, predictor, cfg, faces, results)
     if cfg.json:
         Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.json).write_text(json.dumps(result.as_dict(), indent=1))
+        write_atomically({Path(cfg.json): json.dumps(result.as_dict(), indent=1)})
         result.written.append(cfg.json)
     for path, one in zip(annotated, results):
         write_annotated(path, one.clip, one.frames, _labels(one, predictor.classes))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,8 +71,7 @@ class Report:
         return Group(head, confusion_table(self.confusion, self.classes, "confusion matrix: counts (row %)", row_share=True))
 
     def write_json(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.as_dict(), indent=1))
+        write_atomically({path: json.dumps(self.as_dict(), indent=1)})
 
     def plot(self, path: Path) -> None:
         """PNG of the row-normalised confusion matrix with class names and values in the cells."""
@@ -107,3 +107,21 @@ def confusion_figure(cm: np.ndarray, classes: list[str], title: str):
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     return fig
+
+
+def write_atomically(files: dict[Path, str]) -> None:
+    """Write each text under a temporary name beside its path, then rename them all: a stopped or failed run leaves
+    no half-written file, and the files that were there stay as they were until every new one is complete."""
+    temps = {Path(path): Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp") for path in files}
+    try:
+        for (path, temp), text in zip(temps.items(), files.values()):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(temp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        for path, temp in temps.items():
+            os.replace(temp, path)
+    finally:
+        for temp in temps.values():
+            temp.unlink(missing_ok=True)
