@@ -58,7 +58,7 @@ def test_curve_data_has_one_point_per_epoch_per_series_and_each_stage_writes_the
     assert sorted(data) == [1, 2]  # one column of panels per stage present
     common = {"accuracy/train_war", "accuracy/valid_war", "accuracy/train_uar", "accuracy/valid_uar", "loss/loss",
               "loss/cls", "loss/mi", "loss/dc", "weight/w_mi", "weight/w_dc"}
-    groups = {1: {"lr/prompt"}, 2: {"lr/adapter", "lr/temporal"}}
+    groups = {1: {"lr/prompt"}, 2: {"lr/adapter", "lr/temporal", "lr/fusion"}}
     for stage, epochs in ((1, 2), (2, 3)):
         mine = [r for r in records if r["stage"] == stage]
         assert data[stage]["epochs"] == list(range(1, epochs + 1))  # 1-based, as the console prints them

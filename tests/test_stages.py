@@ -202,6 +202,31 @@ def stage_rates(cfg, stage: int) -> dict[str, float]:
     return {g["name"]: g["lr"] for g in optimizer.param_groups}
 
 
+def test_the_reference_trains_its_fusion_at_the_image_encoders_rate():
+    """The fusion is a group of its own: the reference's optimiser gives project_fc 1e-5 beside 1e-2 for the
+    temporal encoders; caer's own configs keep it at the temporal rate."""
+    reference = load_config("clip-caer-reference", {"model": "caer-tiny", "pretrained": "random"})
+    assert stage_rates(reference, 3) == {"prompt": 1e-3, "temporal": 1e-2, "fusion": 1e-5, "image_encoder": 1e-5}
+    enhanced = load_config("raer", {"model": "caer-tiny", "pretrained": "random"})
+    assert stage_rates(enhanced, 2)["fusion"] == stage_rates(enhanced, 2)["temporal"]
+
+
+def test_resuming_a_checkpoint_with_another_group_layout_is_refused_naming_both(tmp_path):
+    from types import SimpleNamespace
+
+    from caer.pipeline.train import _resume_or_start
+
+    cfg = load_config("raer", {"model": "caer-tiny", "pretrained": "random"})
+    model, _ = build_model(cfg, torch.device("cpu"))
+    model.prepare_stage(2)
+    optimizer, _ = make_optimizer(model, cfg, 2)
+    older = optimizer.state_dict()
+    older["param_groups"] = [g for g in older["param_groups"] if g["name"] != "fusion"]  # before fusion had its own
+    stage = SimpleNamespace(optimizer=optimizer, paths=SimpleNamespace(last=tmp_path / "stage2-last.pt"))
+    with pytest.raises(ValueError, match="holds the groups adapter, temporal, this caer trains adapter, temporal, fusion"):
+        _resume_or_start(stage, {"optimizer": older})
+
+
 def test_the_step_schedule_steps_at_the_milestones_when_given_else_every_step_size():
     """The reference lowers its rates after epochs 10 and 15 (configs/clip-caer-reference.yaml: --milestones)."""
     def rates(**values) -> list[float]:
@@ -227,11 +252,11 @@ def test_each_stage_rate_reaches_every_group_it_trains():
     cfg = load_config("raer", {"model": "caer-tiny", "pretrained": "random", "lr_stage1": 0.05})
     assert (cfg.optim.lr_prompt, cfg.optim.lr_adapter, cfg.optim.lr_stage3) == (0.002, 0.01, 1e-4)  # the shipped file
     assert stage_rates(cfg, 1) == {"prompt": 0.05}  # --lr-stage1 reaches the prompts (it did not: lr_prompt won)
-    assert stage_rates(cfg, 2) == {"adapter": 0.01, "temporal": 0.01}
+    assert stage_rates(cfg, 2) == {"adapter": 0.01, "temporal": 0.01, "fusion": 0.01}
     # stage 3 trains every group at its small rate (the adapter trained at 0.01, 100x lr_stage3)
-    assert stage_rates(cfg, 3) == {"prompt": 1e-4, "adapter": 1e-4, "temporal": 1e-4, "image_encoder": 1e-6}
+    assert stage_rates(cfg, 3) == {"prompt": 1e-4, "adapter": 1e-4, "temporal": 1e-4, "fusion": 1e-4, "image_encoder": 1e-6}
     own = load_config("raer", {"model": "caer-tiny", "pretrained": "random", "lr_group": ["3.adapter=1e-5", "2.temporal=0.02"]})
-    assert stage_rates(own, 3)["adapter"] == 1e-5 and stage_rates(own, 2) == {"adapter": 0.01, "temporal": 0.02}
+    assert stage_rates(own, 3)["adapter"] == 1e-5 and stage_rates(own, 2) == {"adapter": 0.01, "temporal": 0.02, "fusion": 0.01}
     assert stage_rates(load_config("raer", {"model": "caer-tiny", "pretrained": "random"}), 1) == {"prompt": 0.002}
 
 

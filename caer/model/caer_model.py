@@ -34,8 +34,8 @@ from .encoder import CLIPBackbone, unfreeze_last_blocks
 # the parameter groups each stage trains (SPEC section 7); the text tower is never trained
 STAGE_GROUPS = {
     1: ("prompt",),
-    2: ("adapter", "temporal"),
-    3: ("prompt", "adapter", "temporal", "image_encoder"),
+    2: ("adapter", "temporal", "fusion"),
+    3: ("prompt", "adapter", "temporal", "fusion", "image_encoder"),
 }
 
 
@@ -275,10 +275,10 @@ class CAERModel(nn.Module):
         return self.streams in (Streams.both, stream)
 
     def temporal_modules(self) -> list[nn.Module]:
-        """Input norms, temporal encoders and fusion of the streams in use (``--streams``)."""
+        """Input norms and temporal encoders of the streams in use (``--streams``)."""
         face = [self.norm_face, self.temporal_face] if self.uses(Streams.face) else []
         context = [self.norm_context, self.temporal_context] if self.uses(Streams.context) else []
-        return [*face, *context, self.fusion]
+        return [*face, *context]
 
     def group_modules(self) -> dict[str, list[nn.Module]]:
         """Named groups the stages train, each with its own learning rate. Modules of unused streams are
@@ -287,6 +287,7 @@ class CAERModel(nn.Module):
             "prompt": [self.prompt_learner],
             "adapter": [self.adapter] if self.uses(Streams.face) else [],
             "temporal": self.temporal_modules(),
+            "fusion": [self.fusion],  # its own group: the reference trains it at the image encoder's small rate
             "image_encoder": [self.clip.visual],
         }
 

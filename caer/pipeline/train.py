@@ -249,6 +249,12 @@ def _resume_or_start(s: Stage, last: dict | None) -> None:
         if s.rank == 0:
             _drop_metrics_after(s.paths.metrics, s.number, -1)
         return
+    saved = [g.get("name") for g in last["optimizer"]["param_groups"]]
+    if saved != [g["name"] for g in s.optimizer.param_groups]:
+        raise ValueError(f"{s.paths.last}: its optimiser holds the groups {', '.join(map(str, saved))}, this caer "
+                         f"trains {', '.join(g['name'] for g in s.optimizer.param_groups)} (the fusion has its own "
+                         "group since this version); start the stage again without --resume, or finish it with the "
+                         "caer that wrote the checkpoint")
     s.optimizer.load_state_dict(last["optimizer"])
     s.scheduler.load_state_dict(last["scheduler"])
     s.scaler.load_state_dict(last["scaler"])
