@@ -197,6 +197,35 @@ def test_all_faces_follows_every_person_and_the_default_keeps_the_clips(photo, s
     assert index_video(tmp_path / "a.mp4").count == 5
 
 
+def test_with_the_tensor_path_several_people_share_one_decoding_of_the_frames(photo, stage2, tmp_path, monkeypatch):
+    """--all-faces with a --decode tensor checkpoint: each chunk's JPEGs are decoded once for all the people, and each
+    person's probabilities are those of a run that decodes for that person alone."""
+    from PIL import Image
+
+    import caer.data.tensor_views as tensor_views
+    import caer.pipeline.predict as predict_module
+
+    ckpt = torch.load(stage2, weights_only=True)
+    ckpt["config"]["decode"] = "tensor"
+    tensor = tmp_path / "tensor.pt"
+    torch.save(ckpt, tensor)
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for i in range(5):
+        Image.fromarray(two_faces(photo, i, False, False)[0]).save(folder / f"{i:05d}.jpg", quality=95)
+    calls = []
+    real = tensor_views.decode_frames
+    for module in (predict_module, tensor_views):  # every JPEG decoding, wherever it is asked for
+        monkeypatch.setattr(module, "decode_frames", lambda *a: calls.append(1) or real(*a))
+    every, chosen = tmp_path / "all.json", tmp_path / "one.json"
+    assert predict_cli(tensor, [folder], "--all-faces", "--json", str(every)).exit_code == 0
+    assert len(calls) == 1  # one chunk of 5 frames, two people
+    assert predict_cli(tensor, [folder], "--json", str(chosen)).exit_code == 0
+    both, one = (json.loads(p.read_text())["inputs"][0]["persons"] for p in (every, chosen))
+    assert len(both) == 2
+    assert np.allclose(next(p for p in both if p["chosen"])["probabilities"], one[0]["probabilities"], atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def photo():
     from skimage.data import astronaut

@@ -26,7 +26,7 @@ from ..config import BoxesConfig, CropConfig, Decode, PredictConfig, from_flat
 from ..data.datasets import sample_indices
 from ..data.faces import body_box, choose_person, make_detector, track_faces
 from ..data.raer import IMAGE_SUFFIXES, Box, Clip, DataError, ViewMaker, clip_dir_key, list_frames, load_body_boxes, load_face_boxes
-from ..data.tensor_views import TensorViews
+from ..data.tensor_views import TensorViews, decode_frames
 from ..data.video import VIDEO_SUFFIXES, clip_images, frame_key, frame_number, frames_at_rate, index_video, is_video
 from ..model.caer_model import CAERModel
 from ..model.checkpoint import build_model, checkpoint_config, is_finetuned, load_checkpoint
@@ -247,6 +247,10 @@ def chunk_pixels(p: Predictor, clip: Clip, files: list[Path], makers: list[ViewM
     are decoded once, by the checkpoint's decode path."""
     if p.crop.decode == Decode.tensor:
         inputs = TensorViews(makers[0], p.preprocess).read(clip, files)
+        if "frames" not in inputs and len({k for k, _ in wanted}) > 1:  # several people: decode the JPEGs once
+            images = decode_frames(inputs["data"], inputs["offsets"], inputs["files"], p.device)
+            if len({image.shape for image in images}) == 1:  # (a folder of mixed sizes is decoded per person)
+                inputs["frames"] = torch.stack(images)
         out = []
         for k, group in itertools.groupby(wanted, key=lambda pair: pair[0]):
             boxes = [makers[k].frame_boxes(clip, f) for f in files]
