@@ -280,13 +280,14 @@ def test_auto_is_tensor_on_cuda_else_pil_and_never_contradicts_a_cache():
 
 
 def test_auto_is_pil_for_the_reference_preprocessing_which_the_tensor_path_does_not_reproduce(clip_model):
-    from caer.data.tensor_views import reproduces
-    from caer.model.encoder import Preprocess
+    from caer.data.tensor_views import auto_decode_device
+    from caer.model.encoder import CLIPBackbone, Preprocess
 
-    assert reproduces(clip_model.preprocess) and not reproduces(Preprocess.reference(224))
-    for preprocess, expected in (("open_clip", Decode.tensor), ("reference", Decode.pil)):
-        cfg = load_config("tiny", {"preprocess": preprocess, "decode": "auto"})
-        assert with_cache_geometry(cfg, None, torch.device("cuda")).crop.decode == expected
+    reference = CLIPBackbone(clip_model.model, clip_model.tokenizer, Preprocess.reference(32), "caer-tiny", "random")
+    assert auto_decode_device(clip_model) == clip_model.device and auto_decode_device(reference) is None
+    cfg = load_config("tiny", {"decode": "auto"})
+    assert with_cache_geometry(cfg, None, torch.device("cuda")).crop.decode == Decode.tensor
+    assert with_cache_geometry(cfg, None, auto_decode_device(reference)).crop.decode == Decode.pil
 
 
 def test_a_store_written_before_the_decode_key_reads_as_pil_and_resumes(tmp_path, dataset, zarr_cache, clip_model):

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..cache import CacheError, FeatureCache
-from ..config import Decode, Preprocessing, RunConfig, Source
+from ..config import Decode, RunConfig, Source
 from ..model.encoder import Preprocess
 from .datasets import CachedClips, EpochSampler, RawClips
 from .raer import Clip, DataError, ViewMaker, check_disjoint, read_annotations
@@ -36,10 +36,7 @@ def open_cache(cfg: RunConfig, source: Source, encoder: dict) -> FeatureCache | 
 def with_cache_geometry(cfg: RunConfig, cache: FeatureCache | None, device=None) -> RunConfig:
     """The run config with one crop geometry for everything: the cache's margin, crop-body, frame stride and decode
     path (a flag that contradicts them is refused) and, unless given, its box files and root; without a cache, the
-    flags' or the declared fallbacks (``--decode auto`` by the encoder's ``device``, and pil for the reference's
-    preprocessing, which the tensor path does not reproduce)."""
-    if cfg.encoder.preprocess == Preprocessing.reference:
-        device = None
+    flags' or the declared fallbacks (``--decode auto`` by ``device``: ``tensor_views.auto_decode_device``)."""
     if cache is None:
         return dataclasses.replace(cfg, crop=cfg.crop.resolved(device=device))
     return dataclasses.replace(cfg, crop=cfg.crop.resolved(cache.fingerprint, cache.inputs, where=str(cache.path),

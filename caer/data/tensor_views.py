@@ -28,7 +28,7 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-from ..model.encoder import Preprocess
+from ..model.encoder import CLIPBackbone, Preprocess
 from .raer import Clip, DataError, ViewMaker, clip_box
 from .video import clip_arrays
 
@@ -53,13 +53,14 @@ def transform_sizes(preprocess: Preprocess) -> tuple[int, int]:
     return size, crop[0]
 
 
-def reproduces(preprocess: Preprocess) -> bool:
-    """Whether the tensor path can make this encoder's views (``--decode auto`` picks it only then)."""
+def auto_decode_device(backbone: CLIPBackbone) -> torch.device | None:
+    """The device ``--decode auto`` goes by (``CropConfig.resolved``): the encoder's, or None (pil) when the tensor
+    path cannot reproduce its transform (the reference's preprocessing)."""
     try:
-        transform_sizes(preprocess)
+        transform_sizes(backbone.preprocess)
     except ValueError:
-        return False
-    return True
+        return None
+    return backbone.device
 
 
 # ------------------------------------------------------------------------------------------ reading and decoding
@@ -262,16 +263,18 @@ class TensorViews:
     def pixels(self, inputs: dict, device) -> torch.Tensor:
         """uint8 [frames, 2, 3, S, S] on ``device`` from what ``read`` gathered (a DataError names a bad frame)."""
         device = torch.device(device)
-        if "frames" in inputs:  # a video's, decoded by ``read``
-            images = list(inputs["frames"].to(device).unbind(0))
-        else:
-            images = decode_frames(inputs["data"], inputs["offsets"], inputs["files"], device)
+        stacked = inputs["frames"].to(device) if "frames" in inputs else None  # a video's, decoded by ``read``
+        images = list(stacked) if stacked is not None else decode_frames(inputs["data"], inputs["offsets"],
+                                                                         inputs["files"], device)
         out = torch.empty(len(images), 2, 3, self.crop, self.crop, dtype=torch.uint8, device=device)
         shapes: dict[tuple[int, int], list[int]] = {}
         for i, image in enumerate(images):
             shapes.setdefault(tuple(image.shape[-2:]), []).append(i)
         for (height, width), members in shapes.items():
-            frames = torch.stack([images[i] for i in members]) if len(members) > 1 else images[members[0]][None]
+            if stacked is not None and len(members) == len(images):
+                frames = stacked  # every frame has this size: no copy
+            else:
+                frames = torch.stack([images[i] for i in members]) if len(members) > 1 else images[members[0]][None]
             specs, targets = [], []
             for j, i in enumerate(members):
                 face, context = self._windows(inputs, i, width, height)

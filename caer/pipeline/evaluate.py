@@ -15,6 +15,7 @@ from ..cache import stored_fingerprint
 from ..cache.schema import differences
 from ..config import EvalSource, RunConfig, Source
 from ..data.loaders import make_loader, open_cache, split_dataset, with_cache_geometry
+from ..data.tensor_views import auto_decode_device
 from ..model.caer_model import CAERModel
 from ..model.checkpoint import build_model, checkpoint_config, load_checkpoint
 from ..runtime import autocast, resolve_device
@@ -67,7 +68,7 @@ def evaluate(checkpoint: str | Path, split: str = "test", source: EvalSource = E
     device = resolve_device(cfg.runtime.device)
     model, backbone = build_model(cfg, device, ckpt)
     cache = open_cache(cfg, source, ckpt["encoder"])
-    cfg = with_cache_geometry(cfg, cache, device)
+    cfg = with_cache_geometry(cfg, cache, auto_decode_device(backbone))
     if tta_flip and source == Source.cache and cache.views < 2:
         raise ValueError("--tta flip from the cache needs a cache extracted with --views 2 (or use --source raw)")
     views = (0, 1) if tta_flip else (0,)

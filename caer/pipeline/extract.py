@@ -22,7 +22,7 @@ from ..cache import CacheWriter, fingerprint, store_key, stored_fingerprint
 from ..config import Decode, ExtractConfig
 from ..data.datasets import ClipFrames
 from ..data.raer import BadClip, Clip, DataError, ViewMaker, check_disjoint, read_annotations
-from ..data.tensor_views import TensorViews, reproduces
+from ..data.tensor_views import TensorViews, auto_decode_device
 from ..model.checkpoint import backbone_from_checkpoint
 from ..model.encoder import CLIPBackbone, load_backbone
 
@@ -211,8 +211,8 @@ def _progress(console: Console, rank: int) -> Progress:
 
 
 def clip_frames(cfg: ExtractConfig, backbone: CLIPBackbone, todo: list[Clip], view_maker: ViewMaker) -> ClipFrames:
-    """Extraction's dataset. With ``--decode tensor`` on a GPU its workers only read bytes and look up boxes: the main
-    process decodes and cuts each clip on the GPU (``decode_on_device``); on the CPU the workers do it all."""
+    """Extraction's dataset. With ``--decode tensor`` on a GPU its workers only read bytes and look up boxes: a thread
+    of the main process decodes and cuts each clip on the GPU (``decoded_ahead``); on the CPU the workers do it all."""
     if cfg.crop.decode != Decode.tensor:
         return ClipFrames(todo, view_maker, backbone.preprocess, cfg.crop.frame_stride)
     views = TensorViews(view_maker, backbone.preprocess)
@@ -283,13 +283,13 @@ def encode_clips(cfg: ExtractConfig, backbone: CLIPBackbone, todo: list[Clip], v
         persistent_workers=False, prefetch_factor=4 if workers else None,
     )
     packer = _BatchPacker(cfg.batch_size, lambda x: encode_pixels(backbone, x, cfg.views, cfg.runtime.use_amp))
-    items = decoded_ahead(dataset, loader, backbone.device) if dataset.defer else iter(loader)
+    items = decoded_ahead(dataset, loader, backbone.device) if dataset.defer else (item for item in loader)
     start = time.perf_counter()
 
     def finished(done: list[tuple[dict, torch.Tensor]]) -> list:
         return [(todo[item["index"]], item, feats) for item, feats in done]
 
-    with _progress(console, rank) as progress, contextlib.closing(items) if dataset.defer else contextlib.nullcontext():
+    with _progress(console, rank) as progress, contextlib.closing(items):
         task = progress.add_task("extract", total=len(todo), fps=0.0)
         for item in items:
             if "error" in item:
@@ -348,8 +348,7 @@ def extract(cfg: ExtractConfig, backbone: CLIPBackbone | None = None, console: C
     backbone = backbone or load_encoder(cfg)
     # unset crop options: those of the store being resumed, else the declared fallbacks
     stored = None if cfg.overwrite else stored_fingerprint(cfg.out, cfg.format)
-    auto_device = backbone.device if reproduces(backbone.preprocess) else None  # --decode auto: pil for other transforms
-    cfg = dataclasses.replace(cfg, crop=cfg.crop.resolved(stored, strict=False, device=auto_device))
+    cfg = dataclasses.replace(cfg, crop=cfg.crop.resolved(stored, strict=False, device=auto_decode_device(backbone)))
     root = Path(cfg.crop.root or Path(cfg.annotations[0]).parent)
     clips, splits, bad = collect_clips(cfg, root)
     view_maker = ViewMaker.from_config(cfg.crop, root)

@@ -26,7 +26,7 @@ from ..config import BoxesConfig, CropConfig, Decode, PredictConfig, from_flat
 from ..data.datasets import sample_indices
 from ..data.faces import body_box, choose_person, make_detector, track_faces
 from ..data.raer import IMAGE_SUFFIXES, Box, Clip, DataError, ViewMaker, clip_dir_key, list_frames, load_body_boxes, load_face_boxes
-from ..data.tensor_views import TensorViews, decode_frames
+from ..data.tensor_views import TensorViews, auto_decode_device, decode_frames
 from ..data.video import VIDEO_SUFFIXES, clip_images, frame_key, frame_number, frames_at_rate, index_video, is_video
 from ..model.caer_model import CAERModel
 from ..model.checkpoint import build_model, checkpoint_config, is_finetuned, load_checkpoint
@@ -77,7 +77,7 @@ def load_predictor(path: str, overrides: dict) -> Predictor:
     model.eval()
     with torch.no_grad():
         text = tuple(t.detach() for t in model.text_features())
-    return Predictor(model, backbone.preprocess, cfg.crop.resolved(device=device), list(cfg.model.classes),
+    return Predictor(model, backbone.preprocess, cfg.crop.resolved(device=auto_decode_device(backbone)), list(cfg.model.classes),
                      cfg.model.num_frames, int(ckpt.get("stage", 0)), device, cfg.runtime.use_amp, text)
 
 

@@ -39,6 +39,7 @@ from ..data.loaders import (
     split_dataset,
     with_cache_geometry,
 )
+from ..data.tensor_views import auto_decode_device
 from ..model.caer_model import STAGE_GROUPS, CAERModel
 from ..model.checkpoint import build_model, finetuned_identity, is_finetuned, load_checkpoint, model_state, save_checkpoint
 from ..model.losses import CAERLoss
@@ -213,7 +214,7 @@ def setup_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
     model, backbone = build_model(cfg, device, init)
     encoder = init["encoder"] if init is not None else backbone.identity()
     cache = open_cache(cfg, source, encoder)
-    cfg = with_cache_geometry(cfg, cache, device)
+    cfg = with_cache_geometry(cfg, cache, auto_decode_device(backbone))
     paths.run_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         save_config(cfg, paths.run_dir / "config.yaml")
