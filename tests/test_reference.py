@@ -435,3 +435,6 @@ def test_an_imported_checkpoint_fine_tunes_with_its_embedded_prompts(dataset, we
     before, after = load_checkpoint(tiny_imported)["model"], load_checkpoint(tmp_path / "run" / "stage3-best.pt")["model"]
     assert torch.equal(before["prompt_learner.suffix"], after["prompt_learner.suffix"])  # buffers: kept as imported
     assert not torch.equal(before["prompt_learner.ctx"], after["prompt_learner.ctx"])  # the context vectors train
+    # the text tower is the imported file's, not --pretrained's: the fine-tuned checkpoint keeps it
+    text = [k for k in before if k.startswith("clip.") and not k.startswith("clip.visual.")]
+    assert text and all(torch.equal(before[k], after[k]) for k in text)

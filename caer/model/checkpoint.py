@@ -107,12 +107,13 @@ def backbone_from_checkpoint(path: str | Path, device: torch.device) -> CLIPBack
     return backbone
 
 
-def model_state(model: CAERModel, with_image_encoder: bool) -> dict:
-    """Weights worth saving: everything but CLIP's towers, plus the image encoder once it has changed."""
+def model_state(model: CAERModel, with_image_encoder: bool, with_clip: bool = False) -> dict:
+    """Weights worth saving: everything but CLIP's towers, plus the image encoder once it has changed, and all of
+    CLIP when ``with_clip`` (the model's text tower came from a checkpoint that carries it, not from --pretrained)."""
     return {
         k: v.detach().cpu()
         for k, v in model.state_dict().items()
-        if not k.startswith("clip.") or (with_image_encoder and k.startswith("clip.visual."))
+        if with_clip or not k.startswith("clip.") or (with_image_encoder and k.startswith("clip.visual."))
     }
 
 

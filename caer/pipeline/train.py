@@ -41,7 +41,7 @@ from ..data.loaders import (
 )
 from ..data.tensor_views import auto_decode_device
 from ..model.caer_model import STAGE_GROUPS, CAERModel
-from ..model.checkpoint import build_model, finetuned_identity, is_finetuned, load_checkpoint, model_state, save_checkpoint
+from ..model.checkpoint import build_model, carries_clip, finetuned_identity, is_finetuned, load_checkpoint, model_state, save_checkpoint
 from ..model.losses import CAERLoss
 from ..model.metrics import confusion_matrix, uar, war
 from .curves import TensorBoardLog, check_tensorboard, read_metrics, write_curves
@@ -114,6 +114,7 @@ class Stage:
     val_loader: DataLoader
     encoder: dict  # identity of the image encoder the stage starts from
     cache: FeatureCache | None
+    keeps_clip: bool = False  # the model's CLIP came whole from the start checkpoint: every checkpoint keeps it
     fixed_text: tuple | None = None  # text features, when the prompts do not train (stage 2)
     skipped: dict = field(default_factory=dict)  # {split: clips left out because caer extract skipped them}
     start_epoch: int = 0
@@ -234,7 +235,7 @@ def setup_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
         step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
     s = Stage(cfg, stage, console, device, rank, world, paths, source, model, step, loss, optimizer, scheduler, scaler,
               make_loader(train_set, cfg, True, cfg.loss.use_weighted_sampler, rank, world),
-              make_loader(val_set, cfg, False), encoder, cache,
+              make_loader(val_set, cfg, False), encoder, cache, init is not None and carries_clip(init),
               skipped={"train": len(train_set.left_out), "val": len(val_set.left_out)})
     if "prompt" not in STAGE_GROUPS[stage]:  # frozen prompts: text features once per stage, not once per step
         with torch.no_grad():
@@ -369,7 +370,7 @@ def record_epoch(s: Stage, epoch: int, record: dict) -> bool:
                "best_train_war": s.best_train["train_war"], "best_train_uar": s.best_train["train_uar"]}
     own_encoder = s.number == 3 or is_finetuned(s.encoder)
     checkpoint = {
-        "stage": s.number, "epoch": epoch, "model": model_state(s.model, with_image_encoder=own_encoder),
+        "stage": s.number, "epoch": epoch, "model": model_state(s.model, own_encoder, s.keeps_clip),
         "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(), "scaler": s.scaler.state_dict(),
         "rng": runtime.rng_state(), "config": s.cfg.to_dict(), "best": s.best, "best_train": s.best_train,
         "best_confusion": s.best_confusion, "classes": s.cfg.model.classes,
