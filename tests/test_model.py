@@ -409,3 +409,11 @@ def test_text_encoding_cut_after_end_of_text_equals_open_clip_encode_text():
         got = encode_text_embeddings(clip.model, clip.model.token_embedding(tokens), tokens)
     assert int(tokens.argmax(-1).max()) + 1 < tokens.shape[1]  # the cut really happens
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", ["caer", "reference"])
+def test_heads_that_do_not_divide_the_width_are_one_clear_error_for_both_temporal_blocks(tiny_clip, block):
+    width = tiny_clip.embed_dim
+    heads = next(h for h in range(3, width) if width % h)
+    with pytest.raises(ValueError, match=f"--temporal-heads {heads} does not divide the feature width {width}"):
+        CAERModel(tiny_clip, ModelConfig(CLASSES, DESCRIPTIONS, temporal_heads=heads, temporal_block=block))

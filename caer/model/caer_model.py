@@ -78,8 +78,6 @@ class ReferenceBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, mlp: int, dropout: float):
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"--temporal-heads {heads} does not divide the feature width {dim}")
         self.heads = heads
         self.attn_norm, self.mlp_norm = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
@@ -246,6 +244,8 @@ class CAERModel(nn.Module):
         self.preprocess = backbone.preprocess
         d = backbone.embed_dim
         heads = cfg.temporal_heads or max(1, d // 64)
+        if d % heads:  # both temporal blocks split the width into heads
+            raise ValueError(f"--temporal-heads {heads} does not divide the feature width {d}")
         mlp = cfg.temporal_mlp or 2 * d
         self.adapter = (ExpressionAdapter(d, cfg.adapter_reduction, cfg.adapter_scale, cfg.adapter_mode)
                         if cfg.adapter else nn.Identity())
