@@ -181,11 +181,11 @@ class Track:
 
     @property
     def first(self) -> int:
-        return min(self.boxes)
+        return next(iter(self.boxes))  # frames are added in time order
 
     @property
     def last(self) -> int:
-        return max(self.boxes)
+        return next(reversed(self.boxes))
 
     @property
     def mean_area(self) -> float:
@@ -194,11 +194,11 @@ class Track:
     def expected(self, frame: int, max_gap: int) -> np.ndarray:
         """Where the face should be in ``frame``: the last box moved on at the track's last velocity, for up to
         ``max_gap`` + 1 frames after it was last seen; where it was last seen after that."""
-        last = self.last
+        newest = reversed(self.boxes)  # frames are added in time order: the last two, whatever the track's length
+        last, previous = next(newest), next(newest, None)
         box = self.boxes[last]
-        if len(self.boxes) < 2 or frame - last > max_gap + 1:
+        if previous is None or frame - last > max_gap + 1:
             return box
-        previous = max(f for f in self.boxes if f < last)
         return box + (box - self.boxes[previous]) * (frame - last) / (last - previous)
 
     def filled(self, max_gap: int) -> dict[int, np.ndarray]:
@@ -271,6 +271,12 @@ def clip_person(detections: Sequence[np.ndarray], width: int, height: int, min_i
     person = choose_person(tracks)
     if person is None:
         return PersonBoxes({}, (0.0, 0.0, float(width), float(height)), 0, 0)
+    faces, body = person_boxes(person, max_gap, width, height)
+    return PersonBoxes(faces, body, len(person.boxes), len(tracks))
+
+
+def person_boxes(track: Track, max_gap: int, width: int, height: int) -> tuple[dict[int, Box], Box]:
+    """A track's face box per frame (``Track.filled``), clipped to the frame, and its body box (``body_box``)."""
     limits = np.array([width, height, width, height], dtype=np.float64)
-    faces = {f: tuple(np.clip(box, 0, limits).tolist()) for f, box in person.filled(max_gap).items()}
-    return PersonBoxes(faces, body_box(person.boxes.values(), width, height), len(person.boxes), len(tracks))
+    faces = {f: tuple(np.clip(box, 0, limits).tolist()) for f, box in track.filled(max_gap).items()}
+    return faces, body_box(track.boxes.values(), width, height)

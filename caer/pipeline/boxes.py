@@ -87,7 +87,7 @@ def find_boxes(cfg: BoxesConfig, root: str | None = None, workers: int = 0, cons
     outputs = _check_outputs(cfg)
     if not cfg.annotations:
         raise ValueError("caer boxes needs at least one annotation file")
-    make_detector(cfg.detector, cfg.upsample)  # a wrong name or a missing model file fails here, before any work
+    detect = make_detector(cfg.detector, cfg.upsample)  # a wrong name or a missing model file fails here, before any work
     clips = read_clips(cfg.annotations, Path(root or Path(cfg.annotations[0]).parent))
     summary = BoxesSummary(cfg.detector, clips=len(clips))
     faces: dict[str, dict[str, list[int]]] = {}
@@ -95,7 +95,7 @@ def find_boxes(cfg: BoxesConfig, root: str | None = None, workers: int = 0, cons
     start = time.perf_counter()
     with progress_bar(console) as progress:
         task = progress.add_task("boxes", total=sum(len(c.frames) for c in clips), info="")
-        stream = _detections(_frames(clips), cfg.detector, cfg.upsample, workers)
+        stream = _detections(_frames(clips), detect, cfg, workers)
         for index, rows in itertools.groupby(stream, key=itemgetter(0)):
             clip, keys, sizes, detections = clips[index], [], [], []
             progress.update(task, info=clip.video_id)
@@ -136,7 +136,6 @@ def _check_outputs(cfg: BoxesConfig) -> list[Path]:
             raise ValueError(f"{path} is a folder: give the JSON file to write")
         if path.exists() and not cfg.overwrite:
             raise ValueError(f"{path} already exists: pass --overwrite to replace it")
-        path.parent.mkdir(parents=True, exist_ok=True)
     return outputs
 
 
@@ -147,17 +146,17 @@ def _frames(clips: list[Clip]) -> Iterator[tuple[int, str, np.ndarray]]:
             yield index, key, np.asarray(image)
 
 
-def _detections(frames: Iterator[tuple[int, str, np.ndarray]], detector: str, upsample: int,
+def _detections(frames: Iterator[tuple[int, str, np.ndarray]], detect, cfg: BoxesConfig,
                 workers: int) -> Iterator[tuple[int, str, tuple[int, int], np.ndarray]]:
-    """(clip index, key, (height, width), faces) of every frame, in order. With workers, this process decodes and
-    the workers detect, with a few frames in flight per worker (so memory stays bounded)."""
+    """(clip index, key, (height, width), faces) of every frame, in order: by ``detect`` in this process, or with
+    workers (each building ``cfg``'s detector), this process decodes and the workers detect, with a few frames in
+    flight per worker (so memory stays bounded)."""
     if workers == 0:
-        detect = make_detector(detector, upsample)
         for index, key, rgb in frames:
             yield index, key, rgb.shape[:2], detect(rgb)
         return
     context = multiprocessing.get_context("spawn")  # a fork of a process with threads (rich, OpenCV) may hang
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=start_worker, initargs=(detector, upsample)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=start_worker, initargs=(cfg.detector, cfg.upsample)) as pool:
         pending: deque = deque()
         for index, key, rgb in frames:
             pending.append((index, key, rgb.shape[:2], pool.submit(detect_in_worker, rgb)))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from rich.table import Table
 
 from ..config import BoxesConfig, CropConfig, Decode, PredictConfig, from_flat
 from ..data.datasets import sample_indices
-from ..data.faces import body_box, choose_person, make_detector, track_faces
+from ..data.faces import body_box, choose_person, make_detector, person_boxes, track_faces
 from ..data.raer import IMAGE_SUFFIXES, Box, Clip, DataError, ViewMaker, clip_dir_key, list_frames, load_body_boxes, load_face_boxes
 from ..data.tensor_views import TensorViews, auto_decode_device, decode_frames
 from ..data.video import VIDEO_SUFFIXES, clip_images, frame_key, frame_number, frames_at_rate, index_video, is_video
@@ -131,6 +132,7 @@ class Faces:
     face detector with tracking (``detection``: caer boxes' options)."""
 
     detection: BoxesConfig
+    detect: Callable | None = None  # the detector, built once (dlib loads its model each time)
     box_file: str | None = None
     root: Path = Path(".")
     boxes: dict = field(default_factory=dict)
@@ -145,12 +147,11 @@ class Faces:
             raise ValueError("--body-boxes goes with --face-boxes (with a detector, the body box comes from the "
                              "person's face track)")
         settings = from_flat(BoxesConfig, {k: v for k, v in detection.items() if v is not None}, "flag")
-        if not face_boxes:
-            make_detector(settings.detector, settings.upsample)  # a wrong name fails here, before any work
-            return cls(settings)
+        if not face_boxes:  # a wrong detector name fails here, before any work
+            return cls(settings, make_detector(settings.detector, settings.upsample))
         root = Path(overrides.get("root") or Path(face_boxes).parent)
         bodies = load_body_boxes(body_boxes, root) if body_boxes else {}
-        return cls(settings, face_boxes, root, load_face_boxes(face_boxes, root), bodies)
+        return cls(settings, None, face_boxes, root, load_face_boxes(face_boxes, root), bodies)
 
     def describe(self) -> dict:
         if self.box_file:
@@ -196,11 +197,10 @@ def people_from_detector(clip: Clip, frames: list[Path], faces: Faces, all_faces
     """Faces detected in every frame and linked into tracks: the clip's person (over the whole clip, as a clip is
     read in training), or every track (each over its first to last detection); and how many tracks there were."""
     d = faces.detection
-    detect = make_detector(d.detector, d.upsample)
     task = progress.add_task("faces", total=len(frames), info=Path(clip.video_id).name)
     found, sizes = [], []
     for _, image in clip_images(clip, frames):
-        found.append(detect(np.asarray(image)))
+        found.append(faces.detect(np.asarray(image)))
         sizes.append(image.size)
         progress.advance(task)
     progress.remove_task(task)
@@ -210,14 +210,12 @@ def people_from_detector(clip: Clip, frames: list[Path], faces: Faces, all_faces
         raise DataError(f"{clip.video_id}: --detector {d.detector} found no face in its {len(frames)} frames; give "
                         "its boxes with --face-boxes, or try another --detector (hog, cnn, haar, yunet:PATH.onnx) or "
                         "a higher --upsample")
+    width, height = np.max(sizes, axis=0).tolist()  # a folder's frames may differ in size: its largest (caer boxes)
     people = []
     for track in sorted(tracks if all_faces else [chosen], key=lambda t: (t.first, float(t.boxes[t.first][0]))):
-        boxes = {}
-        for f, box in track.filled(d.max_gap).items():
-            width, height = sizes[f]
-            boxes[f] = tuple(np.clip(box, 0, [width, height, width, height]).tolist())
+        boxes, body = person_boxes(track, d.max_gap, width, height)
         span = (track.first, track.last + 1) if all_faces else (0, len(frames))
-        people.append(Person(boxes, len(track.boxes), track is chosen, span, body_box(track.boxes.values(), *sizes[0])))
+        people.append(Person(boxes, len(track.boxes), track is chosen, span, body))
     return people, len(tracks)
 
 
@@ -426,7 +424,6 @@ def predict(cfg: PredictConfig, overrides: dict | None = None, detection: dict |
             progress.advance(task)
     result = PredictResult(cfg.checkpoint, predictor, cfg, faces, results)
     if cfg.json:
-        Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
         write_atomically({Path(cfg.json): json.dumps(result.as_dict(), indent=1)})
         result.written.append(cfg.json)
     for path, one in zip(annotated, results):

@@ -34,7 +34,6 @@ class ClassSplit:
     val_clips: int = 0
     train_units: int = 0
     val_units: int = 0
-    target: int = 0  # validation clips aimed at, of the clips in this class's units
 
     @property
     def clips(self) -> int:
@@ -172,7 +171,7 @@ def _choose(clips: list[Clip], units: list[list[int]], num_classes: int, fractio
     held_out: set[int] = set()
     classes = [ClassSplit(c + 1) for c in range(num_classes)]
     for c, members in by_class.items():
-        classes[c].target = target = val_target(sum(map(len, members)), fraction)
+        target = val_target(sum(map(len, members)), fraction)
         taken, left = 0, len(members)
         for u in rng.permutation(len(members)):
             if taken >= target or left <= 1:
