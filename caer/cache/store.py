@@ -250,11 +250,9 @@ class CacheWriter:
         key = store_key(video_id)
         data = np.ascontiguousarray(features, dtype=np.float16)
         attrs = {"video_id": video_id, **attrs, "sha256": clip_checksum(data)}
-        arr = self._create_array(
-            f"{CLIPS}/{key}", shape=data.shape, chunks=data.shape, dtype="float16", compressors=None,
-            attributes={**attrs, "done": False},
-        )
         try:
+            arr = self.root.create_array(f"{CLIPS}/{key}", shape=data.shape, chunks=data.shape, dtype="float16",
+                                         compressors=None, attributes={**attrs, "done": False}, overwrite=True)
             arr[...] = data
             arr.attrs["done"] = True
         except OSError as err:
@@ -262,14 +260,6 @@ class CacheWriter:
                 raise
             raise OSError(err.errno, err.strerror or str(err), str(self.zarr_path / CLIPS / key)) from None
         self.done[key] = {**attrs, "done": True}
-
-    def _create_array(self, name: str, **kwargs):
-        try:
-            return self.root.create_array(name, overwrite=True, **kwargs)
-        except OSError as err:
-            if err.filename:
-                raise
-            raise OSError(err.errno, err.strerror or str(err), str(self.zarr_path / name)) from None
 
     def finish(self, splits: dict[str, list[str]], skipped: list[str], summary: dict,
                skipped_clips: list[str] = ()) -> None:
@@ -307,8 +297,9 @@ class CacheWriter:
                 raise OSError(err.errno, err.strerror, str(tmp)) from None
         # HDF5 does not recover from a failed write (a full disk, a size limit): it reports it while closing and can
         # crash the process at exit. The build runs in a child process, so such a failure is one clear error here.
-        build = subprocess.run([sys.executable, "-m", "caer.cache.store", str(self.zarr_path), str(tmp)],
-                               capture_output=True, text=True)
+        child = "import sys; from caer.cache.store import copy_staged_into_h5 as c; c(*sys.argv[1:])"
+        build = subprocess.run([sys.executable, "-c", child, str(self.zarr_path), str(tmp)], capture_output=True,
+                               text=True)
         if build.returncode != 0:
             tmp.unlink(missing_ok=True)
             found = re.findall(r"error message = '([^']+)'", build.stderr)
@@ -479,7 +470,7 @@ class FeatureCache:
         self._memory = {v: self.clip(v) for v in self.video_ids}
 
 
-def copy_staged_into_h5(staging: Path, target: Path) -> None:
+def copy_staged_into_h5(staging: str | Path, target: str | Path) -> None:
     """Write every finished clip and the root attributes of a Zarr staging store into an HDF5 file (and fsync it)."""
     staged = zarr.open_group(str(staging), mode="r")
     with h5py.File(target, "a") as f:
@@ -495,6 +486,3 @@ def copy_staged_into_h5(staging: Path, target: Path) -> None:
     with open(target, "rb") as f:
         os.fsync(f.fileno())
 
-
-if __name__ == "__main__":  # the child process of ``CacheWriter._build_h5``
-    copy_staged_into_h5(Path(sys.argv[1]), Path(sys.argv[2]))
