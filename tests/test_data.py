@@ -287,3 +287,19 @@ def test_preprocess_split_equals_open_clip_eval_transform(image_size):
         assert pixels.dtype == torch.uint8 and pixels.shape == (3, image_size, image_size)
         ours = pre.normalize(pixels[None])[0]
         torch.testing.assert_close(ours, transform(img), rtol=0, atol=1e-6)
+
+
+def test_an_evaluation_dataset_serves_the_view_it_is_set_to(dataset, zarr_cache):
+    """caer eval --tta flip reads the split once and switches ``eval_view`` between its two passes."""
+    from caer.cache import FeatureCache
+    from caer.data.datasets import CachedClips, sample_indices
+
+    cache = FeatureCache.open(zarr_cache[0])
+    clips = CachedClips(cache, cache.video_ids[:1], cache.labels[:1], segments=4, train=False)
+    plain = clips[(0, 0)]
+    clips.eval_view = 1
+    mirrored = clips[(0, 0)]
+    stored = torch.from_numpy(cache.clip(cache.video_ids[0]).astype(np.float32))  # [2 streams, views, frames, D]
+    assert not torch.equal(plain.face, mirrored.face)
+    frames = torch.as_tensor(sample_indices(stored.shape[2], 4, train=False))
+    assert torch.equal(mirrored.face.float(), stored[0, 1][frames])

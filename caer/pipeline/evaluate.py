@@ -73,9 +73,10 @@ def evaluate(checkpoint: str | Path, split: str = "test", source: EvalSource = E
         raise ValueError("--tta flip from the cache needs a cache extracted with --views 2 (or use --source raw)")
     views = (0, 1) if tta_flip else (0,)
     logits = 0.0
+    dataset = split_dataset(cfg, split, False, backbone.preprocess, cache, source)  # the list is read once
     with progress_bar(console) as progress:
         for view in views:
-            dataset = split_dataset(cfg, split, False, backbone.preprocess, cache, source, eval_view=view)
+            dataset.eval_view = view  # 1: the mirror image (flip TTA)
             labels, view_logits = predict(model, make_loader(dataset, cfg, train=False), device, cfg.runtime.use_amp,
                                           progress)
             logits = logits + view_logits / len(views)
