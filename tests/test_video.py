@@ -191,7 +191,7 @@ def test_the_tensor_path_reads_videos(dataset, videos, clip_model, tmp_path):
     frames = deferred["inputs"]["frames"]
     assert frames.dtype == torch.uint8 and frames.shape[:2] == (len(clips[0].frames), 3) and "data" not in deferred["inputs"]
     folder = list_frames(dataset.root / clips[0].video_id.removesuffix(".mkv"))  # the lossless video's own frames
-    assert torch.equal(frames, torch.stack([torch.from_numpy(np.asarray(read_image(f))) for f in folder]).permute(0, 3, 1, 2))
+    assert torch.equal(frames, torch.stack([torch.from_numpy(np.array(read_image(f))) for f in folder]).permute(0, 3, 1, 2))
 
 
 def test_a_lossy_video_is_its_own_decoded_frames_and_close_to_the_originals(dataset, zarr_cache, clip_model, tmp_path):
