@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import queue
-import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,6 +18,7 @@ from rich.table import Table
 from .. import runtime
 from ..cache import CacheWriter, fingerprint, store_key, stored_fingerprint
 from ..config import Decode, ExtractConfig
+from ..data.ahead import prepared_ahead
 from ..data.datasets import ClipFrames
 from ..data.raer import BadClip, Clip, DataError, ViewMaker, check_disjoint, read_annotations
 from ..data.tensor_views import TensorViews, auto_decode_device
@@ -212,7 +211,7 @@ def _progress(console: Console, rank: int) -> Progress:
 
 def clip_frames(cfg: ExtractConfig, backbone: CLIPBackbone, todo: list[Clip], view_maker: ViewMaker) -> ClipFrames:
     """Extraction's dataset. With ``--decode tensor`` on a GPU its workers only read bytes and look up boxes: a thread
-    of the main process decodes and cuts each clip on the GPU (``decoded_ahead``); on the CPU the workers do it all."""
+    of the main process decodes and cuts each clip on the GPU (``data.ahead.prepared_ahead``); on the CPU the workers do it all."""
     if cfg.crop.decode != Decode.tensor:
         return ClipFrames(todo, view_maker, backbone.preprocess, cfg.crop.frame_stride)
     views = TensorViews(view_maker, backbone.preprocess)
@@ -229,50 +228,6 @@ def decode_on_device(dataset: ClipFrames, item: dict, device: torch.device) -> d
         return {"index": item["index"], "error": str(err)}
 
 
-DECODE_AHEAD = 4  # clips decoded on the GPU ahead of the encoder
-
-
-def decoded_ahead(dataset: ClipFrames, loader, device: torch.device):
-    """The loader's items, those that carry bytes decoded on ``device`` by a background thread (on CUDA, on its own
-    stream) up to ``DECODE_AHEAD`` clips ahead: decoding and cutting the next clips overlaps encoding this one."""
-    cuda = device.type == "cuda"
-    stream, ready, stop = torch.cuda.Stream(device) if cuda else None, queue.Queue(maxsize=DECODE_AHEAD), threading.Event()
-
-    def work() -> None:
-        try:
-            with torch.cuda.device(device) if cuda else contextlib.nullcontext(), torch.cuda.stream(stream):
-                for item in loader:
-                    if stop.is_set():
-                        return
-                    item = decode_on_device(dataset, item, device) if "inputs" in item else item
-                    done = torch.cuda.Event() if cuda else None
-                    if done is not None:
-                        done.record(stream)
-                    ready.put((item, done))
-            ready.put(None)
-        except BaseException as err:  # re-raised in the consuming thread
-            ready.put(err)
-
-    thread = threading.Thread(target=work, name="caer-decode-ahead", daemon=True)
-    thread.start()
-    try:
-        while (entry := ready.get()) is not None:
-            if isinstance(entry, BaseException):
-                raise entry
-            item, done = entry
-            if done is not None:
-                current = torch.cuda.current_stream(device)
-                current.wait_event(done)
-                if "pixels" in item:
-                    item["pixels"].record_stream(current)  # its memory is not reused before the encoder has read it
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a thread waiting to put, then let it end
-            with contextlib.suppress(queue.Empty):
-                ready.get(timeout=0.05)
-
-
 def encode_clips(cfg: ExtractConfig, backbone: CLIPBackbone, todo: list[Clip], view_maker: ViewMaker,
                  out: _ClipWriter, bad: list[BadClip], console: Console, rank: int) -> None:
     """Decode and crop in worker processes (or on the GPU), encode in full batches, hand finished clips to ``out``."""
@@ -283,7 +238,9 @@ def encode_clips(cfg: ExtractConfig, backbone: CLIPBackbone, todo: list[Clip], v
         persistent_workers=False, prefetch_factor=4 if workers else None,
     )
     packer = _BatchPacker(cfg.batch_size, lambda x: encode_pixels(backbone, x, cfg.views, cfg.runtime.use_amp))
-    items = decoded_ahead(dataset, loader, backbone.device) if dataset.defer else (item for item in loader)
+    device = backbone.device
+    items = (prepared_ahead(loader, lambda item: decode_on_device(dataset, item, device) if "inputs" in item else item,
+                            device) if dataset.defer else (item for item in loader))
     start = time.perf_counter()
 
     def finished(done: list[tuple[dict, torch.Tensor]]) -> list:
