@@ -3,7 +3,9 @@ one geometry (fingerprint, contradicting flags, stores written before the key ex
 
 from __future__ import annotations
 
+import copy
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -16,9 +18,9 @@ from rich.console import Console
 
 from caer.cache import CacheError, FeatureCache
 from caer.config import CropConfig, Decode, load_config
-from caer.data.datasets import ClipFrames, sample_indices
-from caer.data.loaders import split_dataset, with_cache_geometry
-from caer.data.raer import Clip, ViewMaker, clip_box, read_image
+from caer.data.datasets import Batch, ClipFrames, sample_indices
+from caer.data.loaders import DecodingLoader, make_loader, split_dataset, with_cache_geometry
+from caer.data.raer import Clip, DataError, ViewMaker, clip_box, read_image
 from caer.data.tensor_views import TensorViews, decode_frames, read_frames, view_spec
 from caer.model.encoder import load_backbone
 from caer.pipeline import extract as extract_module
@@ -221,7 +223,7 @@ def test_a_bad_frame_met_by_the_decode_ahead_thread_stops_the_run_and_keeps_earl
     out = tmp_path / "c.zarr"
     with pytest.raises(extract_module.DataError, match=f"{frame}: cannot read image"):
         extract(settings_for(ds, out, decode="tensor", batch_size=4), clip_model, Console(file=io.StringIO()))
-    assert not [t for t in threading.enumerate() if t.name == "caer-decode-ahead"]
+    assert not [t for t in threading.enumerate() if t.name == "caer-prepare-ahead"]
     assert set(FeatureCache.open(out).video_ids) >= set(clips[:3])
 
 
@@ -268,6 +270,77 @@ def test_raw_frames_of_a_tensor_cache_are_cut_its_way_and_a_pil_flag_is_refused(
     with pytest.raises(ValueError, match="--decode pil contradicts .*which was extracted with decode tensor"):
         train_stage(pil, 2, Console(file=io.StringIO()))
     assert not (tmp_path / "run").exists()
+
+
+def on_device(dataset, device="cpu"):
+    """``dataset`` as ``split_dataset`` makes it on a GPU (workers read bytes, the loader's thread decodes), here
+    with the CPU standing in for the GPU."""
+    deferred = copy.copy(dataset)
+    deferred.decode_device = torch.device(device)
+    return deferred
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["stage-3 training", "evaluation"])
+def test_raw_batches_decoded_by_the_loaders_thread_equal_those_of_the_workers(tensor_cache, dataset, weights,
+                                                                             clip_model, tmp_path, train):
+    """Raw frames on a GPU (stage 3, --source raw): the workers only read bytes and boxes, a thread of the main
+    process decodes and cuts each batch on the device. Same frames, views, rotations, flips and order as when the
+    workers decode; the loader keeps its length and sampler for the training loop."""
+    cfg = raw_config(dataset, tensor_cache, weights, tmp_path / "run", workers=2, batch_size=3, rotate_degrees=10)
+    raw = split_dataset(cfg, "train" if train else "val", train, clip_model.preprocess, FeatureCache.open(tensor_cache),
+                        "raw", augment=train)
+    assert raw.decode_device is None and (raw.rotate > 0) == train
+    workers, device = make_loader(raw, cfg, train), make_loader(on_device(raw), cfg, train)
+    assert isinstance(device, DecodingLoader) and len(device) == len(workers) and device.sampler is not None
+    for epoch in (0, 1) if train else (0,):
+        workers.sampler.set_epoch(epoch)
+        device.sampler.set_epoch(epoch)
+        pairs = list(zip(workers, device, strict=True))
+        for a, b in pairs:
+            for name, x, y in zip(Batch._fields, a, b):
+                assert torch.equal(torch.as_tensor(x), torch.as_tensor(y)), (epoch, name)
+        assert not train or any(b.flip.any() for _, b in pairs)
+
+
+def test_a_bad_frame_met_by_the_loaders_decoding_thread_is_named_and_the_thread_ends(tmp_path, dataset, weights,
+                                                                                  tensor_cache, clip_model):
+    import threading
+
+    ds = dataset.copy(tmp_path / "ds")
+    cfg = raw_config(ds, tensor_cache, weights, tmp_path / "run", batch_size=2, root=str(ds.root))
+    raw = on_device(split_dataset(cfg, "val", False, clip_model.preprocess, FeatureCache.open(tensor_cache), "raw"))
+    frame = raw.clips[1].frames[len(raw.clips[1].frames) // 2]  # the middle frame: one that TSN sampling uses
+    assert frame.is_relative_to(ds.root)  # the copy's, not the shared dataset's (the cache records that root)
+    frame.write_bytes(frame.read_bytes()[:100])
+    with pytest.raises(DataError, match=f"{frame}: cannot read image"):
+        list(make_loader(raw, cfg, train=False))
+    assert not [t for t in threading.enumerate() if t.name == "caer-prepare-ahead"]
+
+
+def test_stage_3_trains_the_same_when_the_loader_thread_decodes(tensor_cache, dataset, weights, tmp_path, monkeypatch):
+    """Stage 3 through the training loop, two epochs with 2 workers: decoding in the loader's thread (as on a GPU)
+    gives the same losses and accuracies as decoding in the workers."""
+    from caer.data import loaders
+
+    def run(name):
+        cfg = raw_config(dataset, tensor_cache, weights, tmp_path / name, workers=2, batch_size=4, epochs_stage3=2)
+        train_stage(cfg, 3, Console(file=io.StringIO()))
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in ("seconds", "time")} for r in records]
+
+    workers = run("workers")
+
+    class DecodedInTheLoader(loaders.RawClips):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.decode_device = torch.device("cpu")
+
+    iterations = []
+    decoding = loaders.DecodingLoader.__iter__
+    monkeypatch.setattr(loaders, "RawClips", DecodedInTheLoader)
+    monkeypatch.setattr(loaders.DecodingLoader, "__iter__", lambda self: iterations.append(1) or decoding(self))
+    assert run("thread") == workers and len(workers) == 2
+    assert len(iterations) == 4  # train and val, both epochs
 
 
 def test_auto_is_tensor_on_cuda_else_pil_and_never_contradicts_a_cache():

@@ -23,6 +23,19 @@ from .tensor_views import TensorViews
 from .video import clip_images
 
 
+class RawPart(NamedTuple):
+    """One raw clip as a worker reads it for decoding on a device: ``inputs`` (``TensorViews.read``: bytes and
+    boxes of the sampled frames, each file once), ``order`` (which of them make the T frames), the rotation angle
+    (stage 3), and the item's flip, label and index."""
+
+    inputs: dict
+    order: list[int]
+    angle: float
+    flip: bool
+    label: int
+    index: int
+
+
 class Batch(NamedTuple):
     """Clips for the model, with the same fields from the cache and from raw frames (one item, or collated).
 
@@ -130,16 +143,19 @@ class RawClips(_Clips):
     """Items ``Batch(face [T, 3, S, S] uint8, context [T, 3, S, S] uint8, flip, ...)`` decoded from frame files.
 
     The same frames and views as ``CachedClips`` for the same key; ``flip`` = view 1, the mirror image. With
-    ``tensor_views`` (``--decode tensor``) the workers decode and cut frames with tensor operations on the CPU.
+    ``tensor_views`` (``--decode tensor``) the workers decode and cut frames with tensor operations on the CPU; with
+    ``decode_device`` too, they only read each clip's bytes and boxes (a ``RawPart``), and ``assemble`` decodes and
+    cuts a batch of them on that device (``loaders.make_loader`` does it in a thread ahead of the consumer).
     """
 
     def __init__(self, clips: list[Clip], view_maker: ViewMaker, preprocess: Preprocess, segments, train,
                  views: int = 1, frame_stride: int = 1, seed=0, rotate: float = 0.0, eval_view: int = 0,
-                 tensor_views: TensorViews | None = None):
+                 tensor_views: TensorViews | None = None, decode_device: torch.device | None = None):
         super().__init__([c.video_id for c in clips], [c.label for c in clips], segments, train, views, seed, eval_view)
         self.clips, self.view_maker, self.preprocess, self.stride = clips, view_maker, preprocess, frame_stride
         self.rotate = rotate  # stage-3 augmentation: one random angle in [-rotate, rotate] degrees per clip
         self.tensor_views = tensor_views
+        self.decode_device = decode_device if tensor_views is not None else None
 
     def __getitem__(self, key):
         index = key[0]
@@ -148,18 +164,32 @@ class RawClips(_Clips):
         frames, view = self._choose(key, len(files))
         angle = float(np.random.default_rng([self.seed, key[1], index, 1]).uniform(-self.rotate, self.rotate)) if self.rotate else 0.0
         used = sorted(set(frames.tolist()))  # each sampled file is decoded once
-        decoded = self._views(clip, [files[i] for i in used], angle)
-        pixels = decoded[[used.index(i) for i in frames.tolist()]]  # [T, 2, 3, S, S]
-        return Batch(pixels[:, 0], pixels[:, 1], bool(view), self.labels[index], index)
+        order = [used.index(i) for i in frames.tolist()]
+        used_files = [files[i] for i in used]
+        if self.tensor_views is None:
+            pixels = self._pil_views(clip, used_files, angle)[order]  # [T, 2, 3, S, S]
+            return Batch(pixels[:, 0], pixels[:, 1], bool(view), self.labels[index], index)
+        part = RawPart(self.tensor_views.read(clip, used_files), order, angle, bool(view), self.labels[index], index)
+        return part if self.decode_device is not None else self._finish(part, torch.device("cpu"))
 
-    def _views(self, clip: Clip, files: list, angle: float) -> torch.Tensor:
-        """uint8 [len(files), 2 (face, context), 3, S, S], rotated by ``angle`` degrees."""
-        if self.tensor_views is not None:
-            pixels = self.tensor_views.pixels(self.tensor_views.read(clip, files), "cpu")
-            if angle:  # PIL rotates the crops before the resize; here the finished views turn (an augmentation)
-                turned = v2.functional.rotate(pixels.flatten(0, 1), angle, v2.InterpolationMode.BILINEAR)
-                pixels = turned.view_as(pixels)
-            return pixels
+    def assemble(self, parts: list[RawPart], device: torch.device) -> Batch:
+        """A batch of what the workers read (``decode_device`` set), decoded and cut on ``device``."""
+        items = [self._finish(part, device) for part in parts]
+        return Batch(torch.stack([b.face for b in items]), torch.stack([b.context for b in items]),
+                     torch.tensor([b.flip for b in items], device=device),
+                     torch.tensor([b.label for b in items], device=device), torch.tensor([b.index for b in items]))
+
+    def _finish(self, part: RawPart, device: torch.device) -> Batch:
+        """One item from its bytes and boxes: the views of the sampled frames, rotated by the clip's angle."""
+        pixels = self.tensor_views.pixels(part.inputs, device)
+        if part.angle:  # PIL rotates the crops before the resize; here the finished views turn (an augmentation)
+            turned = v2.functional.rotate(pixels.flatten(0, 1), part.angle, v2.InterpolationMode.BILINEAR)
+            pixels = turned.view_as(pixels)
+        pixels = pixels[torch.tensor(part.order, device=device)]
+        return Batch(pixels[:, 0], pixels[:, 1], part.flip, part.label, part.index)
+
+    def _pil_views(self, clip: Clip, files: list, angle: float) -> torch.Tensor:
+        """uint8 [len(files), 2 (face, context), 3, S, S] with PIL, rotated by ``angle`` degrees."""
         out = []
         for frame, image in clip_images(clip, files):  # a video's frames: decoded with seeks past the others
             views = self.view_maker.views(clip, frame, image)[:2]

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from ..cache import CacheError, FeatureCache
 from ..config import Decode, RunConfig, Source
 from ..model.encoder import Preprocess
+from .ahead import prepared_ahead
 from .datasets import CachedClips, EpochSampler, RawClips
 from .raer import Clip, DataError, ViewMaker, check_disjoint, read_annotations
 from .tensor_views import TensorViews
@@ -103,11 +104,13 @@ def split_clips(cfg: RunConfig, split: str, cache: FeatureCache | None, source: 
 
 
 def split_dataset(cfg: RunConfig, split: str, train: bool, preprocess: Preprocess, cache: FeatureCache | None,
-                  source: Source, augment: bool = False, eval_view: int = 0) -> CachedClips | RawClips:
+                  source: Source, augment: bool = False, eval_view: int = 0,
+                  device: torch.device | None = None) -> CachedClips | RawClips:
     """The dataset of one split ("train", "val" or "test") from the cache or from raw frames.
 
     ``augment`` (stage 3) draws a random flip and rotation per clip; ``eval_view`` 1 evaluates on the
     mirror image (flip TTA). Its ``left_out`` lists the clips that extraction skipped (see ``split_clips``).
+    ``device``: the model's; with ``--decode tensor`` on CUDA, raw frames are decoded and cut there (``make_loader``).
     """
     cfg = with_cache_geometry(cfg, cache)
     list_path = cfg.list_for(split)
@@ -130,7 +133,7 @@ def split_dataset(cfg: RunConfig, split: str, train: bool, preprocess: Preproces
     tensor_views = TensorViews(view_maker, preprocess) if cfg.crop.decode == Decode.tensor else None
     dataset = RawClips(clips, view_maker, preprocess, segments, train, views=views, frame_stride=cfg.crop.frame_stride,
                        seed=seed, rotate=cfg.stages.rotate_degrees if augment else 0.0, eval_view=eval_view,
-                       tensor_views=tensor_views)
+                       tensor_views=tensor_views, decode_device=device if device and device.type == "cuda" else None)
     dataset.left_out = left_out
     return dataset
 
@@ -145,7 +148,24 @@ def class_counts(dataset: CachedClips | RawClips, num_classes: int) -> np.ndarra
     return np.bincount(dataset.labels, minlength=num_classes)
 
 
-def make_loader(dataset, cfg: RunConfig, train: bool, weighted: bool = False, rank: int = 0, world: int = 1) -> DataLoader:
+class DecodingLoader:
+    """A DataLoader whose workers only read raw clips' bytes and boxes (``RawClips.decode_device`` set): its batches
+    are decoded and cut on that device by a thread ahead of the consumer (``ahead.prepared_ahead``). It stands in for
+    the DataLoader in the training and evaluation loops (``len``, ``sampler``, iteration)."""
+
+    def __init__(self, loader: DataLoader, dataset: RawClips):
+        self.loader, self.dataset, self.sampler = loader, dataset, loader.sampler
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        device = self.dataset.decode_device
+        return prepared_ahead(self.loader, lambda parts: self.dataset.assemble(parts, device), device)
+
+
+def make_loader(dataset, cfg: RunConfig, train: bool, weighted: bool = False, rank: int = 0,
+                world: int = 1) -> DataLoader | DecodingLoader:
     """Batches of ``dataset`` in a seeded order (``weighted``: drawn with inverse class frequency), this rank's share."""
     weights = None
     if train and weighted:
@@ -153,5 +173,8 @@ def make_loader(dataset, cfg: RunConfig, train: bool, weighted: bool = False, ra
         weights = torch.tensor(1.0 / np.maximum(counts, 1))[dataset.labels].double()
     sampler = EpochSampler(len(dataset), cfg.run.seed, shuffle=train, weights=weights, rank=rank, world=world)
     workers = cfg.runtime.num_workers()
-    return DataLoader(dataset, batch_size=cfg.optim.batch_size, sampler=sampler, num_workers=workers,
-                      persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+    on_device = getattr(dataset, "decode_device", None) is not None
+    loader = DataLoader(dataset, batch_size=cfg.optim.batch_size, sampler=sampler, num_workers=workers,
+                        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+                        collate_fn=list if on_device else None)  # on the device: a list of RawPart per batch
+    return DecodingLoader(loader, dataset) if on_device else loader

@@ -73,7 +73,7 @@ def evaluate(checkpoint: str | Path, split: str = "test", source: EvalSource = E
         raise ValueError("--tta flip from the cache needs a cache extracted with --views 2 (or use --source raw)")
     views = (0, 1) if tta_flip else (0,)
     logits = 0.0
-    dataset = split_dataset(cfg, split, False, backbone.preprocess, cache, source)  # the list is read once
+    dataset = split_dataset(cfg, split, False, backbone.preprocess, cache, source, device=device)  # read once
     with progress_bar(console) as progress:
         for view in views:
             dataset.eval_view = view  # 1: the mirror image (flip TTA)

@@ -222,8 +222,8 @@ def setup_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
     model.prepare_stage(stage, cfg.stages.unfreeze_last)
     if stage == 3 and cfg.stages.grad_checkpointing:
         model.clip.visual.set_grad_checkpointing(True)
-    train_set = split_dataset(cfg, "train", True, backbone.preprocess, cache, source, augment=stage == 3)
-    val_set = split_dataset(cfg, "val", False, backbone.preprocess, cache, source)
+    train_set = split_dataset(cfg, "train", True, backbone.preprocess, cache, source, augment=stage == 3, device=device)
+    val_set = split_dataset(cfg, "val", False, backbone.preprocess, cache, source, device=device)
     for split, data in (("train", train_set), ("val", val_set)):
         note_left_out(console, cfg.list_for(split), data.left_out)
     loss = CAERLoss(cfg.loss, class_counts(train_set, len(cfg.model.classes)), "prompt" in STAGE_GROUPS[stage], device)
