@@ -72,8 +72,9 @@ class ValidationTimer:
         train_module.predict = self.predict
 
 
-def time_epoch(args, tmp: Path, data: Path, cache: Path, stage: int, source: str, console: Console) -> dict:
-    run_dir = tmp / f"run-stage{stage}-{source}"
+def time_epoch(args, tmp: Path, data: Path, cache: Path, stage: int, source: str, console: Console,
+               decode: str = "auto") -> dict:
+    run_dir = tmp / f"run-stage{stage}-{source}-{decode}"
     # a cached epoch is cheap, and its first epochs still carry start-up costs: run a few more of them
     epochs = max(args.epochs, args.cache_epochs) if source == "cache" else args.epochs
     cfg = load_config("raer", dict(
@@ -85,7 +86,7 @@ def time_epoch(args, tmp: Path, data: Path, cache: Path, stage: int, source: str
         face_boxes=str(data / "face_boxes.json"),
         cache=str(cache), source=source, stage=stage, epochs=epochs, epochs_stage1=epochs,
         epochs_stage2=epochs, epochs_stage3=epochs, batch_size=args.batch_size, workers=args.workers, device=args.device,
-        use_amp=args.amp, seed=args.seed, run_dir=str(run_dir), cache_in_memory=args.cache_in_memory,
+        use_amp=args.amp, seed=args.seed, run_dir=str(run_dir), cache_in_memory=args.cache_in_memory, decode=decode,
     ))
     with ValidationTimer() as val:
         start = time.perf_counter()
@@ -94,7 +95,7 @@ def time_epoch(args, tmp: Path, data: Path, cache: Path, stage: int, source: str
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert len(records) == len(val.seconds) == epochs, (len(records), len(val.seconds))
     seconds = [r["seconds"] for r in records]
-    return {"stage": stage, "source": source, "seconds": seconds[-1], "valid_seconds": val.seconds[-1],
+    return {"stage": stage, "source": source, "decode": decode, "seconds": seconds[-1], "valid_seconds": val.seconds[-1],
             "train_seconds": seconds[-1] - val.seconds[-1], "first_epoch_seconds": seconds[0],
             "epoch_seconds": seconds, "valid_epoch_seconds": val.seconds, "wall_with_setup": wall}
 
@@ -122,6 +123,9 @@ def main(argv=None) -> None:
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no autocast on CUDA (on the CPU it is off anyway)")
     p.add_argument("--cache-in-memory", action="store_true", help="--source cache reads from RAM")
     p.add_argument("--threads", type=int, help="torch intra-op threads [default: torch's]")
+    p.add_argument("--decode", nargs="+", default=["auto"], choices=["auto", "pil", "tensor"],
+                   help="decode paths: the first for the cache and stages 1-2; stage 3 runs once per path (on a GPU, "
+                        "tensor decodes in the loader's thread on the device, pil in the workers)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", action="store_true", help="show the training output")
     p.add_argument("--keep", action="store_true", help="keep the temporary dataset, cache and runs")
@@ -153,7 +157,7 @@ def main(argv=None) -> None:
             "annotations": [str(data / "train.txt"), str(data / "val.txt")], "out": str(cache),
             "face_boxes": str(data / "face_boxes.json"), "views": 2, "batch_size": 64, "workers": args.workers,
             "use_amp": args.amp, "num_classes": 5, "model": args.model, "pretrained": args.pretrained,
-            "device": args.device,
+            "device": args.device, "decode": args.decode[0],
         }, where="bench/train.py"), clip_model, console)
         extract_seconds = time.perf_counter() - start
         del clip_model
@@ -161,9 +165,13 @@ def main(argv=None) -> None:
 
         results = {}
         for stage in args.stages:
-            for source in ("raw",) if stage == 3 else ("cache", "raw"):
-                print(f"timing stage {stage} --source {source} ...", flush=True)
-                results[stage, source] = r = time_epoch(args, tmp, data, cache, stage, source, console)
+            # stage 3 reads raw frames whatever the source; it runs once per --decode path, without the cache
+            runs = [("raw", d) for d in args.decode] if stage == 3 else [("cache", args.decode[0]), ("raw", args.decode[0])]
+            for source, decode in runs:
+                print(f"timing stage {stage} --source {source} --decode {decode} ...", flush=True)
+                where = tmp / "no-cache.zarr" if stage == 3 else cache
+                results[stage, source if stage != 3 else decode] = r = time_epoch(args, tmp, data, where, stage, source,
+                                                                                 console, decode)
                 print(f"  {fmt(r['seconds'])} s/epoch (train {fmt(r['train_seconds'])} s + valid "
                       f"{fmt(r['valid_seconds'])} s); all epochs: {', '.join(map(fmt, r['epoch_seconds']))}", flush=True)
 
@@ -185,9 +193,10 @@ def main(argv=None) -> None:
         print("|---|---|---:|---:|---:|" + ("---:|" if first else "") + "---|")
         for stage in args.stages:
             if stage == 3:
-                r = results[3, "raw"]
-                print(f"| 3 | {TRAINS[3]} | - | {fmt(r['seconds'])} | 1x: both pipelines read raw frames |"
-                      + (" |" if first else "") + " - |")
+                for decode in args.decode:
+                    r = results[3, decode]
+                    print(f"| 3 (--decode {decode}) | {TRAINS[3]} | - | {fmt(r['seconds'])} | 1x: both pipelines read "
+                          "raw frames |" + (" |" if first else "") + " - |")
                 continue
             c, r = results[stage, "cache"], results[stage, "raw"]
             ratio = r["seconds"] / c["seconds"]
