@@ -2,7 +2,9 @@
 
 Times, per frame, on 32 JPEGs made from scikit-learn's sample photographs (quality 90) and 32 `caer synth` frames
 (noisier, larger files): torchvision's nvJPEG decode in one batched call, one call per frame, and split over 2, 4
-and 8 threads; libjpeg-turbo on one CPU thread; and caer's cut + resize of both views (``render``).
+and 8 threads, with 4x the frames per call and with pinned input; nvImageCodec's decoder, when it is installed (its
+hardware JPEG decoder: a candidate); libjpeg-turbo on one CPU thread; caer's cut + resize of both views
+(``render``); and caer's whole per-clip step (``TensorViews.pixels``: decode + cut).
 On one H200 `caer extract --decode tensor` decoded and cut about 860 720p frames/s in its one decode-ahead thread
 (README, Benchmarks): this says which part to speed up.
 
@@ -62,6 +64,11 @@ def probe(datas: list[torch.Tensor]) -> dict[str, float]:
             parts = [datas[i::threads] for i in range(threads)]
             r[f"nvjpeg batched, {threads} threads"] = per_frame_ms(
                 lambda: list(pool.map(lambda p: decode_jpeg(p, mode=rgb, device="cuda"), parts)), n)  # noqa: B023
+    many = datas * 4
+    r["nvjpeg batched, 4x the frames per call"] = per_frame_ms(lambda: decode_jpeg(many, mode=rgb, device="cuda"), 4 * n)
+    pinned = [d.pin_memory() for d in datas]
+    r["nvjpeg batched, pinned input"] = per_frame_ms(lambda: decode_jpeg(pinned, mode=rgb, device="cuda"), n)
+    r.update(probe_nvimgcodec(datas))
     r["cpu libjpeg-turbo (1 thread)"] = per_frame_ms(lambda: [decode_jpeg(d, mode=rgb) for d in datas], n, 2)
     frames = torch.stack(decode_jpeg(datas, mode=rgb, device="cuda"))
     specs = []
@@ -72,11 +79,53 @@ def probe(datas: list[torch.Tensor]) -> dict[str, float]:
     return r
 
 
+def probe_nvimgcodec(datas: list[torch.Tensor]) -> dict[str, float]:
+    """nvImageCodec's batched decode (its hardware JPEG decoder where the GPU has one), if it is installed
+    (``pip install nvidia-nvimgcodec-cu12[nvjpeg]``): a candidate replacement for torchvision's nvJPEG call."""
+    try:
+        from nvidia import nvimgcodec
+    except ImportError:
+        return {}
+    raw = [d.numpy().tobytes() for d in datas]
+    out = {}
+    for name, backends in (("default backends", None), ("hardware only", [nvimgcodec.Backend(nvimgcodec.HW_GPU_ONLY)])):
+        try:
+            decoder = nvimgcodec.Decoder(backends=backends) if backends else nvimgcodec.Decoder()
+            images = decoder.decode(raw)
+            assert all(img is not None for img in images), "a frame was not decoded"
+            torch.as_tensor(images[0], device="cuda")  # the __cuda_array_interface__ hand-over caer would use
+            out[f"nvimgcodec batched, {name}"] = per_frame_ms(lambda: decoder.decode(raw), len(raw))  # noqa: B023
+        except Exception as err:  # report and go on: this is a probe
+            print(f"  nvimgcodec ({name}): {type(err).__name__}: {err}")
+    return out
+
+
+def probe_pixels(datas: list[torch.Tensor], device: str = "cuda") -> float:
+    """ms per frame of caer's whole per-clip step on CUDA (``TensorViews.pixels``: decode + both views), 16-frame clips."""
+    from torchvision import transforms as T
+
+    from caer.data.raer import ViewMaker
+    from caer.data.tensor_views import TensorViews
+    from caer.model.encoder import Preprocess
+
+    preprocess = Preprocess(T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224)]),
+                            (0.0,) * 3, (1.0,) * 3, 224)
+    views = TensorViews(ViewMaker(), preprocess)
+    clips = []
+    for c in range(0, len(datas) - 15, 16):
+        part = datas[c:c + 16]
+        offsets = torch.tensor([0, *np.cumsum([len(d) for d in part])])
+        clips.append({"data": torch.cat(part), "offsets": offsets, "files": [f"{c + i}.jpg" for i in range(16)],
+                      "faces": [(500 + i, 200, 680 + i, 380) for i in range(16)], "body": None, "video_id": "v"})
+    return per_frame_ms(lambda: [views.pixels(clip, device) for clip in clips], 16 * len(clips))
+
+
 def main() -> None:
     for name, datas in (("photos, quality 90", jpegs_from_photos(32)), ("caer synth", jpegs_from_synth(32))):
         print(f"\n{name}: {len(datas)} JPEGs 1280x720, mean {np.mean([len(d) for d in datas]) / 1024:.0f} KiB")
-        for part, ms in probe(datas).items():
-            print(f"  {part:40s} {ms:7.3f} ms/frame  ({1000 / ms:8,.0f} frames/s)")
+        parts = probe(datas) | {"caer TensorViews.pixels (16-frame clips)": probe_pixels(datas)}
+        for part, ms in parts.items():
+            print(f"  {part:44s} {ms:7.3f} ms/frame  ({1000 / ms:8,.0f} frames/s)")
 
 
 if __name__ == "__main__":
