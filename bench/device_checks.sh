@@ -3,7 +3,8 @@
 # Run from the repository root with caer importable (installed, or PYTHONPATH set); results land in $OUT (default .).
 #   1. the tensor path's fidelity on the GPU (nvJPEG + TF32 against PIL);
 #   2. where the GPU decode's time goes (bench/decode_probe.py);
-#   3. extraction images/s against the bare encoder on 720p frames, pil vs tensor, with --diagnose;
+#   3. extraction images/s against the bare encoder on 720p frames, pil vs tensor, with --diagnose, and with the
+#      writer thread instead of the writer processes;
 #   4. stage 2 from the cache vs raw frames, and stage 3 with --decode pil (CPU workers) vs tensor (the GPU);
 #   5. a 2-process NCCL run, when the machine has 2 GPUs.
 set -u
@@ -30,6 +31,10 @@ timeout 100 python3 extract.py --device cuda --workers 4 --width 1280 --height 7
 step "extract, 720p: --decode tensor, with --diagnose"
 timeout 150 python3 extract.py --device cuda --workers 4 --width 1280 --height 720 --clips 20 --frames 16 --repeat 80 \
   --encoder-seconds 5 --decode tensor --diagnose --json "$OUT/extract_tensor.json" 2>&1 | grep -v "^machine"
+
+step "extract, 720p: --decode tensor, the writer thread instead of writer processes"
+timeout 60 python3 extract.py --device cuda --workers 4 --width 1280 --height 720 --clips 20 --frames 16 --repeat 40 \
+  --encoder-seconds 3 --decode tensor --writer-processes 0 --json "$OUT/extract_tensor_thread.json" 2>&1 | grep -v "^machine"
 
 step "train: stage 2 cache vs raw, stage 3 --decode pil vs tensor (720p)"
 timeout 170 python3 train.py --device cuda --clips 60 --workers 4 --width 1280 --height 720 --stages 2 3 \

@@ -14,6 +14,7 @@ Not a test: run it by hand, e.g.
     .venv/bin/python bench/extract.py --model caer-tiny --clips 20      # a quick smoke run
     .venv/bin/python bench/extract.py --device cuda --workers 12 --repeat 40
     .venv/bin/python bench/extract.py --device cuda --workers 4 --width 1280 --height 720 --decode pil tensor
+    .venv/bin/python bench/extract.py --device cuda --decode tensor --writer-processes 0   # the writer thread instead
 
 Images are counted as the encoder sees them: 2 per frame (face, context) times --views.
 """
@@ -21,21 +22,20 @@ Images are counted as the encoder sees them: 2 per frame (face, context) times -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from machine import machine  # bench/machine.py (scripts run from bench/ are on sys.path)
 
 from caer import runtime
-from caer.cache import FeatureCache
-from caer.cache.store import CacheWriter
+from caer.cache import FeatureCache, store_key
 from caer.config import ExtractConfig, SynthConfig, from_flat
 from caer.data.synth import synthesise
 from caer.model.encoder import CLIPBackbone, load_backbone
@@ -64,6 +64,20 @@ def make_dataset(root: Path, args) -> tuple[list[Path], Path]:
     (root / "warmup.txt").write_text("\n".join(lines[:4]) + "\n")
     (root / "face_boxes.json").write_text(json.dumps(boxes))
     return [root / "all.txt"], root / "face_boxes.json"
+
+
+@contextlib.contextmanager
+def writers_skip_this_script():
+    """Spawned store-writing processes re-run the main script, here torch and open_clip: seconds of start-up inside
+    each timed extraction, where `caer extract` re-runs only its light CLI module. They need nothing from it, and
+    without ``__file__`` spawn runs nothing."""
+    main = sys.modules["__main__"]
+    path = main.__dict__.pop("__file__", None)
+    try:
+        yield
+    finally:
+        if path is not None:
+            main.__file__ = path
 
 
 def time_encoder(clip_model: CLIPBackbone, batch_size: int, use_amp: bool, seconds: float) -> tuple[float, int]:
@@ -153,17 +167,21 @@ def diagnose(args, settings, decode: str, clip_model: CLIPBackbone, images: int,
     """Where the time goes: the same extraction with parts switched off (their features are not kept)."""
     suffix = ".h5" if args.format == "h5" else ".zarr"
     annotations = [tmp / "all.txt"]
-    write, encode_pixels = CacheWriter.write, extract_module.encode_pixels
+    write, encode_pixels, processes = extract_module.write_clips, extract_module.encode_pixels, extract_module.WRITER_PROCESSES
     dim, views = clip_model.embed_dim, args.views
+
+    def no_write(clips):  # counts each clip as done without writing it
+        return [(store_key(video_id), attrs) for video_id, _, attrs in clips]
+
     switched = {
-        "no store writes": (lambda self, *a: None, None),
+        "no store writes": None,
         "no store writes, no encoder (decode + pack only)": (
-            lambda self, *a: None,
             lambda clip, px, *a: torch.zeros(len(px), views, dim, dtype=torch.float16)),
     }
     diagnostics = {}
-    for i, (name, (fake_write, fake_encode)) in enumerate(switched.items()):
-        CacheWriter.write = fake_write
+    for i, (name, fake_encode) in enumerate(switched.items()):
+        # the writer thread runs the no-op: a process would have to import it
+        extract_module.write_clips, extract_module.WRITER_PROCESSES = no_write, {}
         if fake_encode:
             extract_module.encode_pixels = fake_encode
         try:
@@ -171,7 +189,8 @@ def diagnose(args, settings, decode: str, clip_model: CLIPBackbone, images: int,
             extract(settings(annotations, tmp / f"diag{i}-{decode}{suffix}", decode), clip_model, quiet)
             seconds = time.perf_counter() - start
         finally:
-            CacheWriter.write, extract_module.encode_pixels = write, encode_pixels
+            extract_module.write_clips, extract_module.encode_pixels = write, encode_pixels
+            extract_module.WRITER_PROCESSES = processes
         diagnostics[name] = images / seconds
         print(f"  {name}: {images / seconds:,.1f} images/s ({seconds:.1f} s)", flush=True)
     return diagnostics
@@ -195,7 +214,8 @@ def main(argv=None) -> None:
     p.add_argument("--encoder-seconds", type=float, default=10.0, help="how long to time the bare encoder")
     p.add_argument("--no-amp", action="store_true", help="no autocast on CUDA")
     p.add_argument("--profile", action="store_true", help="cProfile the main process during extraction")
-    p.add_argument("--writer-threads", type=int, help="diagnostic: run extract's store writes on N threads")
+    p.add_argument("--writer-processes", type=int,
+                   help="store-writing processes (0: one writer thread); default: extract's own choice for the device")
     p.add_argument("--diagnose", action="store_true",
                    help="also time extraction with store writes disabled, and with writes and encoder disabled")
     p.add_argument("--decode", nargs="+", default=["pil"], choices=["pil", "tensor", "auto"],
@@ -208,7 +228,7 @@ def main(argv=None) -> None:
     device = runtime.resolve_device(args.device)
     print("machine:", json.dumps(machine()))
     tmp = Path(tempfile.mkdtemp(prefix="caer-bench-"))
-    pool_class = extract_module.ThreadPoolExecutor
+    writer_processes = extract_module.WRITER_PROCESSES
     try:
         t = time.perf_counter()
         annotations, face_boxes = make_dataset(tmp, args)
@@ -231,15 +251,15 @@ def main(argv=None) -> None:
         from rich.console import Console
 
         quiet = Console(file=open(os.devnull, "w"))
-        if args.writer_threads:
-            # extract's _ClipWriter makes its pool as ThreadPoolExecutor(max_workers=1), by the module's name
-            extract_module.ThreadPoolExecutor = lambda max_workers: ThreadPoolExecutor(max_workers=args.writer_threads)
+        if args.writer_processes is not None:
+            extract_module.WRITER_PROCESSES = {device.type: args.writer_processes}
         suffix = ".h5" if args.format == "h5" else ".zarr"
 
         results = {}
-        for decode in args.decode:
-            extract(settings([tmp / "warmup.txt"], tmp / f"warmup-{decode}{suffix}", decode), clip_model, quiet)  # warm-up
-            results[decode] = time_extraction(args, settings, decode, clip_model, enc_ips, annotations, tmp, quiet)
+        with writers_skip_this_script():
+            for decode in args.decode:
+                extract(settings([tmp / "warmup.txt"], tmp / f"warmup-{decode}{suffix}", decode), clip_model, quiet)
+                results[decode] = time_extraction(args, settings, decode, clip_model, enc_ips, annotations, tmp, quiet)
         print("\n| decode | caer extract images/s | bare encoder images/s | ratio |\n|---|---:|---:|---:|")
         for r in results.values():
             print(f"| {r['decode']} | {r['extract_images_per_s']:,.1f} | {enc_ips:,.1f} | {r['ratio']:.3f} |")
@@ -248,14 +268,14 @@ def main(argv=None) -> None:
             args.json.write_text(json.dumps({
                 "machine": machine(), "device": str(device), "model": args.model, "batch_size": args.batch_size,
                 "workers": args.workers, "views": args.views, "frame_size": [args.width, args.height],
-                "encoder_images_per_s": enc_ips, "writer_threads": args.writer_threads,
+                "encoder_images_per_s": enc_ips,
+                "writer_processes": extract_module.WRITER_PROCESSES.get(device.type, 0),
                 **{k: first[k] for k in ("extract_images_per_s", "ratio", "frames", "extract_seconds",
                                          "device_step_seconds", "diagnostics")},
                 "by_decode": results,
             }, indent=1))
     finally:
-        if args.writer_threads:  # undo the patch (run.py calls main() in-process)
-            extract_module.ThreadPoolExecutor = pool_class
+        extract_module.WRITER_PROCESSES = writer_processes  # undo the patch (run.py calls main() in-process)
         if args.keep:
             print(f"kept {tmp}")
         else:

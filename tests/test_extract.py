@@ -425,9 +425,9 @@ def test_sigkill_part_way_then_resume_equals_a_clean_run(fmt, tmp_path, dataset,
 
     # Re-run the same command; record what gets encoded and written.
     encoded, written = [], []
-    encode, write = extract_module.encode_pixels, CacheWriter.write
+    encode, write = extract_module.encode_pixels, extract_module.write_clips
     monkeypatch.setattr(extract_module, "encode_pixels", lambda c, px, *a: encoded.append(len(px)) or encode(c, px, *a))
-    monkeypatch.setattr(CacheWriter, "write", lambda self, v, *a: written.append(v) or write(self, v, *a))
+    monkeypatch.setattr(extract_module, "write_clips", lambda clips: written.extend(c[0] for c in clips) or write(clips))
     stamps_at_finish: dict = {}
     finish = CacheWriter.finish
     monkeypatch.setattr(CacheWriter, "finish", lambda self, *a: (

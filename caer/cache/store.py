@@ -2,10 +2,11 @@
 
 Zarr stores are written in place: every clip is its own array of one chunk (zarr writes each
 file atomically), and its ``done`` flag is set only after its features, so a killed run leaves
-at worst an unfinished clip that the next run redoes. Several processes may write disjoint
-clips into one Zarr store at once. An HDF5 file cannot survive a kill mid-write, so HDF5
-extraction writes into a Zarr staging store beside it (``<file>.partial.zarr``) and builds the
-``.h5`` from it at the end, into a temporary file that replaces the old one in one rename.
+at worst unfinished clips (one per writer) that the next run redoes. Several processes may write
+disjoint clips into one Zarr store at once (``CacheWriter.writers``: a writer thread, or writer
+processes). An HDF5 file cannot survive a kill mid-write, so HDF5 extraction writes into a Zarr
+staging store beside it (``<file>.partial.zarr``) and builds the ``.h5`` from it at the end, into
+a temporary file that replaces the old one in one rename.
 """
 
 from __future__ import annotations
@@ -13,12 +14,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
+import multiprocessing.connection
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
@@ -246,20 +252,21 @@ class CacheWriter:
         self.root = root
 
     def write(self, video_id: str, features: np.ndarray, attrs: dict) -> None:
-        """Store one clip's features [2, views, frames, D]; it counts as done only once this returns."""
-        key = store_key(video_id)
-        data = np.ascontiguousarray(features, dtype=np.float16)
-        attrs = {"video_id": video_id, **attrs, "sha256": clip_checksum(data)}
-        try:
-            arr = self.root.create_array(f"{CLIPS}/{key}", shape=data.shape, chunks=data.shape, dtype="float16",
-                                         compressors=None, attributes={**attrs, "done": False}, overwrite=True)
-            arr[...] = data
-            arr.attrs["done"] = True
-        except OSError as err:
-            if err.filename:
-                raise
-            raise OSError(err.errno, err.strerror or str(err), str(self.zarr_path / CLIPS / key)) from None
-        self.done[key] = {**attrs, "done": True}
+        """Store one clip's features [2, views, frames, D] from this thread; it counts as done only once this returns."""
+        key, written = _write_into(self.root, self.zarr_path, video_id, features, attrs)
+        self.done[key] = written
+
+    def writers(self, processes: int = 0) -> Executor:
+        """An executor for ``write_clips`` calls into this store: one thread of this process (``processes=0``), or that
+        many spawned processes. Each thread or process opens the store once."""
+        path = str(self.zarr_path)
+        if not processes:
+            return ThreadPoolExecutor(1, thread_name_prefix="caer-store", initializer=open_for_writes, initargs=(path,))
+        pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_start_writer_process, initargs=(path,))
+        for _ in range(processes):  # start them all now (a process starts per task): they open the store meanwhile
+            pool.submit(int)
+        return pool
 
     def finish(self, splits: dict[str, list[str]], skipped: list[str], summary: dict,
                skipped_clips: list[str] = ()) -> None:
@@ -314,6 +321,58 @@ class CacheWriter:
         if self.format == "h5" and self.path.is_file():
             return self.path.stat().st_size
         return sum(p.stat().st_size for p in self.zarr_path.rglob("*") if p.is_file())
+
+
+# --------------------------------------------------------------------------- clip writes, in any thread or process
+
+def _write_into(root: zarr.Group, store: Path, video_id: str, features: np.ndarray, attrs: dict) -> tuple[str, dict]:
+    """Store one clip's features [2, views, frames, D] in the store ``root`` (at ``store``): its array, its chunk, and
+    only then its ``done`` flag. Returns the clip's key and the attributes recorded with it."""
+    key = store_key(video_id)
+    data = np.ascontiguousarray(features, dtype=np.float16)
+    attrs = {"video_id": video_id, **attrs, "sha256": clip_checksum(data)}
+    try:
+        arr = root.create_array(f"{CLIPS}/{key}", shape=data.shape, chunks=data.shape, dtype="float16",
+                                compressors=None, attributes={**attrs, "done": False}, overwrite=True)
+        arr[...] = data
+        arr.attrs["done"] = True
+    except OSError as err:
+        if err.filename:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), str(store / CLIPS / key)) from None
+    return key, {**attrs, "done": True}
+
+
+_opened = threading.local()  # the store this writer thread (or writer process) writes into
+
+
+def open_for_writes(path: str) -> None:
+    """Initializer of a writer thread (and of a writer process): open the Zarr store at ``path`` once for its
+    ``write_clips`` calls."""
+    _opened.root, _opened.path = zarr.open_group(path, mode="r+"), Path(path)
+
+
+def write_clips(clips: list[tuple[str, np.ndarray, dict]]) -> list[tuple[str, dict]]:
+    """``CacheWriter.write`` for each (video id, features, attrs), in order, in a writer thread or process
+    (``CacheWriter.writers``); returns each clip's key and attributes, for the extracting process's ``done``."""
+    return [_write_into(_opened.root, _opened.path, *clip) for clip in clips]
+
+
+def _start_writer_process(path: str) -> None:
+    """Initializer of a writer process. Ctrl-C is its parent's to handle (the parent still waits for the writes it
+    handed out), and it ends as soon as its parent does, so a killed run leaves no writer behind."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+    open_for_writes(path)
+
+
+def _exit_with(parent: multiprocessing.process.BaseProcess) -> None:
+    """End this process when ``parent`` ends: a pool's worker would otherwise wait for work forever (its queue's
+    other end lives on in itself), and could still be writing clips when the next run starts."""
+    multiprocessing.connection.wait([parent.sentinel])
+    os._exit(1)
 
 
 # --------------------------------------------------------------------------- reader

@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +16,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .. import runtime
-from ..cache import CacheWriter, fingerprint, store_key, stored_fingerprint
+from ..cache import CacheError, CacheWriter, fingerprint, store_key, stored_fingerprint
+from ..cache.store import write_clips
 from ..config import Decode, ExtractConfig
 from ..data.ahead import prepared_ahead
 from ..data.datasets import ClipFrames
@@ -26,6 +27,11 @@ from ..model.checkpoint import backbone_from_checkpoint
 from ..model.encoder import CLIPBackbone, load_backbone
 
 MAX_PENDING_WRITES = 64
+# Processes that write the store, per extracting process (per torchrun rank), by the encoder's device type; absent: one
+# writer thread. One process writes 150 to 200 clips/s (bench/store_writes.py), and a GPU at its goal of 18,000
+# images/s finishes about 570 clips of 16 frames a second: 4 processes, with some room to spare.
+WRITER_PROCESSES = {"cuda": 4}
+CLIPS_PER_WRITE_TASK = 8  # about what one 256-image batch of 16-frame clips finishes
 
 
 @dataclass
@@ -165,40 +171,78 @@ def open_writer(cfg: ExtractConfig, backbone: CLIPBackbone, root: Path, rank: in
 
 
 class _ClipWriter:
-    """Writes finished clips into the store from a background thread, with a bounded queue of pending writes."""
+    """Hands finished clips to the store's writers (``CacheWriter.writers``), at most MAX_PENDING_WRITES at a time.
 
-    def __init__(self, writer: CacheWriter, views: int, digests: dict[str, str], summary: ExtractSummary):
+    With ``processes`` (on a GPU), zarr's Python runs in writer processes, where it does not hold this process's GIL
+    against the main loop and the decode-ahead thread; else one thread of this process writes."""
+
+    def __init__(self, writer: CacheWriter, views: int, digests: dict[str, str], summary: ExtractSummary,
+                 processes: int = 0):
         self.writer, self.views, self.digests, self.summary = writer, views, digests, summary
-        self.pool = ThreadPoolExecutor(max_workers=1)
-        self.pending: deque[Future] = deque()
+        self.pool = writer.writers(processes)
+        self.copies: deque = deque()  # (video id, features on their way to the host, CUDA event or None, frames, attrs)
+        self.pending: deque[tuple[Future, int]] = deque()  # (write task, its clips), in order
+        self.in_flight = 0  # clips in copies and pending
 
     def put(self, done: list[tuple[Clip, dict, torch.Tensor]]) -> None:
         for clip, item, feats in done:
             n = len(item["frame_names"])
             attrs = {"label": clip.label, "frame_names": item["frame_names"], "frames_without_face": item["no_face"],
                      "boxes_sha256": self.digests[clip.video_id], "origin": "video" if clip.video else "frames"}
-            if len(self.pending) >= MAX_PENDING_WRITES:
-                self.pending.popleft().result()
-            self.pending.append(self.pool.submit(self._write, clip.video_id, *to_host(feats), n, attrs))
+            while self.in_flight >= MAX_PENDING_WRITES:
+                self._hand_over(wait=True)
+                self._collect()
+            self.copies.append((clip.video_id, *to_host(feats), n, attrs))
+            self.in_flight += 1
             self.summary.frames += n
             self.summary.frames_without_face += item["no_face"]
             self.summary.clips_extracted += 1
-        while self.pending and self.pending[0].done():  # surface a failed write early
-            self.pending.popleft().result()
+        self._hand_over()
+        while self.pending and self.pending[0][0].done():  # surface a failed write early
+            self._collect()
 
-    def _write(self, key: str, feats: torch.Tensor, ready: torch.cuda.Event | None, n: int, attrs: dict) -> None:
-        if ready is not None:
-            ready.synchronize()
-        # features arrive [frames * 2, views, D] in frame-major order -> [2, views, frames, D]
-        self.writer.write(key, feats.view(n, 2, self.views, -1).permute(1, 2, 0, 3).numpy(), attrs)
+    def _hand_over(self, wait: bool = False) -> None:
+        """Submit the clips whose features have reached the host, in order; with ``wait``, wait for all of them.
+        The main loop polls the copies' events here rather than blocking on them: it has batches to launch."""
+        ready = []
+        while self.copies and (wait or self.copies[0][2] is None or self.copies[0][2].query()):
+            video_id, host, event, n, attrs = self.copies.popleft()
+            if event is not None:
+                event.synchronize()
+            # features arrive [frames * 2, views, D] in frame-major order -> [2, views, frames, D]; numpy, not torch:
+            # a torch call lets go of the GIL, and taking it back can wait for the other threads (ms each)
+            ready.append((video_id, host.numpy().reshape(n, 2, self.views, -1).transpose(1, 2, 0, 3), attrs))
+        # several clips a task: each task costs this process's GIL a few thread hand-offs, whatever its size
+        for i in range(0, len(ready), CLIPS_PER_WRITE_TASK):
+            clips = ready[i:i + CLIPS_PER_WRITE_TASK]
+            try:
+                self.pending.append((self.pool.submit(write_clips, clips), len(clips)))
+            except BrokenExecutor as err:
+                raise self._broken(err) from err
+
+    def _collect(self) -> None:
+        """Wait for the oldest write task (re-raising its failure) and count its clips as done."""
+        task, clips = self.pending.popleft()
+        try:
+            written = task.result()
+        except BrokenExecutor as err:
+            raise self._broken(err) from err
+        self.in_flight -= clips
+        self.writer.done.update(written)
+
+    def _broken(self, err: BrokenExecutor) -> CacheError:
+        return CacheError(f"{self.writer.zarr_path}: a writer of the store ended unexpectedly ({err}); the clips it had "
+                          "not finished are not done: run the same command again to write them")
 
     def close(self) -> None:
-        """Wait for every write (re-raising the first failure)."""
+        """Wait for every write, re-raising the first failure (the writes not started by then are dropped: their
+        clips are not done)."""
         try:
+            self._hand_over(wait=True)
             while self.pending:
-                self.pending.popleft().result()
+                self._collect()
         finally:
-            self.pool.shutdown()
+            self.pool.shutdown(cancel_futures=True)
 
 
 def _progress(console: Console, rank: int) -> Progress:
@@ -320,7 +364,7 @@ def extract(cfg: ExtractConfig, backbone: CLIPBackbone | None = None, console: C
             _warn_about_inputs(cfg, clips, view_maker, root, summary, console)
         todo = todo[rank::world]  # under torchrun every rank writes its own disjoint share of the clips
         start = time.perf_counter()
-        out = _ClipWriter(writer, cfg.views, digests, summary)
+        out = _ClipWriter(writer, cfg.views, digests, summary, WRITER_PROCESSES.get(backbone.device.type, 0))
         try:
             encode_clips(cfg, backbone, todo, view_maker, out, bad, console, rank)
         finally:
