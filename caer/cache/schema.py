@@ -20,6 +20,7 @@ true, which is written after its features. In HDF5 every attribute value is a JS
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 
 SCHEMA_VERSION = 1
@@ -30,6 +31,12 @@ CLIPS = "clips"
 def store_key(video_id: str) -> str:
     """The name of a clip's array in the store: its video id with "/" and "%" escaped."""
     return urllib.parse.quote(video_id, safe="")
+
+
+def skipped_source(entry: str) -> tuple[str, int] | None:
+    """(annotation file, line number) of a ``skipped`` entry ("file:line: reason"), or None if it has no such prefix."""
+    found = re.match(r"(.+?):(\d+): ", entry)
+    return (found.group(1), int(found.group(2))) if found else None
 
 
 # keys added to the fingerprint after stores were written without them, with the value those stores were made with

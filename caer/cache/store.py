@@ -31,7 +31,7 @@ import h5py
 import numpy as np
 import zarr
 
-from .schema import CLIPS, SCHEMA_VERSION, STREAMS, differences, store_key, with_added_keys
+from .schema import CLIPS, SCHEMA_VERSION, STREAMS, differences, skipped_source, store_key, with_added_keys
 
 try:
     import fcntl
@@ -290,7 +290,8 @@ class CacheWriter:
         """This run's skipped clips, plus those of earlier runs over other annotation files (still not done)."""
         this_run = {v for ids in splits.values() for v in ids} | set(skipped_clips)
         earlier = [v for v in attrs.get("skipped_clips", []) if v not in this_run and store_key(v) not in self.done]
-        lines = [line for line in attrs.get("skipped", []) if Path(line.split(":")[0]).stem not in splits]
+        lines = [line for line in attrs.get("skipped", [])
+                 if (source := skipped_source(line)) is None or Path(source[0]).stem not in splits]
         return sorted(set(skipped) | set(lines)), sorted(set(skipped_clips) | set(earlier))
 
     def _build_h5(self) -> None:

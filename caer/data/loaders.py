@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..cache import CacheError, FeatureCache
+from ..cache.schema import skipped_source
 from ..config import Decode, RunConfig, Source
 from ..model.encoder import Preprocess
 from .ahead import prepared_ahead
@@ -65,10 +65,9 @@ def recorded_skips(cache: FeatureCache | None) -> set[str]:
         return set(cache.attrs["skipped_clips"])
     ids, files = set(), {}
     for entry in cache.attrs.get("skipped") or []:
-        found = re.match(r"(.+?):(\d+): ", entry)
-        if not found:
+        if (source := skipped_source(entry)) is None:
             continue
-        path, lineno = found.group(1), int(found.group(2))
+        path, lineno = source
         if path not in files:
             files[path] = Path(path).read_text().splitlines() if Path(path).is_file() else []
         line = files[path][lineno - 1].split() if lineno <= len(files[path]) else []
