@@ -19,7 +19,7 @@ echo "cores: $(nproc)"; lscpu | grep "Model name"
 python3 -c "import torch, torchvision, open_clip, zarr; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'open_clip', open_clip.__version__, 'zarr', zarr.__version__)"
 
 step "fidelity: tests/test_tensor_views.py on CUDA"
-timeout 120 python3 -m pytest -p no:cacheprovider -n 0 -q tests/test_tensor_views.py -k "gpu or loaders or decode_ahead" 2>&1 | tail -6
+timeout 120 python3 -m pytest -p no:cacheprovider -n 0 -q tests/test_tensor_views.py -k "gpu or loader or decode_ahead" 2>&1 | tail -6
 
 cd bench
 step "decode probe"

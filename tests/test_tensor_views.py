@@ -302,6 +302,26 @@ def test_raw_batches_decoded_by_the_loaders_thread_equal_those_of_the_workers(te
         assert not train or any(b.flip.any() for _, b in pairs)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("train", [True, False], ids=["stage-3 training", "evaluation"])
+def test_raw_batches_decoded_on_a_gpu_by_the_loaders_thread_match_the_workers(tensor_cache, dataset, weights,
+                                                                            clip_model, tmp_path, train):
+    """The real thing on a GPU: nvJPEG and the cut on CUDA, on the thread's own stream, against the CPU workers."""
+    cfg = raw_config(dataset, tensor_cache, weights, tmp_path / "run", workers=2, batch_size=3, rotate_degrees=10)
+    raw = split_dataset(cfg, "train" if train else "val", train, clip_model.preprocess, FeatureCache.open(tensor_cache),
+                        "raw", augment=train)
+    gpu = split_dataset(cfg, "train" if train else "val", train, clip_model.preprocess, FeatureCache.open(tensor_cache),
+                        "raw", augment=train, device=torch.device("cuda"))
+    assert raw.decode_device is None and gpu.decode_device == torch.device("cuda")
+    for a, b in zip(make_loader(raw, cfg, train), make_loader(gpu, cfg, train), strict=True):
+        assert b.face.is_cuda and b.context.is_cuda and not b.index.is_cuda
+        for name in ("flip", "label", "index"):
+            assert torch.equal(getattr(a, name), getattr(b, name).cpu()), name
+        for name in ("face", "context"):  # nvJPEG's decoding and TF32 products move a few levels
+            diff = (getattr(a, name).float() - getattr(b, name).cpu().float()).abs()
+            assert diff.mean() <= 2.0, (name, diff.mean())
+
+
 def test_a_bad_frame_met_by_the_loaders_decoding_thread_is_named_and_the_thread_ends(tmp_path, dataset, weights,
                                                                                   tensor_cache, clip_model):
     import threading

@@ -158,3 +158,34 @@ def test_writer_processes_end_with_a_killed_parent(tmp_path):
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not [p for p in pids if alive(p)]
+
+
+# A main script that is slow to import (as one importing torch is): the writers re-run it while they start. It
+# starts 2 writers, is sent Ctrl-C while they are still importing it, then waits for them.
+SLOW_MAIN = """
+import os, signal, sys, time
+time.sleep(1.0)
+if __name__ == "__main__":
+    from caer.cache import CacheWriter, fingerprint
+    writer = CacheWriter(sys.argv[1], fingerprint({"model": "m"}, margin=20, crop_body=False, views=1, frame_stride=1))
+    try:
+        pool = writer.writers(2)
+        procs = list(pool._processes.values())
+        for p in procs + [None]:  # the whole group gets Ctrl-C in a terminal: the writers too, then this process
+            os.kill(p.pid if p else os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
+        print("no interrupt")
+    except KeyboardInterrupt:
+        pool.shutdown()
+        print("interrupted; writers exited with", [p.exitcode for p in procs], flush=True)
+"""
+
+
+def test_ctrl_c_while_writers_start_is_the_users_interrupt_and_spares_the_writers(tmp_path):
+    """A writer process ignores Ctrl-C from its start, while it still re-imports its parent's main script: the
+    interrupt is the parent's alone, and it does not turn into a "writer ended unexpectedly" error."""
+    script = tmp_path / "slow_main.py"
+    script.write_text(SLOW_MAIN)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "s.zarr")], capture_output=True, text=True,
+                          timeout=60)
+    assert done.stdout.strip() == "interrupted; writers exited with [0, 0]", done.stdout + done.stderr

@@ -11,6 +11,7 @@ a temporary file that replaces the old one in one rename.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -262,10 +263,11 @@ class CacheWriter:
         path = str(self.zarr_path)
         if not processes:
             return ThreadPoolExecutor(1, thread_name_prefix="caer-store", initializer=open_for_writes, initargs=(path,))
-        pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_start_writer_process, initargs=(path,))
-        for _ in range(processes):  # start them all now (a process starts per task): they open the store meanwhile
-            pool.submit(int)
+        with _sigint_blocked():  # a Ctrl-C while a writer starts stays this process's (a KeyboardInterrupt here)
+            pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_start_writer_process, initargs=(path,))
+            for _ in range(processes):  # start them all now (a process starts per task): they open the store meanwhile
+                pool.submit(int)
         return pool
 
     def finish(self, splits: dict[str, list[str]], skipped: list[str], summary: dict,
@@ -357,6 +359,24 @@ def write_clips(clips: list[tuple[str, np.ndarray, dict]]) -> list[tuple[str, di
     """``CacheWriter.write`` for each (video id, features, attrs), in order, in a writer thread or process
     (``CacheWriter.writers``); returns each clip's key and attributes, for the extracting process's ``done``."""
     return [_write_into(_opened.root, _opened.path, *clip) for clip in clips]
+
+
+@contextlib.contextmanager
+def _sigint_blocked():
+    """Spawned processes start with SIGINT ignored (Python keeps an ignored SIGINT ignored, instead of raising
+    KeyboardInterrupt): a writer process re-imports its parent's main module before its initializer runs, and a
+    Ctrl-C then would kill it and read as a dead writer. A Ctrl-C meanwhile waits, blocked, and reaches this process
+    when the block ends (Linux keeps a blocked signal pending even while it is ignored)."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _start_writer_process(path: str) -> None:

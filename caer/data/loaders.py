@@ -163,8 +163,11 @@ class DecodingLoader:
         return prepared_ahead(self.loader, lambda parts: self.dataset.assemble(parts, device), device)
 
 
+Loader = DataLoader | DecodingLoader  # what the training and evaluation loops iterate
+
+
 def make_loader(dataset, cfg: RunConfig, train: bool, weighted: bool = False, rank: int = 0,
-                world: int = 1) -> DataLoader | DecodingLoader:
+                world: int = 1) -> Loader:
     """Batches of ``dataset`` in a seeded order (``weighted``: drawn with inverse class frequency), this rank's share."""
     weights = None
     if train and weighted:

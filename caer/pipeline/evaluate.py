@@ -9,12 +9,11 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
-from torch.utils.data import DataLoader
 
 from ..cache import stored_fingerprint
 from ..cache.schema import differences
 from ..config import EvalSource, RunConfig, Source
-from ..data.loaders import make_loader, open_cache, split_dataset, with_cache_geometry
+from ..data.loaders import Loader, make_loader, open_cache, split_dataset, with_cache_geometry
 from ..data.tensor_views import auto_decode_device
 from ..model.caer_model import CAERModel
 from ..model.checkpoint import build_model, checkpoint_config, load_checkpoint
@@ -24,7 +23,7 @@ from .report import Report
 
 
 @torch.no_grad()
-def predict(model: CAERModel, loader: DataLoader, device: torch.device, use_amp: bool = False,
+def predict(model: CAERModel, loader: Loader, device: torch.device, use_amp: bool = False,
             progress: Progress | None = None, text=None) -> tuple[np.ndarray, np.ndarray]:
     """(labels, logits [N, C]) over a loader, in dataset order; ``text``: precomputed text features."""
     model.eval()

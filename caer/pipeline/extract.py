@@ -28,7 +28,7 @@ from ..model.encoder import CLIPBackbone, load_backbone
 
 MAX_PENDING_WRITES = 64
 # Processes that write the store, per extracting process (per torchrun rank), by the encoder's device type; absent: one
-# writer thread. One process writes 150 to 200 clips/s (bench/store_writes.py), and a GPU at its goal of 18,000
+# writer thread. One process writes 120 to 220 clips/s (bench/store_writes.py, 2 cores), and a GPU at its goal of 18,000
 # images/s finishes about 570 clips of 16 frames a second: 4 processes, with some room to spare.
 WRITER_PROCESSES = {"cuda": 4}
 CLIPS_PER_WRITE_TASK = 8  # about what one 256-image batch of 16-frame clips finishes

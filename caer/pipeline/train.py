@@ -25,12 +25,12 @@ from rich.console import Console
 from rich.progress import Progress
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
 from .. import runtime
 from ..cache import FeatureCache
 from ..config import IECBase, Optimizer, PrintConfusion, RunConfig, Scheduler, Source, save_config
 from ..data.loaders import (
+    Loader,
     check_splits_disjoint,
     class_counts,
     make_loader,
@@ -110,8 +110,8 @@ class Stage:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    train_loader: DataLoader
-    val_loader: DataLoader
+    train_loader: Loader
+    val_loader: Loader
     encoder: dict  # identity of the image encoder the stage starts from
     cache: FeatureCache | None
     keeps_clip: bool = False  # the model's CLIP came whole from the start checkpoint: every checkpoint keeps it
