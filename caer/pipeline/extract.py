@@ -182,7 +182,11 @@ class _ClipWriter:
         self.pool = writer.writers(processes)
         self.copies: deque = deque()  # (video id, features on their way to the host, CUDA event or None, frames, attrs)
         self.pending: deque[tuple[Future, int]] = deque()  # (write task, its clips), in order
-        self.in_flight = 0  # clips in copies and pending
+
+    @property
+    def in_flight(self) -> int:
+        """Clips handed to ``put`` and not yet written: on their way to the host, or in a pending write task."""
+        return len(self.copies) + sum(clips for _, clips in self.pending)
 
     def put(self, done: list[tuple[Clip, dict, torch.Tensor]]) -> None:
         for clip, item, feats in done:
@@ -193,7 +197,6 @@ class _ClipWriter:
                 self._hand_over(wait=True)
                 self._collect()
             self.copies.append((clip.video_id, *to_host(feats), n, attrs))
-            self.in_flight += 1
             self.summary.frames += n
             self.summary.frames_without_face += item["no_face"]
             self.summary.clips_extracted += 1
@@ -222,12 +225,11 @@ class _ClipWriter:
 
     def _collect(self) -> None:
         """Wait for the oldest write task (re-raising its failure) and count its clips as done."""
-        task, clips = self.pending.popleft()
+        task, _ = self.pending.popleft()
         try:
             written = task.result()
         except BrokenExecutor as err:
             raise self._broken(err) from err
-        self.in_flight -= clips
         self.writer.done.update(written)
 
     def _broken(self, err: BrokenExecutor) -> CacheError:
