@@ -4,7 +4,8 @@ Times, per frame, on 32 JPEGs made from scikit-learn's sample photographs (quali
 (noisier, larger files): torchvision's nvJPEG decode in one batched call, one call per frame, and split over 2, 4
 and 8 threads, with 4x the frames per call and with pinned input; nvImageCodec's decoder, when it is installed (its
 hardware JPEG decoder: a candidate); libjpeg-turbo on one CPU thread; caer's cut + resize of both views
-(``render``); and caer's whole per-clip step (``TensorViews.pixels``: decode + cut).
+(``render``); and caer's whole step (decode + cut) a clip a call (``TensorViews.pixels``) and 8 clips a call
+(``pixels_of``, as `caer extract` and stage 3 decode on a GPU).
 On one H200 `caer extract --decode tensor` decoded and cut about 860 720p frames/s in its one decode-ahead thread
 (README, Benchmarks): this says which part to speed up.
 
@@ -100,8 +101,9 @@ def probe_nvimgcodec(datas: list[torch.Tensor]) -> dict[str, float]:
     return out
 
 
-def probe_pixels(datas: list[torch.Tensor], device: str = "cuda") -> float:
-    """ms per frame of caer's whole per-clip step on CUDA (``TensorViews.pixels``: decode + both views), 16-frame clips."""
+def probe_pixels(datas: list[torch.Tensor], device: str = "cuda") -> dict[str, float]:
+    """ms per frame of caer's whole step on CUDA (decode + both views) for 16-frame clips: one clip a call
+    (``TensorViews.pixels``), and every clip of 4x the frames in one decode call (``pixels_of``, as extraction does)."""
     from torchvision import transforms as T
 
     from caer.data.raer import ViewMaker
@@ -112,18 +114,22 @@ def probe_pixels(datas: list[torch.Tensor], device: str = "cuda") -> float:
                             (0.0,) * 3, (1.0,) * 3, 224)
     views = TensorViews(ViewMaker(), preprocess)
     clips = []
-    for c in range(0, len(datas) - 15, 16):
-        part = datas[c:c + 16]
+    for c in range(0, 4 * len(datas) - 15, 16):
+        part = [datas[(c + i) % len(datas)] for i in range(16)]
         offsets = torch.tensor([0, *np.cumsum([len(d) for d in part])])
         clips.append({"data": torch.cat(part), "offsets": offsets, "files": [f"{c + i}.jpg" for i in range(16)],
                       "faces": [(500 + i, 200, 680 + i, 380) for i in range(16)], "body": None, "video_id": "v"})
-    return per_frame_ms(lambda: [views.pixels(clip, device) for clip in clips], 16 * len(clips))
+    frames = 16 * len(clips)
+    return {"caer TensorViews.pixels (a 16-frame clip a call)": per_frame_ms(
+                lambda: [views.pixels(clip, device) for clip in clips], frames),
+            f"caer TensorViews.pixels_of ({len(clips)} clips a call)": per_frame_ms(
+                lambda: views.pixels_of(clips, device), frames)}
 
 
 def main() -> None:
     for name, datas in (("photos, quality 90", jpegs_from_photos(32)), ("caer synth", jpegs_from_synth(32))):
         print(f"\n{name}: {len(datas)} JPEGs 1280x720, mean {np.mean([len(d) for d in datas]) / 1024:.0f} KiB")
-        parts = probe(datas) | {"caer TensorViews.pixels (16-frame clips)": probe_pixels(datas)}
+        parts = probe(datas) | probe_pixels(datas)
         for part, ms in parts.items():
             print(f"  {part:44s} {ms:7.3f} ms/frame  ({1000 / ms:8,.0f} frames/s)")
 

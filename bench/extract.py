@@ -15,6 +15,7 @@ Not a test: run it by hand, e.g.
     .venv/bin/python bench/extract.py --device cuda --workers 12 --repeat 40
     .venv/bin/python bench/extract.py --device cuda --workers 4 --width 1280 --height 720 --decode pil tensor
     .venv/bin/python bench/extract.py --device cuda --decode tensor --writer-processes 0   # the writer thread instead
+    .venv/bin/python bench/extract.py --device cuda --decode tensor --frames-per-decode 16 128 512   # nvJPEG call sizes
 
 Images are counted as the encoder sees them: 2 per frame (face, context) times --views.
 """
@@ -108,6 +109,7 @@ def time_extraction(args, settings, decode: str, clip_model: CLIPBackbone, enc_i
                     quiet) -> dict:
     """One timed `caer extract` with one decode path (plus --diagnose's variants): its numbers, printed and returned."""
     suffix = ".h5" if args.format == "h5" else ".zarr"
+    out = tmp / f"bench-{decode}-{extract_module.FRAMES_PER_DECODE}{suffix}"  # one store per decode path and call size
     # time spent in the device step (H2D copy, normalise, encode: on CUDA only the launches, since the features come
     # back asynchronously), and, with --decode tensor on a GPU, in the decode-ahead thread's decoding and cutting
     spent = {"encode": 0.0, "decode": 0.0}
@@ -132,13 +134,13 @@ def time_extraction(args, settings, decode: str, clip_model: CLIPBackbone, enc_i
         profiler.enable()
     start = time.perf_counter()
     try:
-        summary = extract(settings(annotations, tmp / f"bench-{decode}{suffix}", decode), clip_model, quiet)
+        summary = extract(settings(annotations, out, decode), clip_model, quiet)
     finally:
         extract_module.encode_pixels, extract_module.decode_on_device = encode_pixels, decode_on_device
     wall = time.perf_counter() - start
     if profiler:
         profiler.disable()
-    resolved = FeatureCache.open(tmp / f"bench-{decode}{suffix}").fingerprint["decode"]
+    resolved = FeatureCache.open(out).fingerprint["decode"]
 
     images = summary.frames * 2 * args.views
     ext_ips = images / wall
@@ -186,7 +188,8 @@ def diagnose(args, settings, decode: str, clip_model: CLIPBackbone, images: int,
             extract_module.encode_pixels = fake_encode
         try:
             start = time.perf_counter()
-            extract(settings(annotations, tmp / f"diag{i}-{decode}{suffix}", decode), clip_model, quiet)
+            out = tmp / f"diag{i}-{decode}-{extract_module.FRAMES_PER_DECODE}{suffix}"
+            extract(settings(annotations, out, decode), clip_model, quiet)
             seconds = time.perf_counter() - start
         finally:
             extract_module.write_clips, extract_module.encode_pixels = write, encode_pixels
@@ -220,6 +223,8 @@ def main(argv=None) -> None:
                    help="also time extraction with store writes disabled, and with writes and encoder disabled")
     p.add_argument("--decode", nargs="+", default=["pil"], choices=["pil", "tensor", "auto"],
                    help="decode-and-crop path(s) to time, one extraction each (e.g. --decode pil tensor)")
+    p.add_argument("--frames-per-decode", nargs="+", type=int, default=[extract_module.FRAMES_PER_DECODE],
+                   help="with --decode tensor on a GPU: frames of consecutive clips per decode call, one extraction each")
     p.add_argument("--keep", action="store_true", help="keep the temporary dataset and cache")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
@@ -228,7 +233,7 @@ def main(argv=None) -> None:
     device = runtime.resolve_device(args.device)
     print("machine:", json.dumps(machine()))
     tmp = Path(tempfile.mkdtemp(prefix="caer-bench-"))
-    writer_processes = extract_module.WRITER_PROCESSES
+    writer_processes, frames_per_decode = extract_module.WRITER_PROCESSES, extract_module.FRAMES_PER_DECODE
     try:
         t = time.perf_counter()
         annotations, face_boxes = make_dataset(tmp, args)
@@ -259,12 +264,19 @@ def main(argv=None) -> None:
         with writers_skip_this_script():
             for decode in args.decode:
                 extract(settings([tmp / "warmup.txt"], tmp / f"warmup-{decode}{suffix}", decode), clip_model, quiet)
-                results[decode] = time_extraction(args, settings, decode, clip_model, enc_ips, annotations, tmp, quiet)
+                sizes = args.frames_per_decode if decode != "pil" and device.type == "cuda" else [frames_per_decode]
+                for n in sizes:
+                    extract_module.FRAMES_PER_DECODE = n
+                    if len(sizes) > 1:
+                        print(f"--frames-per-decode {n}:")
+                    result = time_extraction(args, settings, decode, clip_model, enc_ips, annotations, tmp, quiet)
+                    name = result["decode"] + (f", {n} frames a decode call" if len(sizes) > 1 else "")
+                    results[name if len(sizes) > 1 else decode] = result | {"name": name, "frames_per_decode": n}
         print("\n| decode | caer extract images/s | bare encoder images/s | ratio |\n|---|---:|---:|---:|")
         for r in results.values():
-            print(f"| {r['decode']} | {r['extract_images_per_s']:,.1f} | {enc_ips:,.1f} | {r['ratio']:.3f} |")
+            print(f"| {r['name']} | {r['extract_images_per_s']:,.1f} | {enc_ips:,.1f} | {r['ratio']:.3f} |")
         if args.json:
-            first = results[args.decode[0]]
+            first = next(iter(results.values()))
             args.json.write_text(json.dumps({
                 "machine": machine(), "device": str(device), "model": args.model, "batch_size": args.batch_size,
                 "workers": args.workers, "views": args.views, "frame_size": [args.width, args.height],
@@ -275,7 +287,8 @@ def main(argv=None) -> None:
                 "by_decode": results,
             }, indent=1))
     finally:
-        extract_module.WRITER_PROCESSES = writer_processes  # undo the patch (run.py calls main() in-process)
+        # undo the patches (run.py calls main() in-process)
+        extract_module.WRITER_PROCESSES, extract_module.FRAMES_PER_DECODE = writer_processes, frames_per_decode
         if args.keep:
             print(f"kept {tmp}")
         else:

@@ -21,7 +21,7 @@ from caer.config import CropConfig, Decode, load_config
 from caer.data.datasets import Batch, ClipFrames, sample_indices
 from caer.data.loaders import DecodingLoader, make_loader, split_dataset, with_cache_geometry
 from caer.data.raer import Clip, DataError, ViewMaker, clip_box, read_image
-from caer.data.tensor_views import TensorViews, decode_frames, read_frames, view_spec
+from caer.data.tensor_views import TensorViews, decode_frames, frame_parts, read_frames, view_spec
 from caer.model.encoder import load_backbone
 from caer.pipeline import extract as extract_module
 from caer.pipeline.extract import decode_on_device, extract
@@ -87,7 +87,7 @@ def test_torchvision_decodes_jpeg_and_png_as_pil_does_bit_for_bit(photos, tmp_pa
     png = tmp_path / "frame.png"
     Image.open(photos[0]).save(png)
     files = [*photos, png]
-    decoded = decode_frames(*read_frames(files), [str(f) for f in files], "cpu")
+    decoded = decode_frames(frame_parts(*read_frames(files)), [str(f) for f in files], "cpu")
     for path, image in zip(files, decoded):
         assert torch.equal(image, torch.from_numpy(np.array(read_image(path))).permute(2, 0, 1)), path
 
@@ -189,8 +189,8 @@ def test_a_tensor_extraction_records_its_path_and_matches_the_pil_cache(tensor_c
 
 def test_bytes_decoded_in_the_main_process_as_on_a_gpu_give_the_same_cache(tmp_path, dataset, weights, tensor_cache,
                                                                             monkeypatch):
-    """What `caer extract --decode tensor` does on a GPU (workers read bytes; the main process decodes and cuts),
-    run on the CPU with 2 worker processes through the CLI."""
+    """What `caer extract --decode tensor` does on a GPU (workers read bytes; the main process decodes several clips
+    a call and cuts them), run on the CPU with 2 worker processes through the CLI."""
     real = extract_module.clip_frames
 
     def deferred(*args):
@@ -199,6 +199,7 @@ def test_bytes_decoded_in_the_main_process_as_on_a_gpu_give_the_same_cache(tmp_p
         return data
 
     monkeypatch.setattr(extract_module, "clip_frames", deferred)
+    monkeypatch.setattr(extract_module, "FRAMES_PER_DECODE", 16)  # 3 clips of 6 frames a decode call, the last fewer
     out = tmp_path / "deferred.zarr"
     result = run_cli(extract_args(dataset, out, weights, "--views", "2", "--batch-size", "16", "--workers", "2",
                                   "--decode", "tensor"))
@@ -233,11 +234,19 @@ def test_a_bad_frame_decoded_in_the_main_process_is_the_items_error(tmp_path, da
     frame = sorted((ds.root / video_id).glob("*.jpg"))[1]
     frame.write_bytes(frame.read_bytes()[:100])
     cfg = settings_for(ds, tmp_path / "c.zarr", decode="tensor")
-    view_maker = ViewMaker.from_config(cfg.crop, ds.root)
+    view_maker = ViewMaker.from_config(cfg.crop.resolved(), ds.root)
     clips = extract_module.collect_clips(cfg, ds.root)[0]
     data = ClipFrames(clips, view_maker, clip_model.preprocess, 1, TensorViews(view_maker, clip_model.preprocess), True)
-    item = decode_on_device(data, data[[c.video_id for c in clips].index(video_id)], torch.device("cpu"))
-    assert item["error"].startswith(f"{frame}: cannot read image")
+    bad = [c.video_id for c in clips].index(video_id)
+    group = [data[i] for i in (bad - 1, bad, bad + 1) if 0 <= i < len(clips)]
+    items = decode_on_device(data, group, torch.device("cpu"))  # one decode call for the group: it fails
+    assert [item["index"] for item in items] == [item["index"] for item in group]
+    for item in items:
+        if item["index"] == bad:
+            assert item["error"].startswith(f"{frame}: cannot read image") and "pixels" not in item
+        else:  # the others are kept, cut as they would be alone
+            alone = data.tensor_views.pixels(data[item["index"]]["inputs"], "cpu")
+            assert "error" not in item and "inputs" not in item and torch.equal(item["pixels"], alone)
 
 
 def raw_config(dataset, cache, weights, run_dir, **overrides):
@@ -420,7 +429,7 @@ def test_weights_rounded_to_tf32_as_on_a_gpu_keep_pixels_within_two_levels(photo
 def test_the_gpus_one_kernel_gather_cuts_the_same_windows_as_slicing(photos):
     from caer.data.tensor_views import _windows
 
-    frames = torch.stack(decode_frames(*read_frames(photos[::2]), [str(p) for p in photos[::2]], "cpu"))  # 720p
+    frames = torch.stack(decode_frames(frame_parts(*read_frames(photos[::2])), [str(p) for p in photos[::2]], "cpu"))  # 720p
     views = [view_spec(k % 2, clip_box(box, 1280, 720, 20.0, "test"), (1, 1), 224, 224)
              for k, box in enumerate(filter(None, face_boxes(1280, 720)))]
     height, width = max(v[3] for v in views), max(v[4] for v in views)

@@ -20,9 +20,12 @@ AHEAD = 4  # items prepared ahead of the consumer
 
 
 def _cuda_tensors(item: Any) -> list[torch.Tensor]:
-    """The CUDA tensors among an item's fields (a dict's values or a tuple's elements)."""
-    values = item.values() if isinstance(item, dict) else item if isinstance(item, tuple) else (item,)
-    return [v for v in values if isinstance(v, torch.Tensor) and v.is_cuda]
+    """The CUDA tensors in an item: itself, or in its fields (a dict's values, a list's or a tuple's elements, at
+    any depth)."""
+    if isinstance(item, torch.Tensor):
+        return [item] if item.is_cuda else []
+    values = item.values() if isinstance(item, dict) else item if isinstance(item, (list, tuple)) else ()
+    return [tensor for value in values for tensor in _cuda_tensors(value)]
 
 
 def prepared_ahead(items: Iterable, prepare: Callable[[Any], Any], device: torch.device,

@@ -170,18 +170,21 @@ class RawClips(_Clips):
             pixels = self._pil_views(clip, used_files, angle)[order]  # [T, 2, 3, S, S]
             return Batch(pixels[:, 0], pixels[:, 1], bool(view), self.labels[index], index)
         part = RawPart(self.tensor_views.read(clip, used_files), order, angle, bool(view), self.labels[index], index)
-        return part if self.decode_device is not None else self._finish(part, torch.device("cpu"))
+        if self.decode_device is not None:
+            return part
+        return self._finish(part, self.tensor_views.pixels(part.inputs, "cpu"), torch.device("cpu"))
 
     def assemble(self, parts: list[RawPart], device: torch.device) -> Batch:
-        """A batch of what the workers read (``decode_device`` set), decoded and cut on ``device``."""
-        items = [self._finish(part, device) for part in parts]
+        """A batch of what the workers read (``decode_device`` set), decoded (in one call) and cut on ``device``."""
+        pixels = self.tensor_views.pixels_of([part.inputs for part in parts], device)
+        items = [self._finish(part, views, device) for part, views in zip(parts, pixels)]
         return Batch(torch.stack([b.face for b in items]), torch.stack([b.context for b in items]),
                      torch.tensor([b.flip for b in items], device=device),
                      torch.tensor([b.label for b in items], device=device), torch.tensor([b.index for b in items]))
 
-    def _finish(self, part: RawPart, device: torch.device) -> Batch:
-        """One item from its bytes and boxes: the views of the sampled frames, rotated by the clip's angle."""
-        pixels = self.tensor_views.pixels(part.inputs, device)
+    def _finish(self, part: RawPart, pixels: torch.Tensor, device: torch.device) -> Batch:
+        """One item from the ``pixels`` of its frames (``TensorViews.pixels``): the sampled frames' views, rotated
+        by the clip's angle."""
         if part.angle:  # PIL rotates the crops before the resize; here the finished views turn (an augmentation)
             turned = v2.functional.rotate(pixels.flatten(0, 1), part.angle, v2.InterpolationMode.BILINEAR)
             pixels = turned.view_as(pixels)

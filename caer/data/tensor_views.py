@@ -93,10 +93,14 @@ def _decode_other(data: torch.Tensor, name: str) -> torch.Tensor:
         raise DataError(f"{name}: cannot read image ({err})") from None
 
 
-def decode_frames(data: torch.Tensor, offsets: torch.Tensor, names: list[str], device) -> list[torch.Tensor]:
-    """RGB uint8 [3, H, W] images on ``device``: the JPEGs in one batched ``decode_jpeg`` call, the rest one by one."""
+def frame_parts(data: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor]:
+    """The encoded frames that ``read_frames`` gathered, one tensor each (views of ``data``)."""
     bounds = offsets.tolist()
-    parts = [data[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return [data[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def decode_frames(parts: list[torch.Tensor], names: list[str], device) -> list[torch.Tensor]:
+    """RGB uint8 [3, H, W] images on ``device``: the JPEGs in one batched ``decode_jpeg`` call, the rest one by one."""
     jpeg = [i for i, p in enumerate(parts) if bytes(p[:3].tolist()) == JPEG_MAGIC]
     images: list = [None] * len(parts)
     try:
@@ -263,11 +267,24 @@ class TensorViews:
     @staticmethod
     def decode(inputs: dict, device) -> list[torch.Tensor]:
         """The frames of what ``read`` gathered as RGB uint8 [3, H, W] on ``device`` (``images``: already decoded)."""
-        if "images" in inputs:
-            return inputs["images"]
-        if "frames" in inputs:  # a video's, decoded by ``read``
-            return list(inputs["frames"].to(device))
-        return decode_frames(inputs["data"], inputs["offsets"], inputs["files"], device)
+        return TensorViews.decode_clips([inputs], device)[0]
+
+    @staticmethod
+    def decode_clips(clips: list[dict], device) -> list[list[torch.Tensor]]:
+        """``decode`` of several clips, the frame files of all of them in one batched call: on a GPU, nvJPEG's cost
+        per call (two stream synchronisations, the batch set-up) is paid once for all."""
+        encoded = [c for c in clips if "images" not in c and "frames" not in c]
+        parts = [part for c in encoded for part in frame_parts(c["data"], c["offsets"])]
+        decoded = iter(decode_frames(parts, [name for c in encoded for name in c["files"]], device) if parts else [])
+        return [c["images"] if "images" in c else list(c["frames"].to(device)) if "frames" in c  # a video's frames
+                else [next(decoded) for _ in c["files"]] for c in clips]
+
+    def pixels_of(self, clips: list[dict], device) -> list[torch.Tensor]:
+        """``pixels`` of several clips, their frame files decoded in one call (``decode_clips``); each clip is cut
+        on its own, so its pixels are those ``pixels`` gives it alone."""
+        files = [c for c in clips if "frames" not in c]  # a video's frames stay stacked, as ``pixels`` takes them
+        decoded = iter(self.decode_clips(files, device))
+        return [self.pixels(c if "frames" in c else c | {"images": next(decoded)}, device) for c in clips]
 
     def pixels(self, inputs: dict, device) -> torch.Tensor:
         """uint8 [frames, 2, 3, S, S] on ``device`` from what ``read`` gathered, or from decoded ``images`` with the

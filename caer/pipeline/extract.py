@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import BrokenExecutor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,9 @@ MAX_PENDING_WRITES = 64
 # images/s finishes about 570 clips of 16 frames a second: 4 processes, with some room to spare.
 WRITER_PROCESSES = {"cuda": 4}
 CLIPS_PER_WRITE_TASK = 8  # about what one 256-image batch of 16-frame clips finishes
+# Frames of consecutive clips decoded in one call on a GPU (--decode tensor): nvJPEG pays a fixed cost per call (stream
+# synchronisations, the batch set-up), and torchvision serialises calls, so a few clips a call amortise it.
+FRAMES_PER_DECODE = 128
 
 
 @dataclass
@@ -265,13 +269,32 @@ def clip_frames(cfg: ExtractConfig, backbone: CLIPBackbone, todo: list[Clip], vi
                       defer=backbone.device.type == "cuda")
 
 
-def decode_on_device(dataset: ClipFrames, item: dict, device: torch.device) -> dict:
-    """An item that carries bytes and boxes, with its pixels decoded and cut on ``device`` instead (or its error)."""
-    inputs = item.pop("inputs")
+def decode_on_device(dataset: ClipFrames, items: list[dict], device: torch.device) -> list[dict]:
+    """Items that carry bytes and boxes with their pixels decoded and cut on ``device`` instead: all their frames in
+    one decode call (``TensorViews.pixels_of``); when a frame is bad, each item on its own, so that only the items
+    with a bad frame carry an error and the others are kept."""
+    deferred = [item for item in items if "inputs" in item]
     try:
-        return item | {"pixels": dataset.tensor_views.pixels(inputs, device)}
+        pixels = iter(dataset.tensor_views.pixels_of([item["inputs"] for item in deferred], device))
     except DataError as err:
-        return {"index": item["index"], "error": str(err)}
+        if len(items) == 1:
+            return [{"index": items[0]["index"], "error": str(err)}]
+        return [out for item in items for out in decode_on_device(dataset, [item], device)]
+    return [{k: v for k, v in item.items() if k != "inputs"} | {"pixels": next(pixels)} if "inputs" in item else item
+            for item in items]
+
+
+def in_groups(items: Iterable[dict], frames: int) -> Iterator[list[dict]]:
+    """Consecutive items in lists of at least ``frames`` frames (the last one may hold fewer)."""
+    group, count = [], 0
+    for item in items:
+        group.append(item)
+        count += len(item.get("frame_names", ()))
+        if count >= frames:
+            yield group
+            group, count = [], 0
+    if group:
+        yield group
 
 
 def encode_clips(cfg: ExtractConfig, backbone: CLIPBackbone, todo: list[Clip], view_maker: ViewMaker,
@@ -285,16 +308,16 @@ def encode_clips(cfg: ExtractConfig, backbone: CLIPBackbone, todo: list[Clip], v
     )
     packer = _BatchPacker(cfg.batch_size, lambda x: encode_pixels(backbone, x, cfg.views, cfg.runtime.use_amp))
     device = backbone.device
-    items = (prepared_ahead(loader, lambda item: decode_on_device(dataset, item, device) if "inputs" in item else item,
-                            device) if dataset.defer else (item for item in loader))
+    groups = (prepared_ahead(in_groups(loader, FRAMES_PER_DECODE), lambda g: decode_on_device(dataset, g, device), device)
+              if dataset.defer else ([item] for item in loader))
     start = time.perf_counter()
 
     def finished(done: list[tuple[dict, torch.Tensor]]) -> list:
         return [(todo[item["index"]], item, feats) for item, feats in done]
 
-    with _progress(console, rank) as progress, contextlib.closing(items):
+    with _progress(console, rank) as progress, contextlib.closing(groups):
         task = progress.add_task("extract", total=len(todo), fps=0.0)
-        for item in items:
+        for item in (item for group in groups for item in group):
             if "error" in item:
                 if not cfg.skip_bad:
                     out.put(finished(packer.flush()))  # every complete clip is written before stopping
