@@ -44,12 +44,13 @@ ADDED_KEYS = {"decode": "pil", "fps": 0.0}
 
 
 def fingerprint(encoder_identity: dict, *, margin: float, crop_body: bool, views: int, frame_stride: int,
-                decode: str = "pil", fps: float = 0.0) -> dict:
+                decode: str = ADDED_KEYS["decode"], fps: float = ADDED_KEYS["fps"]) -> dict:
     """The record that says whether two caches hold comparable features.
 
     The boxes are not in it: each clip records a digest of its own boxes (``boxes_sha256``), so
     fixing one clip's boxes redoes that clip only. ``decode`` is the decode-and-crop path (pil or tensor);
-    ``fps`` the rate video files are resampled to (0: every frame).
+    ``fps`` the rate video files are resampled to (0: every frame). Unset, both are what stores made before the
+    keys existed were made with.
     """
     return {
         "schema": SCHEMA_VERSION,
