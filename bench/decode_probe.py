@@ -5,7 +5,8 @@ Times, per frame, on 32 JPEGs made from scikit-learn's sample photographs (quali
 and 8 threads, with 4x the frames per call and with pinned input; nvImageCodec's decoder, when it is installed (its
 hardware JPEG decoder: a candidate); libjpeg-turbo on one CPU thread; caer's cut + resize of both views
 (``render``); and caer's whole step (decode + cut) a clip a call (``TensorViews.pixels``) and 8 clips a call
-(``pixels_of``, as `caer extract` and stage 3 decode on a GPU).
+(``pixels_of``, as `caer extract` and stage 3 decode on a GPU), and that again with its small index and weight
+copies synchronising the stream, as they did before ``runtime.to_device``.
 On one H200 `caer extract --decode tensor` decoded and cut about 860 720p frames/s in its one decode-ahead thread
 (README, Benchmarks): this says which part to speed up.
 
@@ -106,6 +107,7 @@ def probe_pixels(datas: list[torch.Tensor], device: str = "cuda") -> dict[str, f
     (``TensorViews.pixels``), and every clip of 4x the frames in one decode call (``pixels_of``, as extraction does)."""
     from torchvision import transforms as T
 
+    from caer.data import tensor_views
     from caer.data.raer import ViewMaker
     from caer.data.tensor_views import TensorViews
     from caer.model.encoder import Preprocess
@@ -120,10 +122,18 @@ def probe_pixels(datas: list[torch.Tensor], device: str = "cuda") -> dict[str, f
         clips.append({"data": torch.cat(part), "offsets": offsets, "files": [f"{c + i}.jpg" for i in range(16)],
                       "faces": [(500 + i, 200, 680 + i, 380) for i in range(16)], "body": None, "video_id": "v"})
     frames = 16 * len(clips)
-    return {"caer TensorViews.pixels (a 16-frame clip a call)": per_frame_ms(
-                lambda: [views.pixels(clip, device) for clip in clips], frames),
-            f"caer TensorViews.pixels_of ({len(clips)} clips a call)": per_frame_ms(
-                lambda: views.pixels_of(clips, device), frames)}
+    r = {"caer TensorViews.pixels (a 16-frame clip a call)": per_frame_ms(
+             lambda: [views.pixels(clip, device) for clip in clips], frames),
+         f"caer TensorViews.pixels_of ({len(clips)} clips a call)": per_frame_ms(
+             lambda: views.pixels_of(clips, device), frames)}
+    quick = tensor_views.to_device  # the small index and weight tensors, copied without a stream synchronisation
+    tensor_views.to_device = lambda values, where: torch.as_tensor(values).to(where)  # each copy waits for the stream
+    try:
+        r[f"  the same, small copies synchronising ({len(clips)} clips a call)"] = per_frame_ms(
+            lambda: views.pixels_of(clips, device), frames)
+    finally:
+        tensor_views.to_device = quick
+    return r
 
 
 def main() -> None:

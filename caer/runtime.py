@@ -92,6 +92,14 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
+def to_device(values, device: torch.device | str) -> torch.Tensor:
+    """``values`` (a tensor, numpy array or list) as a tensor on ``device``, without waiting for the device. A
+    plain ``.to("cuda")`` synchronises the stream after its copy: in a thread that queues GPU work (the decode-ahead
+    thread), every small index or weight tensor would wait for all the work queued before it. Host memory that is
+    not pinned is staged by CUDA before the call returns, so ``values`` may be freed right away."""
+    return torch.as_tensor(values).to(device, non_blocking=True)
+
+
 def local_device(device: torch.device) -> torch.device:
     """Under torchrun, ``cuda`` means this process's own GPU (``LOCAL_RANK``)."""
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:

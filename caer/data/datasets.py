@@ -18,6 +18,7 @@ from torchvision.transforms import v2
 
 from ..cache import FeatureCache
 from ..model.encoder import Preprocess
+from ..runtime import to_device
 from .raer import Clip, DataError, ViewMaker
 from .tensor_views import TensorViews
 from .video import clip_images
@@ -53,7 +54,7 @@ class Batch(NamedTuple):
     def to(self, device: torch.device) -> Batch:
         return self._replace(face=self.face.to(device, non_blocking=True),
                              context=self.context.to(device, non_blocking=True),
-                             flip=self.flip.to(device), label=self.label.to(device))
+                             flip=to_device(self.flip, device), label=to_device(self.label, device))
 
 
 def sample_indices(num_frames: int, segments: int, train: bool, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -179,8 +180,8 @@ class RawClips(_Clips):
         pixels = self.tensor_views.pixels_of([part.inputs for part in parts], device)
         items = [self._finish(part, views, device) for part, views in zip(parts, pixels)]
         return Batch(torch.stack([b.face for b in items]), torch.stack([b.context for b in items]),
-                     torch.tensor([b.flip for b in items], device=device),
-                     torch.tensor([b.label for b in items], device=device), torch.tensor([b.index for b in items]))
+                     to_device([b.flip for b in items], device), to_device([b.label for b in items], device),
+                     torch.tensor([b.index for b in items]))
 
     def _finish(self, part: RawPart, pixels: torch.Tensor, device: torch.device) -> Batch:
         """One item from the ``pixels`` of its frames (``TensorViews.pixels``): the sampled frames' views, rotated
@@ -188,7 +189,7 @@ class RawClips(_Clips):
         if part.angle:  # PIL rotates the crops before the resize; here the finished views turn (an augmentation)
             turned = v2.functional.rotate(pixels.flatten(0, 1), part.angle, v2.InterpolationMode.BILINEAR)
             pixels = turned.view_as(pixels)
-        pixels = pixels[torch.tensor(part.order, device=device)]
+        pixels = pixels[to_device(part.order, device)]
         return Batch(pixels[:, 0], pixels[:, 1], part.flip, part.label, part.index)
 
     def _pil_views(self, clip: Clip, files: list, angle: float) -> torch.Tensor:

@@ -29,6 +29,7 @@ from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from ..model.encoder import CLIPBackbone, Preprocess
+from ..runtime import to_device
 from .raer import Clip, DataError, ViewMaker, clip_box
 from .video import clip_arrays
 
@@ -115,7 +116,7 @@ def decode_frames(parts: list[torch.Tensor], names: list[str], device) -> list[t
                 reason = re.sub(r"^\w+, \S+:\d+, ", "", str(err))
                 raise DataError(f"{names[i]}: cannot read image ({reason})") from None
     for i in set(range(len(parts))) - set(jpeg):
-        images[i] = _decode_other(parts[i], names[i]).to(device)
+        images[i] = to_device(_decode_other(parts[i], names[i]), device)
     return images
 
 
@@ -158,7 +159,7 @@ def _axis_taps(specs: list[tuple[int, ...]], out: int, window: int) -> tuple[np.
 def _axis_weights(specs: list[tuple[int, ...]], out: int, window: int, device: torch.device) -> torch.Tensor:
     """Resampling matrices [N, out, window] on ``device`` (``_axis_taps`` scattered into dense rows there: only the
     taps cross to the device, a few hundred kB whatever the frame size)."""
-    columns, weights = (torch.from_numpy(a).to(device) for a in _axis_taps(specs, out, window))
+    columns, weights = (to_device(a, device) for a in _axis_taps(specs, out, window))
     dense = torch.zeros(len(specs), out, window + 1, device=device)
     return dense.scatter_(2, columns, weights)[..., :window]
 
@@ -168,7 +169,7 @@ def _shared(specs: list[tuple[int, ...]], out: int, window: int, device: torch.d
     distinct: dict[tuple[int, ...], int] = {}
     index = [distinct.setdefault(s, len(distinct)) for s in specs]
     weights = _axis_weights(list(distinct), out, window, device)
-    return weights[torch.tensor(index, device=device)] if len(distinct) < len(specs) else weights
+    return weights[to_device(index, device)] if len(distinct) < len(specs) else weights
 
 
 def _round(x: torch.Tensor) -> torch.Tensor:
@@ -200,7 +201,7 @@ def _windows(frames: torch.Tensor, views: list[tuple[int, ...]], rows_h: int, co
         where = np.asarray([v[:3] for v in views])
         rows = np.minimum(where[:, 1:2] + np.arange(rows_h), frames.shape[-2] - 1)
         cols = np.minimum(where[:, 2:3] + np.arange(cols_w), frames.shape[-1] - 1)
-        frame, rows, cols = (torch.from_numpy(a).to(frames.device) for a in (where[:, :1, None], rows, cols))
+        frame, rows, cols = (to_device(a, frames.device) for a in (where[:, :1, None], rows, cols))
         return frames.permute(0, 2, 3, 1)[frame, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
     out = frames.new_empty(len(views), 3, rows_h, cols_w)  # on the CPU slices are 15x faster than that gather
     for k, (frame, top, left, height, width) in enumerate(v[:5] for v in views):
@@ -311,7 +312,7 @@ class TensorViews:
             for chunk in _chunks(specs):
                 views = render(frames, [specs[k] for k in chunk], self.crop)
                 out.view(-1, 3, self.crop, self.crop).index_copy_(
-                    0, torch.tensor([targets[k] for k in chunk], device=device), views)
+                    0, to_device([targets[k] for k in chunk], device), views)
         return out
 
     def _windows(self, inputs: dict, i: int, width: int, height: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
