@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 12 in one go (about 9 minutes on one H200), for a session that is lent a GPU.
-# Run from the repository root with caer importable (installed, or PYTHONPATH set); results land in $OUT (default .).
+# Run from the repository root with caer importable (installed, or PYTHONPATH set), or with the .whl/ folder that
+# bench/device_bundle.sh fills carried along (then this installs it and runs caer from the tree); results land in
+# $OUT (default .).
 # Its first argument picks a part: "extract" (1-3, about 6 minutes), "train" (4-5, about 3), or "all" (the default):
 # each part fits in one 10-minute device command.
 #   1. the tensor path's fidelity on the GPU (nvJPEG + TF32 against PIL);
@@ -18,6 +20,13 @@ step() { echo; echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
 PART=${1:-all}
 case "$PART" in extract|train|all) ;; *) echo "usage: $0 [extract|train|all]" >&2; exit 2 ;; esac
 part() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
+
+if [ -d .whl ]; then  # a GPU machine without caer's other dependencies: the carried wheels, caer from this tree
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=$PWD:/tmp/site
+  [ -d caer/configs ] || cp -r configs caer/configs  # where the installed package keeps them (pyproject's package-dir)
+fi
 
 step machine
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
