@@ -104,7 +104,7 @@ def fmt(seconds: float) -> str:
     return f"{seconds:.3f}" if seconds < 10 else f"{seconds:.1f}"
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="ViT-B-32", help="open_clip model (caer-tiny for a quick run)")
     p.add_argument("--pretrained", default="random", help="weights: 'random' (no download), an open_clip tag, or a file")
@@ -130,7 +130,75 @@ def main(argv=None) -> None:
     p.add_argument("--verbose", action="store_true", help="show the training output")
     p.add_argument("--keep", action="store_true", help="keep the temporary dataset, cache and runs")
     p.add_argument("--json", type=Path, help="also write the results here")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def extract_cache(args, data: Path, cache: Path, device: torch.device, console: Console) -> tuple[int, int, float]:
+    """The feature cache of the train and val splits (2 views): (image size, frames, seconds)."""
+    clip_model = load_backbone(args.model, args.pretrained, device)
+    start = time.perf_counter()
+    summary = extract(from_flat(ExtractConfig, {
+        "annotations": [str(data / "train.txt"), str(data / "val.txt")], "out": str(cache),
+        "face_boxes": str(data / "face_boxes.json"), "views": 2, "batch_size": 64, "workers": args.workers,
+        "use_amp": args.amp, "num_classes": 5, "model": args.model, "pretrained": args.pretrained,
+        "device": args.device, "decode": args.decode[0],
+    }, where="bench/train.py"), clip_model, console)
+    return clip_model.preprocess.image_size, summary.frames, time.perf_counter() - start
+
+
+def time_stages(args, tmp: Path, data: Path, cache: Path, console: Console) -> dict:
+    """The epoch timings by (stage, source), and for stage 3 by (3, decode path)."""
+    results = {}
+    for stage in args.stages:
+        # stage 3 reads raw frames whatever the source; it runs once per --decode path, without the cache
+        runs = [("raw", d) for d in args.decode] if stage == 3 else [("cache", args.decode[0]), ("raw", args.decode[0])]
+        for source, decode in runs:
+            print(f"timing stage {stage} --source {source} --decode {decode} ...", flush=True)
+            where = tmp / "no-cache.zarr" if stage == 3 else cache
+            results[stage, source if stage != 3 else decode] = r = time_epoch(args, tmp, data, where, stage, source,
+                                                                             console, decode)
+            print(f"  {fmt(r['seconds'])} s/epoch (train {fmt(r['train_seconds'])} s + valid "
+                  f"{fmt(r['valid_seconds'])} s); all epochs: {', '.join(map(fmt, r['epoch_seconds']))}", flush=True)
+    return results
+
+
+def print_tables(args, results: dict, extract_seconds: float) -> None:
+    """Seconds per epoch and the raw / cache ratios against the goals, then the training and validation passes."""
+    first = " | raw / cache, first epoch" if args.epochs > 1 else ""
+    print(f"| stage | trains | cache s/epoch | raw s/epoch | raw / cache{first} | goal |")
+    print("|---|---|---:|---:|---:|" + ("---:|" if first else "") + "---|")
+    for stage in args.stages:
+        if stage == 3:
+            for decode in args.decode:
+                r = results[3, decode]
+                print(f"| 3 (--decode {decode}) | {TRAINS[3]} | - | {fmt(r['seconds'])} | 1x: both pipelines read "
+                      "raw frames |" + (" |" if first else "") + " - |")
+            continue
+        c, r = results[stage, "cache"], results[stage, "raw"]
+        ratio = r["seconds"] / c["seconds"]
+        verdict = "met" if ratio >= GOALS[stage] else "missed"
+        extra = f" | {r['first_epoch_seconds'] / c['first_epoch_seconds']:,.1f}x" if first else ""
+        print(f"| {stage} | {TRAINS[stage]} | {fmt(c['seconds'])} | {fmt(r['seconds'])} | {ratio:,.1f}x{extra} | "
+              f">= {GOALS[stage]:.0f}x ({verdict}) |")
+    print()
+    print("| stage | source | train pass s | valid pass s | raw / cache, train pass | raw / cache, valid pass |")
+    print("|---|---|---:|---:|---:|---:|")
+    cached_stages = [s for s in args.stages if s != 3]
+    for stage in cached_stages:
+        c, r = results[stage, "cache"], results[stage, "raw"]
+        for source, x in (("cache", c), ("raw", r)):
+            ratios = ("", "") if source == "cache" else (
+                f"{r['train_seconds'] / c['train_seconds']:,.1f}x", f"{r['valid_seconds'] / c['valid_seconds']:,.1f}x")
+            print(f"| {stage} | {source} | {fmt(x['train_seconds'])} | {fmt(x['valid_seconds'])} | {ratios[0]} | {ratios[1]} |")
+    print()
+    saved = [results[s, "raw"]["seconds"] - results[s, "cache"]["seconds"] for s in cached_stages]
+    if saved:
+        print(f"The extraction ({extract_seconds:.1f} s, train + val) costs about "
+              f"{extract_seconds / max(saved):.1f} raw epochs of stage {cached_stages[saved.index(max(saved))]}.")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = runtime.resolve_device(args.device)
@@ -141,39 +209,16 @@ def main(argv=None) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="caer-bench-train-"))
     try:
-        data = tmp / "ds"
+        data, cache = tmp / "ds", tmp / "cache.zarr"
         counts = synthesise(SynthConfig(str(data), clips=args.clips, frames=args.frames, width=args.width,
                                         height=args.height, seed=args.seed))
         frames = {s: sum(int(line.split()[1]) for line in (data / f"{s}.txt").read_text().splitlines() if line.strip())
                   for s in ("train", "val")}
         print(f"dataset: {counts['train']} train clips ({frames['train']} frames), {counts['val']} val clips "
               f"({frames['val']} frames), {args.width}x{args.height} JPEGs, in {tmp}", flush=True)
-
-        clip_model = load_backbone(args.model, args.pretrained, device)
-        size = clip_model.preprocess.image_size
-        cache = tmp / "cache.zarr"
-        start = time.perf_counter()
-        summary = extract(from_flat(ExtractConfig, {
-            "annotations": [str(data / "train.txt"), str(data / "val.txt")], "out": str(cache),
-            "face_boxes": str(data / "face_boxes.json"), "views": 2, "batch_size": 64, "workers": args.workers,
-            "use_amp": args.amp, "num_classes": 5, "model": args.model, "pretrained": args.pretrained,
-            "device": args.device, "decode": args.decode[0],
-        }, where="bench/train.py"), clip_model, console)
-        extract_seconds = time.perf_counter() - start
-        del clip_model
-        print(f"extraction (once): {extract_seconds:.1f} s for {summary.frames} frames x 2 streams x 2 views", flush=True)
-
-        results = {}
-        for stage in args.stages:
-            # stage 3 reads raw frames whatever the source; it runs once per --decode path, without the cache
-            runs = [("raw", d) for d in args.decode] if stage == 3 else [("cache", args.decode[0]), ("raw", args.decode[0])]
-            for source, decode in runs:
-                print(f"timing stage {stage} --source {source} --decode {decode} ...", flush=True)
-                where = tmp / "no-cache.zarr" if stage == 3 else cache
-                results[stage, source if stage != 3 else decode] = r = time_epoch(args, tmp, data, where, stage, source,
-                                                                                 console, decode)
-                print(f"  {fmt(r['seconds'])} s/epoch (train {fmt(r['train_seconds'])} s + valid "
-                      f"{fmt(r['valid_seconds'])} s); all epochs: {', '.join(map(fmt, r['epoch_seconds']))}", flush=True)
+        size, extracted, extract_seconds = extract_cache(args, data, cache, device, console)
+        print(f"extraction (once): {extract_seconds:.1f} s for {extracted} frames x 2 streams x 2 views", flush=True)
+        results = time_stages(args, tmp, data, cache, console)
 
         print()
         print(f"## One epoch, --source cache vs --source raw ({args.model}, {size} px, T = {args.num_frames}, 2 streams)")
@@ -188,37 +233,7 @@ def main(argv=None) -> None:
         print(f"- seconds per epoch = the `seconds` of metrics.jsonl ({which}): training pass + validation pass "
               "(split below); model building and t_desc are not timed")
         print()
-        first = " | raw / cache, first epoch" if args.epochs > 1 else ""
-        print(f"| stage | trains | cache s/epoch | raw s/epoch | raw / cache{first} | goal |")
-        print("|---|---|---:|---:|---:|" + ("---:|" if first else "") + "---|")
-        for stage in args.stages:
-            if stage == 3:
-                for decode in args.decode:
-                    r = results[3, decode]
-                    print(f"| 3 (--decode {decode}) | {TRAINS[3]} | - | {fmt(r['seconds'])} | 1x: both pipelines read "
-                          "raw frames |" + (" |" if first else "") + " - |")
-                continue
-            c, r = results[stage, "cache"], results[stage, "raw"]
-            ratio = r["seconds"] / c["seconds"]
-            verdict = "met" if ratio >= GOALS[stage] else "missed"
-            extra = f" | {r['first_epoch_seconds'] / c['first_epoch_seconds']:,.1f}x" if first else ""
-            print(f"| {stage} | {TRAINS[stage]} | {fmt(c['seconds'])} | {fmt(r['seconds'])} | {ratio:,.1f}x{extra} | "
-                  f">= {GOALS[stage]:.0f}x ({verdict}) |")
-        print()
-        print("| stage | source | train pass s | valid pass s | raw / cache, train pass | raw / cache, valid pass |")
-        print("|---|---|---:|---:|---:|---:|")
-        cached_stages = [s for s in args.stages if s != 3]
-        for stage in cached_stages:
-            c, r = results[stage, "cache"], results[stage, "raw"]
-            for source, x in (("cache", c), ("raw", r)):
-                ratios = ("", "") if source == "cache" else (
-                    f"{r['train_seconds'] / c['train_seconds']:,.1f}x", f"{r['valid_seconds'] / c['valid_seconds']:,.1f}x")
-                print(f"| {stage} | {source} | {fmt(x['train_seconds'])} | {fmt(x['valid_seconds'])} | {ratios[0]} | {ratios[1]} |")
-        print()
-        saved = [results[s, "raw"]["seconds"] - results[s, "cache"]["seconds"] for s in cached_stages]
-        if saved:
-            print(f"The extraction ({extract_seconds:.1f} s, train + val) costs about "
-                  f"{extract_seconds / max(saved):.1f} raw epochs of stage {cached_stages[saved.index(max(saved))]}.")
+        print_tables(args, results, extract_seconds)
         if args.json:
             args.json.write_text(json.dumps({
                 "machine": info, "device": str(device), "amp": args.amp, "model": args.model, "image_size": size,
