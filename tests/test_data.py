@@ -202,6 +202,13 @@ def test_box_without_area_in_the_image_is_an_error(box):
         clip_box(box, 128, 96, 20, "face box of x/0001.jpg")
 
 
+@pytest.mark.parametrize("box", [(127.8, 10, 140, 40), (10, -20, 40, 0.3)])
+def test_box_inside_by_less_than_half_a_pixel_is_an_error_without_a_margin(box):
+    """With --margin 0 such a box rounds to no pixel at all: a clear error, not a crash in the resize."""
+    with pytest.raises(DataError, match=r"^here: box .* has no area inside the 128x96 image"):
+        clip_box(box, 128, 96, 0, "here")
+
+
 # --------------------------------------------------------------------------- letterbox and views
 
 def _solid(size, colour=(200, 100, 50)) -> Image.Image:

@@ -168,6 +168,39 @@ def test_on_the_gpu_nvjpeg_and_tf32_stay_within_the_criterion(photos):
     assert cosine.min().item() >= 0.995
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (nvJPEG)")
+def test_gpu_decode_never_overwrites_memory_that_queued_kernels_still_read(photos):
+    """nvJPEG writes its images from a stream of its own, into blocks the current stream may have freed while its
+    queued kernels still read them (pytorch/vision#9606): ``decode_frames`` lets that work finish first."""
+    device = torch.device("cuda")
+    frames = [p for p in photos if p.name.endswith("720p.jpg")]
+    parts, names = frame_parts(*read_frames(frames)), [str(p) for p in frames]
+    size = decode_frames(parts, names, device)[0].numel()  # the freed blocks below fit the decoded images exactly
+    wrong = 0
+    for _ in range(20):
+        blocks = [torch.full((size,), 3, dtype=torch.uint8, device=device) for _ in range(2 * len(frames))]
+        torch.cuda.synchronize()
+        torch.cuda._sleep(20_000_000)  # tens of ms on the current stream: the sums below wait behind it
+        sums = [block.sum() for block in blocks]
+        del blocks  # freed while the sums are still queued
+        decode_frames(parts, names, device)
+        torch.cuda.synchronize()
+        wrong += sum(int(total) != 3 * size for total in sums)
+    assert wrong == 0
+
+
+def test_running_out_of_device_memory_is_not_blamed_on_a_frame(photos, monkeypatch):
+    """A decode that fails for want of memory re-raises as it is: it is no bad input (--skip-bad keeps the clip)."""
+    import caer.data.tensor_views as tensor_views
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("Error while decoding JPEG images: CUDA out of memory. Tried to allocate 2.64 MiB")
+
+    monkeypatch.setattr(tensor_views, "decode_jpeg", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):  # not a DataError naming the first frame
+        decode_frames(frame_parts(*read_frames(photos[:2])), [str(p) for p in photos[:2]], "cpu")
+
+
 # ------------------------------------------------------------------------------------------ extraction and the cache
 
 

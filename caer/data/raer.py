@@ -231,11 +231,14 @@ def clip_box(box: Box, width: int, height: int, margin: float, where: str) -> tu
     image, or has no area once clipped, is an error naming ``where``.
     """
     left, top, right, bottom = box
-    if min(right, width) - max(left, 0) <= 0 or min(bottom, height) - max(top, 0) <= 0:
+    grown = (max(0, round(left - margin)), max(0, round(top - margin)),
+             min(width, round(right + margin)), min(height, round(bottom + margin)))
+    # checked before and after rounding: a box outside the image can round to one pixel on its edge, and one inside
+    # by less than half a pixel to nothing
+    if (min(right, width) - max(left, 0) <= 0 or min(bottom, height) - max(top, 0) <= 0
+            or grown[2] <= grown[0] or grown[3] <= grown[1]):
         raise DataError(f"{where}: box {list(box)} has no area inside the {width}x{height} image")
-    left, top = max(0, round(left - margin)), max(0, round(top - margin))
-    right, bottom = min(width, round(right + margin)), min(height, round(bottom + margin))
-    return left, top, right, bottom
+    return grown
 
 
 def letterbox(img: Image.Image) -> Image.Image:

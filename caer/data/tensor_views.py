@@ -100,19 +100,29 @@ def frame_parts(data: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor]
     return [data[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def _decode_jpegs(parts: list[torch.Tensor], device) -> list[torch.Tensor]:
+    """``decode_jpeg`` of ``parts``. On CUDA, torchvision allocates the images on the current stream but writes them
+    from a stream of its own that does not wait for this one, so it could be handed, and overwrite, a block freed
+    here that queued kernels still read (pytorch/vision#9606): that work finishes first."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    return decode_jpeg(parts, mode=ImageReadMode.RGB, device=device)
+
+
 def decode_frames(parts: list[torch.Tensor], names: list[str], device) -> list[torch.Tensor]:
     """RGB uint8 [3, H, W] images on ``device``: the JPEGs in one batched ``decode_jpeg`` call, the rest one by one."""
     jpeg = [i for i, p in enumerate(parts) if bytes(p[:3].tolist()) == JPEG_MAGIC]
     images: list = [None] * len(parts)
     try:
-        for i, image in zip(jpeg, decode_jpeg([parts[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
-                            if jpeg else []):
+        for i, image in zip(jpeg, _decode_jpegs([parts[i] for i in jpeg], device) if jpeg else []):
             images[i] = image
     except RuntimeError:
-        for i in jpeg:  # one at a time, to name the file at fault
+        for i in jpeg:  # one at a time, to name the file at fault (and needing less memory)
             try:
-                images[i] = decode_jpeg(parts[i], mode=ImageReadMode.RGB, device=device)
+                images[i] = _decode_jpegs([parts[i]], device)[0]
             except RuntimeError as err:  # "decode_jpeg, <source file>:<line>, <reason>": keep the reason
+                if "out of memory" in str(err):  # the device's failure, not the file's
+                    raise
                 reason = re.sub(r"^\w+, \S+:\d+, ", "", str(err))
                 raise DataError(f"{names[i]}: cannot read image ({reason})") from None
     for i in set(range(len(parts))) - set(jpeg):
