@@ -199,7 +199,7 @@ def diagnose(args, settings, decode: str, clip_model: CLIPBackbone, images: int,
     return diagnostics
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="ViT-B-32", help="open_clip model (caer-tiny for a quick run)")
     p.add_argument("--pretrained", default="random", help="weights: 'random' (no download), a tag, or a file")
@@ -227,7 +227,11 @@ def main(argv=None) -> None:
                    help="with --decode tensor on a GPU: frames of consecutive clips per decode call, one extraction each")
     p.add_argument("--keep", action="store_true", help="keep the temporary dataset and cache")
     p.add_argument("--json", type=Path, help="also write the results here")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     use_amp = not args.no_amp
 
     device = runtime.resolve_device(args.device)
