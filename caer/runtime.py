@@ -41,6 +41,16 @@ def autocast(device: torch.device, enabled: bool = True):
     return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
+def no_autocast(device: torch.device):
+    """Autocast off inside (with ``upcast``: products that must stay in full precision under ``autocast``)."""
+    return torch.autocast(device.type, enabled=False)
+
+
+def upcast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors with 16-bit floats (what autocast made) as float32; the others as they are."""
+    return tuple(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors)
+
+
 def rng_state() -> dict:
     """Every random generator's state (saved in checkpoints so that a resumed run repeats itself).
 

@@ -59,3 +59,17 @@ def test_ddp_training_on_two_processes(tmp_path, dataset, weights, zarr_cache):
     assert all(r["train_clips"] == n_train + n_train % 2 for r in records)
     assert records[0]["losses"]["loss"] != records[-1]["losses"]["loss"]
     assert (run_dir / "stage2-best.pt").is_file() and (run_dir / "stage2-last.pt").is_file()
+
+
+def test_ddp_stage_3_with_prompts_that_learn_nothing_during_a_warm_up(tmp_path, dataset, weights, zarr_cache):
+    """Under --iec-base desc the prompts get no gradient while MI and DC are in warm-up, though stage 3 trains them:
+    DDP is told to expect that, instead of stopping at the next step with 'parameters that were not used'."""
+    args = ["train", "-c", "tiny", "--pretrained", str(weights), "--cache", str(zarr_cache[0]), "--source", "raw",
+            "--train-list", str(dataset.root / "train.txt"), "--val-list", str(dataset.root / "val.txt"),
+            "--stage", "3", "--epochs", "2", "--batch-size", "1", "--workers", "0", "--device", "cpu",
+            "--iec-base", "desc", "--slerp-weight", "0.2", "--lambda-mi", "0.1", "--mi-warmup", "1",
+            "--lambda-dc", "0", "--run-dir", str(tmp_path / "run")]
+    done = _torchrun(args)
+    assert done.returncode == 0, done.stdout + done.stderr
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1] and records[1]["losses"]["mi"] > 0

@@ -151,6 +151,24 @@ def test_iec_never_changes_the_argmax(tiny_clip, iec_base):
 
 # ------------------------------------------------------------------------------------------ losses
 
+@pytest.mark.parametrize("slerp_weight", [0.0, 0.3])
+def test_logits_and_prompt_losses_stay_float32_under_autocast(tiny_clip, slerp_weight):
+    """bf16 autocast (emulated on the CPU) must not lower the cosine logits or MI/DC: a temperature of 0.01
+    magnifies bf16's rounding of a cosine (about 4e-3) to 0.4 in a logit."""
+    cfg = ModelConfig(CLASSES, DESCRIPTIONS, num_frames=4, temperature=0.01, slerp_weight=slerp_weight)
+    model = CAERModel(tiny_clip, cfg)
+    d = tiny_clip.embed_dim
+    t_desc, t_soft, z = (unit(n, d, seed=s, dtype=torch.float32) for n, s in ((5, 20), (5, 21), (64, 22)))
+    exact = model.logits(z, t_desc, t_soft)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = model.logits(z, t_desc, t_soft)
+        mi, dc = mutual_information_loss(t_desc, t_soft), decorrelation_loss(t_soft)
+    assert under.dtype == mi.dtype == dc.dtype == torch.float32
+    assert torch.allclose(under, exact, atol=1e-4)
+    assert mi.item() == pytest.approx(mutual_information_loss(t_desc, t_soft).item(), rel=1e-5)
+    assert dc.item() == pytest.approx(decorrelation_loss(t_soft).item(), rel=1e-5)
+
+
 def infonce_by_hand(a: np.ndarray, b: np.ndarray, temperature: float) -> float:
     n = len(a)
     sim = [[float(np.dot(a[i], b[j])) / temperature for j in range(n)] for i in range(n)]

@@ -210,10 +210,13 @@ class Stop(Exception):
     pass
 
 
+@pytest.mark.parametrize("workers", [0, 2])
 def test_a_checkpoint_of_train_loads_with_weights_only_and_resumes_exactly(dataset, zarr_cache, weights, tmp_path,
-                                                                            monkeypatch):
+                                                                            monkeypatch, workers):
+    """With data-loader workers too: they must not make the resumed run draw from the global RNG elsewhere."""
     quiet = Console(file=io.StringIO())
-    full = make_config(dataset, zarr_cache[0], weights, tmp_path / "full", epochs_stage2=3, test_list=None)
+    full = make_config(dataset, zarr_cache[0], weights, tmp_path / "full", epochs_stage2=3, test_list=None,
+                       workers=workers)
     train_stage(full, 2, quiet)
     ckpt = torch.load(tmp_path / "full" / "stage2-last.pt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["metrics"]["epoch"] == 2 and isinstance(ckpt["best"]["valid_uar"], float)
@@ -226,14 +229,15 @@ def test_a_checkpoint_of_train_loads_with_weights_only_and_resumes_exactly(datas
             raise Stop
         real(path, record)
 
-    cut = make_config(dataset, zarr_cache[0], weights, tmp_path / "cut", epochs_stage2=3, test_list=None)
+    cut = make_config(dataset, zarr_cache[0], weights, tmp_path / "cut", epochs_stage2=3, test_list=None,
+                      workers=workers)
     monkeypatch.setattr(train_module, "_append_metrics", stop)
     with pytest.raises(Stop):
         train_stage(cut, 2, quiet)
     monkeypatch.undo()
     out = io.StringIO()
     train_stage(make_config(dataset, zarr_cache[0], weights, tmp_path / "cut", epochs_stage2=3, test_list=None,
-                            resume=True), 2, Console(file=out, width=300))
+                            resume=True, workers=workers), 2, Console(file=out, width=300))
     assert "resuming stage 2 at epoch 2/3" in out.getvalue()
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in records(tmp_path / "full")]
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in records(tmp_path / "cut")] == strip
@@ -284,3 +288,11 @@ def test_an_older_checkpoint_loads_only_when_trusted(dataset, zarr_cache, weight
     save_checkpoint(ckpt, tmp_path / "now.pt")
     again = torch.load(tmp_path / "now.pt", weights_only=True)
     assert type(again["metrics"]["valid_uar"]) is float
+
+
+def test_amp_on_the_cpu_is_a_notice_not_a_silent_no_op(dataset, zarr_cache, weights, tmp_path):
+    for use_amp in (True, False):
+        out = io.StringIO()
+        train_stage(make_config(dataset, zarr_cache[0], weights, tmp_path / f"amp-{use_amp}", use_amp=use_amp), 2,
+                    Console(file=out, width=300))
+        assert ("note: --use-amp has no effect on cpu" in out.getvalue()) == use_amp

@@ -310,6 +310,25 @@ def test_the_best_checkpoint_is_never_an_epoch_in_which_nothing_trained(dataset,
     assert not torch.equal(ctx, build_model(cfg, torch.device("cpu"))[0].prompt_learner.ctx.detach())
 
 
+def test_a_stage_1_whose_prompts_could_learn_in_no_epoch_is_refused_before_training(dataset, zarr_cache, weights,
+                                                                                      tmp_path):
+    """MI and DC in warm-up for all of stage 1 under --iec-base desc: nothing would train, so nothing starts (and a
+    best checkpoint of an earlier run in the same directory is not handed on as this run's)."""
+    run_dir = tmp_path / "run"
+    first = make_config(dataset, zarr_cache[0], weights, run_dir, stage=1, epochs_stage1=1)
+    train_stage(first, 1, Console(file=io.StringIO(), width=200))
+    before = (run_dir / "stage1-best.pt").read_bytes()
+    idle = make_config(dataset, zarr_cache[0], weights, run_dir, stage=1, epochs_stage1=2, iec_base="desc",
+                       slerp_weight=0.2, lambda_mi=0.1, mi_warmup=2, lambda_dc=0.1, dc_warmup=5)
+    with pytest.raises(ValueError, match=r"still in warm-up at the end of its 2 epoch\(s\) \(--mi-warmup 2, "
+                                         r"--dc-warmup 5\)"):
+        train_stage(idle, 1, Console(file=io.StringIO(), width=200))
+    assert (run_dir / "stage1-best.pt").read_bytes() == before
+    one = make_config(dataset, zarr_cache[0], weights, run_dir, stage=1, epochs_stage1=2, iec_base="desc",
+                      slerp_weight=0.2, lambda_mi=0.1, mi_warmup=1, lambda_dc=0.1, dc_warmup=5)
+    assert train_stage(one, 1, Console(file=io.StringIO(), width=200)).best["epoch"] == 1  # MI in its last epoch
+
+
 # ------------------------------------------------------------------------------------------ one geometry per run
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from ..config import (
     TemporalBlock,
     TokenPosition,
 )
+from ..runtime import no_autocast, upcast
 from .encoder import CLIPBackbone, unfreeze_last_blocks
 
 # the parameter groups each stage trains (SPEC section 7); the text tower is never trained
@@ -362,12 +363,14 @@ class CAERModel(nn.Module):
         return self.cfg.slerp_weight == 0 or self.iec_base == IECBase.soft
 
     def logits(self, z: torch.Tensor, t_desc: torch.Tensor, t_soft: torch.Tensor) -> torch.Tensor:
-        """cos(z, prototype_k) / temperature, prototypes pulled towards ``z`` by slerp when IEC is on."""
-        base = t_soft if self.classifies_with_prompts() else t_desc
-        if self.cfg.slerp_weight > 0:
-            base = slerp(base.unsqueeze(0), z.unsqueeze(1), self.cfg.slerp_weight)  # [B, C, D]
-            return (base * z.unsqueeze(1)).sum(-1) / self.cfg.temperature
-        return z @ base.t() / self.cfg.temperature
+        """cos(z, prototype_k) / temperature, prototypes pulled towards ``z`` by slerp when IEC is on; in float32
+        even under autocast (dividing by a temperature of 0.01 magnifies bf16's rounding a hundredfold)."""
+        base, z = upcast(t_soft if self.classifies_with_prompts() else t_desc, z)
+        with no_autocast(z.device):
+            if self.cfg.slerp_weight > 0:
+                base = slerp(base.unsqueeze(0), z.unsqueeze(1), self.cfg.slerp_weight)  # [B, C, D]
+                return (base * z.unsqueeze(1)).sum(-1) / self.cfg.temperature
+            return z @ base.t() / self.cfg.temperature
 
     def forward(self, face: torch.Tensor, context: torch.Tensor, text: tuple[torch.Tensor, torch.Tensor] | None = None,
                 flip: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import LossConfig
+from ..runtime import no_autocast, upcast
 
 
 def class_balanced_weights(counts: np.ndarray, beta: float = 0.9999) -> torch.Tensor:
@@ -25,16 +26,20 @@ def log_prior(counts: np.ndarray) -> torch.Tensor:
 
 
 def mutual_information_loss(t_desc: torch.Tensor, t_soft: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
-    """Symmetric InfoNCE between descriptive and learnable prompts; positives are the same class."""
-    sim = t_desc @ t_soft.t() / temperature
+    """Symmetric InfoNCE between descriptive and learnable prompts; positives are the same class (in float32, as
+    ``CAERModel.logits``)."""
+    t_desc, t_soft = upcast(t_desc, t_soft)
+    with no_autocast(t_desc.device):
+        sim = t_desc @ t_soft.t() / temperature
     target = torch.arange(len(sim), device=sim.device)
     return (F.cross_entropy(sim, target) + F.cross_entropy(sim.t(), target)) / 2
 
 
 def decorrelation_loss(prompts: torch.Tensor) -> torch.Tensor:
     """Mean squared off-diagonal cosine similarity between the classes' prompt embeddings."""
-    p = F.normalize(prompts, dim=-1)
-    sim = p @ p.t()
+    p = F.normalize(*upcast(prompts), dim=-1)
+    with no_autocast(p.device):
+        sim = p @ p.t()
     off = ~torch.eye(len(sim), dtype=torch.bool, device=sim.device)
     return sim[off].pow(2).mean()
 

@@ -159,12 +159,18 @@ def make_optimizer(model: CAERModel, cfg: RunConfig, stage: int):
 
 
 def _check_stage_can_learn(cfg: RunConfig, stage: int) -> None:
+    """Refuse a stage 1 whose prompts could learn in none of its epochs (its checkpoints would be untrained)."""
     desc_only = cfg.model.slerp_weight > 0 and cfg.model.iec_base == IECBase.desc
-    if stage == 1 and desc_only and cfg.loss.lambda_mi == 0 and cfg.loss.lambda_dc == 0:
-        raise ValueError(
-            "stage 1 trains only the prompts, and with IEC on --iec-base desc they learn only from the MI and DC losses, "
-            "which are both off (--lambda-mi 0, --lambda-dc 0): set one of them, or use --iec-base soft"
-        )
+    if stage != 1 or not desc_only:
+        return
+    why = ("stage 1 trains only the prompts, and with IEC on --iec-base desc they learn only from the MI and DC "
+           "losses, which are")
+    c, epochs = cfg.loss, cfg.stage_epochs(1)
+    if c.lambda_mi == 0 and c.lambda_dc == 0:
+        raise ValueError(f"{why} both off (--lambda-mi 0, --lambda-dc 0): set one of them, or use --iec-base soft")
+    if all(weight == 0 or warmup >= epochs for weight, warmup in ((c.lambda_mi, c.mi_warmup), (c.lambda_dc, c.dc_warmup))):
+        raise ValueError(f"{why} still in warm-up at the end of its {epochs} epoch(s) (--mi-warmup {c.mi_warmup}, "
+                         f"--dc-warmup {c.dc_warmup}): shorten a warm-up, train more epochs, or use --iec-base soft")
 
 
 def check_epochs(cfg: RunConfig, stage: int) -> None:
@@ -232,7 +238,11 @@ def setup_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.runtime.use_amp and runtime.amp_dtype(device) == torch.float16)
     step = TrainStep(model)
     if world > 1:
-        step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
+        # prompts that classify nothing (--iec-base desc) learn from MI and DC alone: none of their gradients exist
+        # while both are off (their warm-up), which DDP must be told to expect
+        unused = "prompt" in STAGE_GROUPS[stage] and not model.classifies_with_prompts()
+        step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None,
+                                       find_unused_parameters=unused)
     s = Stage(cfg, stage, console, device, rank, world, paths, source, model, step, loss, optimizer, scheduler, scaler,
               make_loader(train_set, cfg, True, cfg.loss.use_weighted_sampler, rank, world),
               make_loader(val_set, cfg, False), encoder, cache, init is not None and carries_clip(init),
@@ -429,6 +439,8 @@ def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
                    + (f" on {s.world} processes" if s.world > 1 else ""))
     rates = ", ".join(f"{g['name']} {g['lr']:g}" for g in s.optimizer.param_groups)
     s.console.print(f"learning rates at the start of stage {stage}: {rates}", highlight=False)
+    if s.cfg.runtime.use_amp and s.device.type != "cuda":
+        s.console.print(f"note: --use-amp has no effect on {s.device.type}: full precision", highlight=False)
     try:
         for epoch in range(s.start_epoch, s.epochs):
             start = time.perf_counter()
@@ -449,7 +461,7 @@ def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
         show_stage_end(s)
         s.console.print(f"training curves: {write_curves(s.paths.run_dir)}", highlight=False, soft_wrap=True)
     best = runtime.gather(s.best)[0]
-    if not s.paths.best.exists():
+    if best["epoch"] < 0:  # (a best checkpoint on disk would be an earlier run's)
         raise RuntimeError(f"stage {stage} has no best checkpoint: nothing trained in any of its epochs (the MI and DC "
                            "warm-up outlasted the stage)")
     return StageResult(stage, s.paths.best, s.paths.last, best)
