@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 
 from caer.cache import CacheError, FeatureCache, store_key
 from caer.data.datasets import CachedClips
-from conftest import assert_fp16_equal, assert_in_output, extract_args, run_cli
+from conftest import assert_fp16_equal, assert_in_output, extract_args, run_cli, squash
 
 HOLD_THE_LOCK = """
 import sys, time
@@ -115,15 +116,16 @@ def test_a_bad_frame_in_the_last_clip_keeps_every_clip_before_it(fmt, tmp_path, 
     assert sorted(FeatureCache.open(staged).video_ids) == sorted(ds.video_ids()[:-1])
 
 
-def test_skipped_clips_of_an_earlier_run_over_other_lists_are_kept(tmp_path, dataset, weights):
+@pytest.mark.parametrize("fmt", ["zarr", "h5"])
+def test_skipped_clips_of_an_earlier_run_over_other_lists_are_kept(fmt, tmp_path, dataset, weights):
     """`extract train.txt --skip-bad` then `extract val.txt` into the same store: train's skipped clip stays recorded,
-    so training leaves it out instead of stopping on it."""
+    so training leaves it out instead of stopping on it (HDF5 too, whose second run builds the file anew)."""
     ds = dataset.copy(tmp_path / "ds")
     train, val = ds.annotations[0], ds.annotations[1]
     bad = train.read_text().split()[0]
     frame = sorted((ds.root / bad).glob("*.jpg"))[0]
     frame.write_bytes(b"not a jpeg")
-    out = tmp_path / "c.zarr"
+    out = tmp_path / f"c.{fmt}"
     base = ["extract", "--face-boxes", str(ds.face_boxes), "--out", str(out), "--model", "caer-tiny",
             "--pretrained", str(weights), "--device", "cpu", "--workers", "0"]
     assert run_cli([*base, str(train), "--skip-bad"]).exit_code == 0
@@ -131,6 +133,7 @@ def test_skipped_clips_of_an_earlier_run_over_other_lists_are_kept(tmp_path, dat
     assert run_cli([*base, str(val)]).exit_code == 0
     attrs = FeatureCache.open(out).attrs
     assert attrs["skipped_clips"] == [bad] and any(line.startswith(f"{train}:1: ") for line in attrs["skipped"])
+    assert run_cli(["cache", "verify", str(out)]).exit_code == 0  # the skipped clip is no missing one
     frame.write_bytes((dataset.root / bad / frame.name).read_bytes())  # fixed: the next run over train extracts it
     assert run_cli([*base, str(train)]).exit_code == 0
     attrs = FeatureCache.open(out).attrs
@@ -145,3 +148,73 @@ def test_a_clip_is_hashed_once_per_process_and_verify_still_checks_every_clip(tm
     cache.clip(victim)  # read and checked once: later epochs of this process do not hash it again
     _damage(out, "zarr", victim)
     assert victim in cache.verify()  # verify checks every clip, whatever was read before
+
+
+def test_a_link_to_a_store_being_written_is_the_same_store_for_the_lock(tmp_path, dataset, weights):
+    out = tmp_path / "c.zarr"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        link = tmp_path / "link.zarr"
+        link.symlink_to(out, target_is_directory=True)
+        refused = run_cli(extract_args(dataset, link, weights, "--views", "2", "--workers", "0"))
+        assert refused.exit_code == 2, refused.output
+        assert_in_output(f"is being written by caer extract (pid {holder.pid}", refused.output)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
+def test_resuming_a_store_from_another_dataset_root_is_refused(tmp_path, dataset, weights, zarr_cache):
+    """The same clip names under another root are other frames: they must not be taken as the store's."""
+    out = tmp_path / "c.zarr"
+    shutil.copytree(zarr_cache[0], out)
+    moved = dataset.copy(tmp_path / "elsewhere")
+    refused = run_cli(extract_args(moved, out, weights, "--views", "2", "--workers", "0"))
+    assert refused.exit_code == 2, refused.output
+    assert_in_output(f"holds clips cut from frames under {dataset.root.resolve()}; this run reads "
+                     f"{moved.root.resolve()}", refused.output)
+    assert FeatureCache.open(out).inputs["root"] == str(dataset.root.resolve())
+
+
+def test_verify_of_a_first_extraction_cut_short_lists_the_clips_it_did_not_write(tmp_path, dataset, weights,
+                                                                                 monkeypatch):
+    import caer.pipeline.extract as extract_module
+
+    real, calls = extract_module._BatchPacker.add, []
+
+    def cut(self, item):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(self, item)
+
+    monkeypatch.setattr(extract_module._BatchPacker, "add", cut)
+    out = tmp_path / "c.zarr"
+    assert run_cli(extract_args(dataset, out, weights, "--views", "2", "--workers", "0", "--batch-size", "8")).exit_code
+    monkeypatch.undo()
+    verify = run_cli(["cache", "verify", str(out)])
+    assert verify.exit_code == 1, verify.output
+    missing = [v for v in dataset.video_ids() if v not in FeatureCache.open(out)]
+    assert missing and all(squash(v) in squash(verify.output) for v in missing)
+    assert_in_output("listed in a split but has no finished data", verify.output)
+
+
+def test_an_overwrite_cut_short_leaves_no_half_store_behind(tmp_path, zarr_cache, dataset, weights, monkeypatch):
+    """--overwrite renames the old store before deleting it: stopped half-way, the next run starts afresh."""
+    import caer.cache.store as store_module
+
+    out = tmp_path / "c.zarr"
+    shutil.copytree(zarr_cache[0], out)
+
+    def interrupted(path, *args, **kwargs):
+        next(p for p in Path(path).rglob("zarr.json")).unlink()  # some files gone, then the Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_module.shutil, "rmtree", interrupted)
+    assert run_cli(extract_args(dataset, out, weights, "--views", "1", "--workers", "0", "--overwrite")).exit_code
+    monkeypatch.undo()
+    assert not out.exists() and len(list(tmp_path.glob(".c.zarr.removing-*"))) == 1
+    done = run_cli(extract_args(dataset, out, weights, "--views", "1", "--workers", "0"))
+    assert done.exit_code == 0, done.output
+    assert sorted(FeatureCache.open(out).video_ids) == sorted(dataset.video_ids())

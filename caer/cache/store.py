@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
@@ -146,6 +147,14 @@ class StoreLock:
             self.fd = None
 
 
+def _remove_tree(path: Path) -> None:
+    """Delete a store folder. It is renamed first: a deletion cut short leaves a hidden ``.<name>.removing-*``
+    folder beside it, never a store without its root metadata that no later run would touch."""
+    doomed = path.with_name(f".{path.name}.removing-{os.getpid()}-{time.monotonic_ns()}")
+    path.rename(doomed)
+    shutil.rmtree(doomed)
+
+
 # --------------------------------------------------------------------------- writer
 
 class CacheWriter:
@@ -160,7 +169,7 @@ class CacheWriter:
         self.zarr_path = _staging_path(self.path) if self.format == "h5" else self.path
         if self.path.parent.exists() and not self.path.parent.is_dir():
             raise CacheError(f"{self.path.parent}: is a file, not a folder; cannot write {self.path.name} in it")
-        self.lock = StoreLock(self.path)
+        self.lock = StoreLock(self.path.resolve())  # one lock whatever the path it is reached by (a link, ../)
         if lock:  # torchrun ranks of one run are one writer: rank 0 holds the lock for all of them
             self.lock.acquire()
         try:
@@ -183,6 +192,7 @@ class CacheWriter:
                     f"{self.path} was extracted with other settings:\n  " + "\n  ".join(diff)
                     + "\nUse another output path, or --overwrite to replace it."
                 )
+            self._check_same_root(existing.get("inputs") or {})
         self._open_zarr()
         self.done: dict[str, dict] = {}  # key -> attributes of every finished clip
         if self.format == "h5" and self.path.exists():
@@ -190,6 +200,15 @@ class CacheWriter:
                 for key, ds in f.get(CLIPS, {}).items():
                     self.done[key] = {a: json.loads(v) for a, v in ds.attrs.items()}
         self.done.update(_zarr_done_clips(self.zarr_path))
+
+    def _check_same_root(self, stored: dict) -> None:
+        """Clips are named by their path under the dataset root: the same names under another root are other
+        frames, which must not join this store (its record of the root would then be wrong for some clips)."""
+        old, new = stored.get("root"), self.inputs.get("root")
+        if old and new and old != new:
+            raise CacheError(f"{self.path} holds clips cut from frames under {old}; this run reads {new}. Pass --root "
+                             f"{old} (the clips' paths are relative to it), or use another output path, or --overwrite "
+                             "to replace the store")
 
     def close(self) -> None:
         """Let another process write the store."""
@@ -221,8 +240,7 @@ class CacheWriter:
         attrs = None
         if self.format == "h5" and self.path.exists():
             try:
-                with h5py.File(self.path, "r") as f:
-                    attrs = {k: json.loads(v) for k, v in f.attrs.items()}
+                attrs = self._finished_h5_attrs()
             except OSError as err:
                 raise CacheError(f"{self.path}: exists but is not a readable HDF5 file ({one_line(err)})") from None
             if "caer_schema" not in attrs:
@@ -240,14 +258,15 @@ class CacheWriter:
 
     def _remove(self) -> None:
         if self.zarr_path.exists():
-            shutil.rmtree(self.zarr_path)
+            _remove_tree(self.zarr_path)
         if self.format == "h5" and self.path.exists():
             self.path.unlink()
 
     def _open_zarr(self) -> None:
         root = zarr.open_group(str(self.zarr_path), mode="a")
         if "caer_schema" not in root.attrs:
-            root.attrs.update({"caer_schema": SCHEMA_VERSION, "fingerprint": self.fingerprint, "splits": {}, "skipped": []})
+            root.attrs.update({"caer_schema": SCHEMA_VERSION, "fingerprint": self.fingerprint, "splits": {}, "skipped": [],
+                               "inputs": self.inputs})
         if CLIPS not in root:
             root.create_group(CLIPS)
         self.root = root
@@ -270,23 +289,39 @@ class CacheWriter:
                 pool.submit(int)
         return pool
 
+    def record_splits(self, splits: dict[str, list[str]]) -> None:
+        """Add this run's splits to the store's before any clip is written, so that ``caer cache verify`` of a run
+        cut short knows which clips are missing."""
+        self.root.attrs["splits"] = self._merged_splits(splits)
+
     def finish(self, splits: dict[str, list[str]], skipped: list[str], summary: dict,
                skipped_clips: list[str] = ()) -> None:
         """Record splits, skipped clips (reasons and video ids) and the summary; for HDF5, build the final file."""
-        attrs = dict(self.root.attrs)
-        merged = {name: list(ids) for name, ids in attrs.get("splits", {}).items()}
-        if self.format == "h5" and self.path.exists():
-            with h5py.File(self.path, "r") as f:
-                for name, ids in json.loads(f.attrs.get("splits", "{}")).items():
-                    merged.setdefault(name, list(ids))
+        finished = self._finished_h5_attrs()
+        earlier = {key: list(dict(self.root.attrs).get(key, [])) + list(finished.get(key, []))
+                   for key in ("skipped", "skipped_clips")}
+        skipped, skipped_clips = self._merge_skipped(earlier, splits, skipped, skipped_clips)
+        self.root.attrs.update({"splits": self._merged_splits(splits), "skipped": skipped,
+                                "skipped_clips": skipped_clips, "summary": summary, "inputs": self.inputs})
+        if self.format == "h5":
+            self._build_h5()
+
+    def _finished_h5_attrs(self) -> dict:
+        """The attributes of the finished HDF5 file this run adds to ({} for Zarr, or before the first build)."""
+        if self.format != "h5" or not self.path.exists():
+            return {}
+        with h5py.File(self.path, "r") as f:
+            return {k: json.loads(v) for k, v in f.attrs.items()}
+
+    def _merged_splits(self, splits: dict[str, list[str]]) -> dict[str, list[str]]:
+        """The store's splits (staged and finished) with ``splits``' new clips appended, in order."""
+        merged = {name: list(ids) for name, ids in dict(self.root.attrs).get("splits", {}).items()}
+        for name, ids in self._finished_h5_attrs().get("splits", {}).items():
+            merged.setdefault(name, list(ids))
         for name, ids in splits.items():
             known = set(merged.setdefault(name, []))
             merged[name] += [i for i in ids if i not in known]
-        skipped, skipped_clips = self._merge_skipped(attrs, splits, skipped, skipped_clips)
-        self.root.attrs.update({"splits": merged, "skipped": skipped, "skipped_clips": skipped_clips,
-                                "summary": summary, "inputs": self.inputs})
-        if self.format == "h5":
-            self._build_h5()
+        return merged
 
     def _merge_skipped(self, attrs: dict, splits: dict, skipped: list[str], skipped_clips) -> tuple[list, list]:
         """This run's skipped clips, plus those of earlier runs over other annotation files (still not done)."""
@@ -317,7 +352,7 @@ class CacheWriter:
             raise CacheError(f"{tmp}: cannot write the HDF5 file ({cause}); the staging store {self.zarr_path} is "
                              "kept: free the space and run the same command again")
         os.replace(tmp, self.path)
-        shutil.rmtree(self.zarr_path)
+        _remove_tree(self.zarr_path)
 
 
     def size_bytes(self) -> int:

@@ -387,6 +387,7 @@ def extract(cfg: ExtractConfig, backbone: CLIPBackbone | None = None, console: C
                                  clips_repaired=repaired)
         if rank == 0:
             _warn_about_inputs(cfg, clips, view_maker, root, summary, console)
+            writer.record_splits(splits)  # a run cut short still says which clips it was to write
         todo = todo[rank::world]  # under torchrun every rank writes its own disjoint share of the clips
         start = time.perf_counter()
         out = _ClipWriter(writer, cfg.views, digests, summary, WRITER_PROCESSES.get(backbone.device.type, 0))
