@@ -105,6 +105,10 @@ def test_stage3_checkpoint_needs_its_own_cache(demo_run, tmp_path):
 
     new_cache = tmp_path / "stage3.zarr"
     lists = [str(data / f"{s}.txt") for s in ("train", "val", "test")]
+    ignored = run_cli(["extract", *lists, "--face-boxes", str(data / "face_boxes.json"), "-o", str(new_cache),
+                       "--from-checkpoint", str(ckpt), "--model", "ViT-L-14", "--preprocess", "reference"])
+    assert ignored.exit_code == 2 and not new_cache.exists(), ignored.output
+    assert_in_output("--model ViT-L-14, --preprocess reference would be ignored", ignored.output)
     made = run_cli(["extract", *lists, "--face-boxes", str(data / "face_boxes.json"), "-o", str(new_cache),
                     "--from-checkpoint", str(ckpt), "--device", "cpu", "--workers", "0"])
     assert made.exit_code == 0, made.output
