@@ -218,3 +218,16 @@ def test_an_overwrite_cut_short_leaves_no_half_store_behind(tmp_path, zarr_cache
     done = run_cli(extract_args(dataset, out, weights, "--views", "1", "--workers", "0"))
     assert done.exit_code == 0, done.output
     assert sorted(FeatureCache.open(out).video_ids) == sorted(dataset.video_ids())
+
+
+def test_re_running_on_a_finished_h5_leaves_the_file_as_it_is(tmp_path, h5_cache, dataset, weights):
+    """Nothing to extract and nothing new to record: no rebuild (a rebuild copies the whole file)."""
+    out = tmp_path / "c.h5"
+    shutil.copyfile(h5_cache, out)
+    before = out.stat()
+    again = run_cli(extract_args(dataset, out, weights, "--views", "2", "--workers", "0"))
+    assert again.exit_code == 0, again.output
+    after = out.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert not out.with_name(out.name + ".partial.zarr").exists()
+    assert FeatureCache.open(out).attrs["summary"]["clips_extracted"] == len(dataset.video_ids())  # the first run's

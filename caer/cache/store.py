@@ -301,9 +301,14 @@ class CacheWriter:
         earlier = {key: list(dict(self.root.attrs).get(key, [])) + list(finished.get(key, []))
                    for key in ("skipped", "skipped_clips")}
         skipped, skipped_clips = self._merge_skipped(earlier, splits, skipped, skipped_clips)
-        self.root.attrs.update({"splits": self._merged_splits(splits), "skipped": skipped,
-                                "skipped_clips": skipped_clips, "summary": summary, "inputs": self.inputs})
-        if self.format == "h5":
+        record = {"splits": self._merged_splits(splits), "skipped": skipped, "skipped_clips": skipped_clips,
+                  "inputs": self.inputs}
+        self.root.attrs.update(record | {"summary": summary})
+        if self.format != "h5":
+            return
+        if finished and not len(self.root[CLIPS]) and all(finished.get(k) == v for k, v in record.items()):
+            _remove_tree(self.zarr_path)  # nothing new: the finished file stays as it is (no copy of it is made)
+        else:
             self._build_h5()
 
     def _finished_h5_attrs(self) -> dict:
