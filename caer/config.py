@@ -623,6 +623,8 @@ class PredictConfig:
     annotate: str | None = option(None, "Write a copy of the video (.mp4, .mkv or .mov) with each person's face "
                                   "boxed and labelled; with several inputs, one file each (OUT-1-NAME.mp4, ...).",
                                   panel="Output")
+    overwrite: bool = option(False, "Replace --json and --annotate files that already exist (an input, the "
+                             "checkpoint or a box file is never replaced).", panel="Output")
 
 
 # options of `caer predict` declared elsewhere: the run config's (the box files of the inputs, their root, the

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import av
@@ -182,6 +187,113 @@ def test_bad_input_is_one_line_and_leaves_no_half_written_file(photo, tmp_path):
     assert_in_output(f"--detector yunet:{tmp_path / 'yunet.onnx'}: no such file", missing.output)
     assert boxes_cli(tmp_path / "list.txt", out, "--overwrite").exit_code == 0
     assert list(json.loads(out.read_text())["good"]) == ["1.png"]
+
+
+def test_an_input_list_is_never_an_output(photo, tmp_path):
+    (tmp_path / "good").mkdir()
+    Image.fromarray(astronaut_window(photo, 0)[0]).save(tmp_path / "good" / "1.png")
+    lists = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    for path in lists:
+        path.write_text("good 1 1\n")
+    refused = boxes_cli(lists[0], lists[0], "--overwrite")
+    assert refused.exit_code == 2, refused.output
+    assert_in_output(f"--out {lists[0]} is the input list {lists[0]}: write the boxes to another file", refused.output)
+    other = tmp_path / "sub" / ".." / "b.txt"  # another spelling of the second list
+    (tmp_path / "sub").mkdir()
+    refused = run_cli(["boxes", *map(str, lists), "-o", str(tmp_path / "f.json"), "--body-boxes", str(other),
+                       "--overwrite", "--workers", "0"])
+    assert refused.exit_code == 2, refused.output
+    assert_in_output(f"--body-boxes {other} is the input list {lists[1]}", refused.output)
+    assert all(path.read_text() == "good 1 1\n" for path in lists) and not (tmp_path / "f.json").exists()
+
+
+# ------------------------------------------------------------------------------------------ Ctrl-C, and a killed run
+
+def session_processes(session: int, command: bytes = b"") -> list[int]:
+    """The live (not zombie) processes of ``session`` whose command line holds ``command``, from Linux's /proc."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            state, _, _, sid = (proc / "stat").read_text().rpartition(")")[2].split()[:4]
+            cmdline = (proc / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue  # ended meanwhile
+        if int(sid) == session and state != "Z" and command in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+def wait_until(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.fixture
+def boxes_run(photo, tmp_path):
+    """Start `caer boxes --workers 2` in a session of its own over a clip of N copies of one frame: a function of
+    (N, extra flags) that returns the process and its output file once both workers run. Every session it started is
+    killed afterwards."""
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("needs Linux's /proc to find the worker processes")
+    Image.fromarray(astronaut_window(photo, 0)[0]).save(tmp_path / "frame.png")
+    runs = []
+
+    def start(frames: int, *extra: str) -> tuple[subprocess.Popen, Path]:
+        (tmp_path / "clip").mkdir()
+        for n in range(1, frames + 1):
+            (tmp_path / "clip" / f"{n:05d}.png").symlink_to(tmp_path / "frame.png")
+        (tmp_path / "list.txt").write_text(f"clip {frames} 1\n")
+        output = tmp_path / "output.txt"
+        with open(output, "w") as out:
+            run = subprocess.Popen([sys.executable, "-m", "caer.cli", "boxes", str(tmp_path / "list.txt"), "-o",
+                                    str(tmp_path / "out.json"), "--workers", "2", *extra],
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        runs.append(run)
+        started = wait_until(lambda: len(session_processes(run.pid, b"spawn_main")) == 2 or run.poll() is not None, 60)
+        assert started and run.poll() is None, output.read_text()
+        return run, output
+
+    yield start
+    for run in runs:
+        try:
+            os.killpg(run.pid, signal.SIGKILL)  # whatever a failed test left
+        except ProcessLookupError:
+            pass
+        run.wait()
+
+
+def test_the_workers_ignore_sigint(boxes_run, tmp_path):
+    """SIGINT sent to the workers alone (a Ctrl-C reaches them too, but it is the run's to handle) changes nothing:
+    the run finishes every frame."""
+    run, output = boxes_run(40)
+    for pid in session_processes(run.pid, b"spawn_main"):
+        os.kill(pid, signal.SIGINT)
+    assert run.wait(timeout=60) == 0, output.read_text()
+    assert len(json.loads((tmp_path / "out.json").read_text())["clip"]) == 40
+
+
+def test_ctrl_c_stops_the_run_and_its_workers_quietly(boxes_run):
+    """A terminal's Ctrl-C reaches every process of the foreground group: the run stops (hog at --upsample 2 would take
+    minutes over these frames), without a traceback, and leaves no process behind."""
+    run, output = boxes_run(400, "--upsample", "2")
+    os.killpg(run.pid, signal.SIGINT)
+    try:
+        code = run.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"caer boxes still runs 30 s after Ctrl-C:\n{output.read_text()}")
+    assert code != 0 and "Traceback" not in output.read_text(), output.read_text()
+    assert wait_until(lambda: not session_processes(run.pid), 10), session_processes(run.pid)
+
+
+def test_the_workers_end_when_the_run_is_killed(boxes_run):
+    run, output = boxes_run(400, "--upsample", "2")
+    run.kill()
+    run.wait()
+    assert wait_until(lambda: not session_processes(run.pid, b"spawn_main"), 10), output.read_text()
 
 
 # ------------------------------------------------------------------------------------------ tracking, on synthetic boxes

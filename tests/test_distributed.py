@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -39,7 +40,7 @@ def test_two_processes_write_one_store_equal_to_a_single_process(tmp_path, datas
 
     again = _torchrun(extract_args(dataset, out, weights, "--views", "2", "--workers", "0"))
     assert again.returncode == 0, again.stdout + again.stderr
-    assert FeatureCache.open(out).attrs["summary"]["clips_extracted"] == 0
+    assert re.search(r"clips extracted\W+0\W", again.stdout), again.stdout  # (a finished .h5 is left as it was)
 
 
 def test_ddp_training_on_two_processes(tmp_path, dataset, weights, zarr_cache):

@@ -1,6 +1,6 @@
 """The code layout (README, "Code layout"): data flows one way, with no import cycles, and functions stay short.
 
-Layers, bottom to top: ``config`` and ``runtime``; ``cache``; ``model``; ``data``; ``pipeline`` (the
+Layers, bottom to top: ``config``, ``runtime`` and ``processes``; ``cache``; ``model``; ``data``; ``pipeline`` (the
 recipes); ``cli``. A module may import from its own layer or below, never above.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import caer
 
 PACKAGE = Path(caer.__file__).parent
-LAYERS = {"config": 0, "runtime": 0, "cache": 1, "model": 2, "data": 3, "pipeline": 4, "cli": 5}
+LAYERS = {"config": 0, "runtime": 0, "processes": 0, "cache": 1, "model": 2, "data": 3, "pipeline": 4, "cli": 5}
 MAX_FUNCTION_LINES = 80
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from test_boxes import iou, two_faces
 from test_boxes import write_video as write_h264
 from test_video import as_video_dataset
 
+import caer.pipeline.predict
 from caer.cli import app
 from caer.config import PREDICT_DETECTION, PREDICT_OVERRIDES, PredictConfig, Source, load_config, options
 from caer.data.datasets import sample_indices
@@ -251,6 +253,83 @@ def test_clear_errors(stage2, videos, tmp_path):
     ]
     for (checkpoint, *inputs), extra, message in cases:
         result = predict_cli(checkpoint, inputs, *extra)
+        assert result.exit_code == 2, (message, result.output)
+        assert_in_output(message, result.output)
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """caer predict may not load its checkpoint (its first piece of work): a refusal must come before it."""
+    def load(*_):
+        raise AssertionError("caer predict started its work before refusing the settings")
+
+    monkeypatch.setattr(caer.pipeline.predict, "load_predictor", load)
+
+
+def test_outputs_are_checked_before_any_work_and_never_replace_an_input(stage2, videos, dataset, tmp_path, no_work):
+    """An output that is an input (the video, a frame folder or a file in it, the checkpoint, the box file) is refused
+    even with --overwrite; a folder, a path under a file, two outputs in one file, or an existing file without
+    --overwrite, too. Nothing is written."""
+    checkpoint, video, boxes = tmp_path / "ckpt.pt", tmp_path / "v.mp4", tmp_path / "b.json"
+    shutil.copy(stage2, checkpoint)
+    video_id = videos.video_ids()[0]  # "frames/.../clip_0004.mp4"
+    shutil.copy(videos.root / video_id, video)
+    boxes.write_text(json.dumps({"v.mp4": videos.boxes()[video_id]}))
+    folder = shutil.copytree(dataset.root / dataset.video_ids()[0], tmp_path / "frames")
+    (tmp_path / "folder.json").mkdir()
+    for name in ("old.json", "old.mp4", "out-1-v.mp4"):
+        (tmp_path / name).write_text("old")
+    before = {path: path.read_bytes() for path in (checkpoint, video, boxes, *folder.iterdir(), *tmp_path.glob("*o*"))
+              if path.is_file()}
+    with_boxes = ["--face-boxes", str(boxes)]
+    cases = [
+        ([video], [*with_boxes, "--annotate", str(video), "--overwrite"], f"--annotate {video} is the input {video}"),
+        ([video], [*with_boxes, "--json", str(checkpoint), "--overwrite"],
+         f"--json {checkpoint} is the checkpoint {checkpoint}: write the output elsewhere"),
+        ([video], [*with_boxes, "--json", str(boxes), "--overwrite"], f"--json {boxes} is the --face-boxes file {boxes}"),
+        ([folder], ["--json", str(folder), "--overwrite"], f"--json {folder} is the input {folder}"),
+        ([folder], ["--json", str(folder / "p.json")], f"--json {folder / 'p.json'} lies inside the input {folder}"),
+        ([video], [*with_boxes, "--json", str(tmp_path / "folder.json"), "--overwrite"],
+         f"--json {tmp_path / 'folder.json'} is a folder: give the file to write"),
+        ([video], [*with_boxes, "--json", str(boxes / "p.json")], f"--json {boxes / 'p.json'}: {boxes} is a file, not a folder"),
+        ([video], [*with_boxes, "--json", str(tmp_path / "old.json")],
+         f"--json {tmp_path / 'old.json'} already exists: pass --overwrite to replace it"),
+        ([video], [*with_boxes, "--annotate", str(tmp_path / "old.mp4")], f"--annotate {tmp_path / 'old.mp4'} already exists"),
+        ([video, folder], ["--annotate", str(tmp_path / "out.mp4")], f"--annotate {tmp_path / 'out-1-v.mp4'} already exists"),
+        ([video], [*with_boxes, "--json", str(tmp_path / "t.mp4"), "--annotate", str(tmp_path / "t.mp4")],
+         f"--json and --annotate name the same file, {tmp_path / 't.mp4'}"),
+    ]
+    for inputs, extra, message in cases:
+        result = predict_cli(checkpoint, inputs, *extra)
+        assert result.exit_code == 2, (message, result.output)
+        assert_in_output(message, result.output)
+    assert {path: path.read_bytes() for path in before} == before
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".") or p.stem in ("p", "t", "out")]
+
+
+def test_overwrite_replaces_an_earlier_output(stage2, dataset, tmp_path):
+    out = tmp_path / "p.json"
+    out.write_text("{}")
+    folder = dataset.root / dataset.video_ids()[0]
+    result = predict_cli(stage2, [folder], "--face-boxes", str(dataset.face_boxes), "--json", str(out), "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["inputs"][0]["input"] == str(folder)
+
+
+def test_flags_that_cannot_apply_where_the_faces_come_from_are_refused(stage2, videos, no_work):
+    """With a box file, the detector's and tracker's flags and --all-faces (a box file holds one person per clip);
+    with a detector, --root (it places the box file's keys)."""
+    video = videos.root / videos.video_ids()[0]
+    with_boxes = ["--face-boxes", str(videos.face_boxes)]
+    cases = [
+        ([*with_boxes, "--all-faces"], "with --face-boxes, --all-faces cannot apply"),
+        ([*with_boxes, "--upsample", "0", "--min-iou", "0.5", "--max-gap", "2"],
+         "with --face-boxes, --upsample, --min-iou, --max-gap cannot apply"),
+        (["--root", str(videos.root)], "with a face detector, --root cannot apply"),
+        (["--detector", "hog", "--root", str(videos.root)], "with a face detector, --root cannot apply"),
+    ]
+    for extra, message in cases:
+        result = predict_cli(stage2, [video], *extra)
         assert result.exit_code == 2, (message, result.output)
         assert_in_output(message, result.output)
 

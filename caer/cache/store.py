@@ -11,28 +11,25 @@ a temporary file that replaces the old one in one rename.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import multiprocessing
-import multiprocessing.connection
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
 import numpy as np
 import zarr
 
+from ..processes import spawned_pool
 from .schema import CLIPS, SCHEMA_VERSION, STREAMS, differences, skipped_source, store_key, with_added_keys
 
 try:
@@ -282,12 +279,7 @@ class CacheWriter:
         path = str(self.zarr_path)
         if not processes:
             return ThreadPoolExecutor(1, thread_name_prefix="caer-store", initializer=open_for_writes, initargs=(path,))
-        with _sigint_blocked():  # a Ctrl-C while a writer starts stays this process's (a KeyboardInterrupt here)
-            pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_start_writer_process, initargs=(path,))
-            for _ in range(processes):  # start them all now (a process starts per task): they open the store meanwhile
-                pool.submit(int)
-        return pool
+        return spawned_pool(processes, open_for_writes, path)  # they open the store while this process goes on
 
     def record_splits(self, splits: dict[str, list[str]]) -> None:
         """Add this run's splits to the store's before any clip is written, so that ``caer cache verify`` of a run
@@ -399,41 +391,6 @@ def write_clips(clips: list[tuple[str, np.ndarray, dict]]) -> list[tuple[str, di
     """``CacheWriter.write`` for each (video id, features, attrs), in order, in a writer thread or process
     (``CacheWriter.writers``); returns each clip's key and attributes, for the extracting process's ``done``."""
     return [_write_into(_opened.root, _opened.path, *clip) for clip in clips]
-
-
-@contextlib.contextmanager
-def _sigint_blocked():
-    """Spawned processes start with SIGINT ignored (Python keeps an ignored SIGINT ignored, instead of raising
-    KeyboardInterrupt): a writer process re-imports its parent's main module before its initializer runs, and a
-    Ctrl-C then would kill it and read as a dead writer. A Ctrl-C meanwhile waits, blocked, and reaches this process
-    when the block ends (Linux keeps a blocked signal pending even while it is ignored)."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, handler)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-
-
-def _start_writer_process(path: str) -> None:
-    """Initializer of a writer process. Ctrl-C is its parent's to handle (the parent still waits for the writes it
-    handed out), and it ends as soon as its parent does, so a killed run leaves no writer behind."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    parent = multiprocessing.parent_process()
-    if parent is not None:
-        threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
-    open_for_writes(path)
-
-
-def _exit_with(parent: multiprocessing.process.BaseProcess) -> None:
-    """End this process when ``parent`` ends: a pool's worker would otherwise wait for work forever (its queue's
-    other end lives on in itself), and could still be writing clips when the next run starts."""
-    multiprocessing.connection.wait([parent.sentinel])
-    os._exit(1)
 
 
 # --------------------------------------------------------------------------- reader

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from ..processes import spawned_pool
 from .raer import Box
 
 Detector = Callable[[np.ndarray], np.ndarray]
@@ -142,6 +144,12 @@ def _opencv_yunet(path: Path, upsample: int) -> Detector:
 
 # one detector per worker process (``caer boxes --workers N``): made once, by the pool's initializer
 _worker_detector: Detector | None = None
+
+
+def detector_pool(workers: int, spec: str, upsample: int) -> ProcessPoolExecutor:
+    """``workers`` spawned processes (``processes.spawned_pool``: Ctrl-C is the parent's, and they end with it),
+    each with the detector ``spec``. Spawned: a fork of a process with threads (rich, OpenCV) may hang."""
+    return spawned_pool(workers, start_worker, spec, upsample)
 
 
 def start_worker(spec: str, upsample: int) -> None:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import itertools
 import json
-import multiprocessing
 import sys
 import time
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from operator import itemgetter
 from pathlib import Path
@@ -24,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..config import BoxesConfig
-from ..data.faces import PersonBoxes, clip_person, detect_in_worker, make_detector, start_worker
+from ..data.faces import PersonBoxes, clip_person, detect_in_worker, detector_pool, make_detector
 from ..data.raer import Box, Clip, read_annotations
 from ..data.video import iter_clip_images
 from .display import progress_bar
@@ -93,9 +92,9 @@ def find_boxes(cfg: BoxesConfig, root: str | None = None, workers: int = 0, cons
     faces: dict[str, dict[str, list[int]]] = {}
     bodies: dict[str, list[int]] = {}
     start = time.perf_counter()
-    with progress_bar(console) as progress:
+    # closing: an interrupt or an error stops the workers here, not whenever the generator is collected
+    with progress_bar(console) as progress, closing(_detections(_frames(clips), detect, cfg, workers)) as stream:
         task = progress.add_task("boxes", total=sum(len(c.frames) for c in clips), info="")
-        stream = _detections(_frames(clips), detect, cfg, workers)
         for index, rows in itertools.groupby(stream, key=itemgetter(0)):
             clip, keys, sizes, detections = clips[index], [], [], []
             progress.update(task, info=clip.video_id)
@@ -127,16 +126,20 @@ def read_clips(annotations: list[str], root: Path) -> list[Clip]:
 
 
 def _check_outputs(cfg: BoxesConfig) -> list[Path]:
-    """The files to write (face boxes, then body boxes if asked for); existing ones are refused without --overwrite."""
-    outputs = [Path(cfg.out)] + ([Path(cfg.body_boxes)] if cfg.body_boxes else [])
-    if len(outputs) == 2 and outputs[0].resolve() == outputs[1].resolve():
+    """The files to write (face boxes, then body boxes if asked for). One that is an input list is refused whatever
+    --overwrite says; one that is a folder always, and one that exists without --overwrite."""
+    named = [("--out", Path(cfg.out))] + ([("--body-boxes", Path(cfg.body_boxes))] if cfg.body_boxes else [])
+    if len(named) == 2 and named[0][1].resolve() == named[1][1].resolve():
         raise ValueError(f"--out and --body-boxes name the same file, {cfg.out}")
-    for path in outputs:
+    for flag, path in named:
+        for source in map(Path, cfg.annotations):
+            if path.resolve() == source.resolve() or (path.exists() and source.exists() and path.samefile(source)):
+                raise ValueError(f"{flag} {path} is the input list {source}: write the boxes to another file")
         if path.is_dir():
-            raise ValueError(f"{path} is a folder: give the JSON file to write")
+            raise ValueError(f"{flag} {path} is a folder: give the JSON file to write")
         if path.exists() and not cfg.overwrite:
-            raise ValueError(f"{path} already exists: pass --overwrite to replace it")
-    return outputs
+            raise ValueError(f"{flag} {path} already exists: pass --overwrite to replace it")
+    return [path for _, path in named]
 
 
 def _frames(clips: list[Clip]) -> Iterator[tuple[int, str, np.ndarray]]:
@@ -150,13 +153,14 @@ def _detections(frames: Iterator[tuple[int, str, np.ndarray]], detect, cfg: Boxe
                 workers: int) -> Iterator[tuple[int, str, tuple[int, int], np.ndarray]]:
     """(clip index, key, (height, width), faces) of every frame, in order: by ``detect`` in this process, or with
     workers (each building ``cfg``'s detector), this process decodes and the workers detect, with a few frames in
-    flight per worker (so memory stays bounded)."""
+    flight per worker (so memory stays bounded). Closed early (an interrupt, an error), it drops the frames not yet
+    detected and waits for the workers to end."""
     if workers == 0:
         for index, key, rgb in frames:
             yield index, key, rgb.shape[:2], detect(rgb)
         return
-    context = multiprocessing.get_context("spawn")  # a fork of a process with threads (rich, OpenCV) may hang
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=start_worker, initargs=(cfg.detector, cfg.upsample)) as pool:
+    pool = detector_pool(workers, cfg.detector, cfg.upsample)
+    try:
         pending: deque = deque()
         for index, key, rgb in frames:
             pending.append((index, key, rgb.shape[:2], pool.submit(detect_in_worker, rgb)))
@@ -165,6 +169,8 @@ def _detections(frames: Iterator[tuple[int, str, np.ndarray]], detect, cfg: Boxe
                 yield index, key, size, future.result()
         for index, key, size, future in pending:
             yield index, key, size, future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _pixels(box: Box) -> list[int]:

@@ -140,12 +140,8 @@ class Faces:
 
     @classmethod
     def from_options(cls, overrides: dict, detection: dict) -> Faces:
+        """The box file's faces, or the detector (``check_face_options`` has refused flags of the other mode)."""
         face_boxes, body_boxes = overrides.get("face_boxes"), overrides.get("body_boxes")
-        if face_boxes and detection.get("detector"):
-            raise ValueError("give --face-boxes or --detector, not both")
-        if body_boxes and not face_boxes:
-            raise ValueError("--body-boxes goes with --face-boxes (with a detector, the body box comes from the "
-                             "person's face track)")
         settings = from_flat(BoxesConfig, {k: v for k, v in detection.items() if v is not None}, "flag")
         if not face_boxes:  # a wrong detector name fails here, before any work
             return cls(settings, make_detector(settings.detector, settings.upsample))
@@ -369,10 +365,43 @@ class PredictResult:
 
 # ------------------------------------------------------------------------------------------ the recipe
 
-def check_settings(cfg: PredictConfig) -> list[Path]:
+def check_settings(cfg: PredictConfig, overrides: dict, detection: dict) -> list[Path]:
     """Refuse unusable settings before any work; the annotated videos to write (one per input, or none)."""
     if not cfg.inputs:
         raise ValueError("caer predict needs at least one video file or frame folder")
+    check_face_options(cfg.all_faces, overrides, detection)
+    annotated = annotate_paths(cfg)
+    outputs = ([("--json", Path(cfg.json))] if cfg.json else []) + [("--annotate", path) for path in annotated]
+    check_outputs(outputs, input_paths(cfg, overrides), cfg.overwrite)
+    return annotated
+
+
+def check_face_options(all_faces: bool, overrides: dict, detection: dict) -> None:
+    """Refuse flags that cannot apply where the faces come from: a box file (one person per clip, no detection or
+    tracking) or a detector (no box file whose keys --root would anchor)."""
+    face_boxes = overrides.get("face_boxes")
+    if face_boxes and detection.get("detector"):
+        raise ValueError("give --face-boxes or --detector, not both")
+    if overrides.get("body_boxes") and not face_boxes:
+        raise ValueError("--body-boxes goes with --face-boxes (with a detector, the body box comes from the "
+                         "person's face track)")
+    if face_boxes:
+        unused = (["--all-faces"] if all_faces else []) + [_flag(k) for k, v in detection.items() if v is not None]
+        if unused:
+            names = ", ".join(unused)
+            raise ValueError(f"with --face-boxes, {names} cannot apply (face detection and tracking options; the box "
+                             f"file gives each input's one person): leave out {names}, or --face-boxes to detect faces")
+    elif overrides.get("root") is not None:
+        raise ValueError("with a face detector, --root cannot apply (the folder the --face-boxes file's keys are "
+                         "relative to): leave out --root, or give --face-boxes")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def annotate_paths(cfg: PredictConfig) -> list[Path]:
+    """The annotated videos to write: --annotate itself for one input, else one file per input beside it."""
     if not cfg.annotate:
         return []
     out = Path(cfg.annotate)
@@ -381,6 +410,41 @@ def check_settings(cfg: PredictConfig) -> list[Path]:
     if len(cfg.inputs) == 1:
         return [out]
     return [out.with_name(f"{out.stem}-{k}-{Path(name).stem}{out.suffix}") for k, name in enumerate(cfg.inputs, start=1)]
+
+
+def input_paths(cfg: PredictConfig, overrides: dict) -> list[tuple[str, Path]]:
+    """(what it is, path) of every file or folder the run reads."""
+    named = [("the checkpoint", cfg.checkpoint), *(("the input", path) for path in cfg.inputs),
+             ("the --face-boxes file", overrides.get("face_boxes")), ("the --body-boxes file", overrides.get("body_boxes"))]
+    return [(what, Path(path)) for what, path in named if path]
+
+
+def check_outputs(outputs: list[tuple[str, Path]], inputs: list[tuple[str, Path]], overwrite: bool) -> None:
+    """Refuse, before any work, an output (flag, path) that is one of the inputs or inside an input folder (whatever
+    --overwrite says), names the same file as another output, is a folder or lies under a file, or already exists
+    (without ``overwrite``)."""
+    written: dict[Path, str] = {}
+    for flag, path in outputs:
+        for what, source in inputs:
+            same = _same_file(path, source)
+            if same or (source.is_dir() and source.resolve() in path.resolve().parents):
+                raise ValueError(f"{flag} {path} {'is' if same else 'lies inside'} {what} {source}: write the output "
+                                 "elsewhere")
+        if path.resolve() in written:
+            raise ValueError(f"{written[path.resolve()]} and {flag} name the same file, {path}")
+        written[path.resolve()] = flag
+        if path.is_dir():
+            raise ValueError(f"{flag} {path} is a folder: give the file to write")
+        blocker = next((parent for parent in path.parents if parent.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise ValueError(f"{flag} {path}: {blocker} is a file, not a folder")
+        if path.exists() and not overwrite:
+            raise ValueError(f"{flag} {path} already exists: pass --overwrite to replace it")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file or folder (through links, too)."""
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
 
 
 def predict_input(p: Predictor, clip: Clip, faces: Faces, cfg: PredictConfig, progress: Progress) -> InputResult:
@@ -408,7 +472,7 @@ def predict(cfg: PredictConfig, overrides: dict | None = None, detection: dict |
     detection options (``PREDICT_DETECTION``)."""
     console = console or Console()
     overrides, detection = overrides or {}, detection or {}
-    annotated = check_settings(cfg)
+    annotated = check_settings(cfg, overrides, detection)
     faces = Faces.from_options(overrides, detection)
     run_options = {k: overrides.get(k) for k in ("pretrained", "device")}
     predictor = load_predictor(cfg.checkpoint, run_options)
