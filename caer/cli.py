@@ -200,7 +200,7 @@ def init_weights(values: dict):
 
 @app.command(rich_help_panel="Data")
 @friendly_errors
-@flags_of(BoxesConfig, reuse=("root", "workers"))
+@flags_of(BoxesConfig, reuse=("root", "workers"), borrow=((ExtractConfig, ("skip_bad",)),))
 def boxes(values: dict):
     """Find face boxes (and body boxes) for clips that have none: detect faces in every frame, track them, keep each
     clip's person.
@@ -212,10 +212,12 @@ def boxes(values: dict):
     from .config import default_workers
     from .pipeline.boxes import find_boxes
 
-    root, workers = values.pop("root"), values.pop("workers")
+    root, workers, skip_bad = values.pop("root"), values.pop("workers"), bool(values.pop("skip_bad"))
     summary = find_boxes(from_flat(BoxesConfig, values, "flag"), root, default_workers() if workers is None else workers,
-                         console)
+                         console, skip_bad)
     console.print(summary.table())
+    for line in summary.skipped:
+        console.print(f"[yellow]skipped[/] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 @app.command(rich_help_panel="Data")

@@ -161,7 +161,7 @@ def test_worker_processes_write_the_same_boxes(photo, tmp_path):
 def test_boxes_has_one_flag_per_declared_option():
     command = typer.main.get_command(app).commands["boxes"]
     flags = sorted(p.name for p in command.params if p.name != "help")
-    assert flags == sorted([f.name for f, _ in options(BoxesConfig)] + ["root", "workers"])
+    assert flags == sorted([f.name for f, _ in options(BoxesConfig)] + ["root", "workers", "skip_bad"])
 
 
 def test_bad_input_is_one_line_and_leaves_no_half_written_file(photo, tmp_path):
@@ -187,6 +187,28 @@ def test_bad_input_is_one_line_and_leaves_no_half_written_file(photo, tmp_path):
     assert_in_output(f"--detector yunet:{tmp_path / 'yunet.onnx'}: no such file", missing.output)
     assert boxes_cli(tmp_path / "list.txt", out, "--overwrite").exit_code == 0
     assert list(json.loads(out.read_text())["good"]) == ["1.png"]
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_skip_bad_leaves_out_clips_with_bad_input_and_keeps_the_others(photo, tmp_path, workers):
+    """Without --skip-bad one unreadable frame stops the run and nothing is written (hours of detection lost on a
+    long dataset); with it the clip is left out and listed, and every other clip gets its boxes."""
+    for name in ("good", "damaged"):
+        (tmp_path / name).mkdir()
+        for n in range(1, 5):
+            Image.fromarray(astronaut_window(photo, 2 * n)[0]).save(tmp_path / name / f"{n}.png")
+    (tmp_path / "damaged" / "3.png").write_bytes(b"not a png")
+    (tmp_path / "list.txt").write_text("damaged 4 1\ngood 4 1\nmissing 4 1\n")
+    out = tmp_path / "face_boxes.json"
+    stopped = boxes_cli(tmp_path / "list.txt", out, "--workers", workers)
+    assert stopped.exit_code == 2 and not out.exists(), stopped.output
+    done = boxes_cli(tmp_path / "list.txt", out, "--workers", workers, "--skip-bad")
+    assert done.exit_code == 0, done.output
+    assert list(json.loads(out.read_text())) == ["good"]
+    assert list(json.loads(out.read_text())["good"]) == [f"{n}.png" for n in range(1, 5)]
+    assert_in_output(f"skipped {tmp_path / 'list.txt'}:1: {tmp_path / 'damaged' / '3.png'}: cannot read image", done.output)
+    assert_in_output(f"{tmp_path / 'list.txt'}:3:", done.output)
+    assert_in_output("clips skipped (bad input) │ 2", done.output)
 
 
 def test_an_input_list_is_never_an_output(photo, tmp_path):

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..config import BoxesConfig
+from ..data.errors import DataError
 from ..data.faces import PersonBoxes, clip_person, detect_in_worker, detector_pool, make_detector
 from ..data.raer import Box, Clip, read_annotations
 from ..data.video import iter_clip_images
@@ -43,6 +44,7 @@ class BoxesSummary:
     tracks: int = 0
     seconds: float = 0.0
     written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # with --skip-bad: the clips left out, each with its reason
 
     @property
     def frames_without_face(self) -> int:
@@ -61,6 +63,8 @@ class BoxesSummary:
         t = Table(title="caer boxes", show_header=False)
         t.add_row("detector", self.detector)
         t.add_row("clips", str(self.clips))
+        if self.skipped:
+            t.add_row("clips skipped (bad input)", str(len(self.skipped)))
         t.add_row("clips with no face at all", str(self.clips_without_face))
         t.add_row("frames", str(self.frames))
         t.add_row("frames with the person's face found", _share(self.frames_detected, self.frames))
@@ -79,30 +83,42 @@ def _share(count: int, total: int) -> str:
     return f"{count} ({100 * count / max(total, 1):.1f}%)"
 
 
-def find_boxes(cfg: BoxesConfig, root: str | None = None, workers: int = 0, console: Console | None = None) -> BoxesSummary:
+def find_boxes(cfg: BoxesConfig, root: str | None = None, workers: int = 0, console: Console | None = None,
+               skip_bad: bool = False) -> BoxesSummary:
     """Detect, track and choose each clip's person in every clip of ``cfg.annotations``; write the box files.
-    ``root`` defaults to the first annotation file's folder; ``workers`` = 0 detects in this process."""
+    ``root`` defaults to the first annotation file's folder; ``workers`` = 0 detects in this process; with
+    ``skip_bad`` a clip with bad input (a missing folder, an unreadable frame) is left out and listed, instead of
+    stopping the run."""
     console = console or Console()
     outputs = _check_outputs(cfg)
     if not cfg.annotations:
         raise ValueError("caer boxes needs at least one annotation file")
     detect = make_detector(cfg.detector, cfg.upsample)  # a wrong name or a missing model file fails here, before any work
-    clips = read_clips(cfg.annotations, Path(root or Path(cfg.annotations[0]).parent))
-    summary = BoxesSummary(cfg.detector, clips=len(clips))
+    clips, bad = read_clips(cfg.annotations, Path(root or Path(cfg.annotations[0]).parent), skip_bad)
+    summary = BoxesSummary(cfg.detector, clips=len(clips), skipped=bad)
     faces: dict[str, dict[str, list[int]]] = {}
     bodies: dict[str, list[int]] = {}
     start = time.perf_counter()
     # closing: an interrupt or an error stops the workers here, not whenever the generator is collected
-    with progress_bar(console) as progress, closing(_detections(_frames(clips), detect, cfg, workers)) as stream:
+    stream = _detections(_frames(clips, skip_bad), detect, cfg, workers)
+    with progress_bar(console) as progress, closing(stream):
         task = progress.add_task("boxes", total=sum(len(c.frames) for c in clips), info="")
         for index, rows in itertools.groupby(stream, key=itemgetter(0)):
             clip, keys, sizes, detections = clips[index], [], [], []
             progress.update(task, info=clip.video_id)
+            error = None
             for _, key, size, found in rows:
+                if key is None:  # the clip's bad frame (--skip-bad): ``found`` is its error
+                    error = found
+                    break
                 keys.append(key)
                 sizes.append(size)
                 detections.append(found)
                 progress.advance(task)
+            if error is not None:
+                summary.skipped.append(f"{clip.source}: {error}")
+                progress.advance(task, len(clip.frames) - len(keys))
+                continue
             height, width = np.max(sizes, axis=0).tolist()  # a folder's frames may differ in size: its largest
             person = clip_person(detections, width, height, cfg.min_iou, cfg.max_gap)
             faces[clip.video_id] = {keys[f]: _pixels(box) for f, box in person.faces.items()}
@@ -115,14 +131,17 @@ def find_boxes(cfg: BoxesConfig, root: str | None = None, workers: int = 0, cons
     return summary
 
 
-def read_clips(annotations: list[str], root: Path) -> list[Clip]:
-    """Every clip of the annotation files, once (a clip listed in two files needs its boxes once)."""
+def read_clips(annotations: list[str], root: Path, skip_bad: bool = False) -> tuple[list[Clip], list[str]]:
+    """Every clip of the annotation files, once (a clip listed in two files needs its boxes once), and, with
+    ``skip_bad``, the clips left out for bad input (else that is an error)."""
     clips: dict[str, Clip] = {}
-    for path in annotations:
-        found, _ = read_annotations(path, root, num_classes=sys.maxsize)  # any label will do: boxes ignore labels
+    bad: list[str] = []
+    for path in annotations:  # any label will do: boxes ignore labels
+        found, skipped = read_annotations(path, root, num_classes=sys.maxsize, skip_bad=skip_bad)
+        bad += [str(b) for b in skipped]
         for clip in found:
             clips.setdefault(clip.video_id, clip)
-    return list(clips.values())
+    return list(clips.values()), bad
 
 
 def _check_outputs(cfg: BoxesConfig) -> list[Path]:
@@ -142,11 +161,17 @@ def _check_outputs(cfg: BoxesConfig) -> list[Path]:
     return [path for _, path in named]
 
 
-def _frames(clips: list[Clip]) -> Iterator[tuple[int, str, np.ndarray]]:
-    """(clip index, box-file key, RGB array) of every frame of every clip, in order."""
+def _frames(clips: list[Clip], skip_bad: bool = False) -> Iterator[tuple[int, str | None, np.ndarray | str]]:
+    """(clip index, box-file key, RGB array) of every frame of every clip, in order. With ``skip_bad`` a clip's bad
+    frame ends the clip with (its index, None, the error) instead of stopping the run."""
     for index, clip in enumerate(clips):
-        for key, image in iter_clip_images(clip):
-            yield index, key, np.asarray(image)
+        try:
+            for key, image in iter_clip_images(clip):
+                yield index, key, np.asarray(image)
+        except DataError as err:
+            if not skip_bad:
+                raise
+            yield index, None, str(err)
 
 
 def _detections(frames: Iterator[tuple[int, str, np.ndarray]], detect, cfg: BoxesConfig,
@@ -157,20 +182,26 @@ def _detections(frames: Iterator[tuple[int, str, np.ndarray]], detect, cfg: Boxe
     detected and waits for the workers to end."""
     if workers == 0:
         for index, key, rgb in frames:
-            yield index, key, rgb.shape[:2], detect(rgb)
+            yield (index, key, rgb.shape[:2], detect(rgb)) if key is not None else (index, None, None, rgb)
         return
     pool = detector_pool(workers, cfg.detector, cfg.upsample)
     try:
         pending: deque = deque()
-        for index, key, rgb in frames:
-            pending.append((index, key, rgb.shape[:2], pool.submit(detect_in_worker, rgb)))
+        for index, key, rgb in frames:  # a bad clip's (index, None, error) passes through in its place
+            pending.append((index, key, rgb.shape[:2], pool.submit(detect_in_worker, rgb)) if key is not None
+                           else (index, None, None, rgb))
             if len(pending) > 2 * workers:
-                index, key, size, future = pending.popleft()
-                yield index, key, size, future.result()
-        for index, key, size, future in pending:
-            yield index, key, size, future.result()
+                yield _done(pending.popleft())
+        for entry in pending:
+            yield _done(entry)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _done(entry: tuple) -> tuple:
+    """A frame handed to a worker, with its faces once found (a bad clip's error entry as it is)."""
+    index, key, size, future = entry
+    return (index, key, size, future.result()) if key is not None else entry
 
 
 def _pixels(box: Box) -> list[int]:
