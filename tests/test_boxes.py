@@ -209,6 +209,7 @@ def test_skip_bad_leaves_out_clips_with_bad_input_and_keeps_the_others(photo, tm
     assert_in_output(f"skipped {tmp_path / 'list.txt'}:1: {tmp_path / 'damaged' / '3.png'}: cannot read image", done.output)
     assert_in_output(f"{tmp_path / 'list.txt'}:3:", done.output)
     assert_in_output("clips skipped (bad input) │ 2", done.output)
+    assert_in_output("│ clips │ 1 │", done.output)  # the clips with boxes: the damaged one is counted once, as skipped
 
 
 def test_an_input_list_is_never_an_output(photo, tmp_path):

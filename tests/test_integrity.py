@@ -231,3 +231,37 @@ def test_re_running_on_a_finished_h5_leaves_the_file_as_it_is(tmp_path, h5_cache
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     assert not out.with_name(out.name + ".partial.zarr").exists()
     assert FeatureCache.open(out).attrs["summary"]["clips_extracted"] == len(dataset.video_ids())  # the first run's
+
+
+def test_a_store_of_a_dataset_that_moved_resumes_from_its_new_place(tmp_path, dataset, weights):
+    """The recorded root is gone: the new one is taken as the same dataset moved (and said so), not refused."""
+    first = dataset.copy(tmp_path / "before")
+    out = tmp_path / "c.zarr"
+    train, val = (str(first.root / f"{s}.txt") for s in ("train", "val"))
+    base = ["--face-boxes", str(first.face_boxes), "--out", str(out), "--model", "caer-tiny", "--pretrained",
+            str(weights), "--device", "cpu", "--workers", "0"]
+    assert run_cli(["extract", train, *base]).exit_code == 0
+    moved = first.root.rename(tmp_path / "after")
+    base[1] = str(moved / "face_boxes.json")
+    resumed = run_cli(["extract", str(moved / "val.txt"), *base])
+    assert resumed.exit_code == 0, resumed.output
+    assert_in_output(f"was cut from frames under {first.root.resolve()}, which is gone; taking {moved.resolve()}",
+                     resumed.output)
+    assert FeatureCache.open(out).inputs["root"] == str(moved.resolve())
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "h5"])
+def test_a_store_reached_through_a_link_is_written_and_replaced_in_place(fmt, tmp_path, dataset, weights):
+    """Resuming, finishing (HDF5 replaces its file) and --overwrite act on the store the link points to."""
+    real, link = tmp_path / f"real.{fmt}", tmp_path / f"link.{fmt}"
+    train, val = (str(dataset.root / f"{s}.txt") for s in ("train", "val"))
+    base = ["--face-boxes", str(dataset.face_boxes), "--model", "caer-tiny", "--pretrained", str(weights),
+            "--device", "cpu", "--workers", "0"]
+    assert run_cli(["extract", train, "-o", str(real), *base]).exit_code == 0
+    link.symlink_to(real)
+    assert run_cli(["extract", val, "-o", str(link), *base]).exit_code == 0
+    assert link.is_symlink() and len(FeatureCache.open(real).video_ids) == sum(
+        1 for path in (train, val) for line in Path(path).read_text().splitlines() if line.strip())
+    replaced = run_cli(["extract", val, "-o", str(link), "--overwrite", "--views", "2", *base])
+    assert replaced.exit_code == 0, replaced.output
+    assert link.is_symlink() and FeatureCache.open(real).views == 2

@@ -160,9 +160,12 @@ class CacheWriter:
     def __init__(self, path: str | Path, fingerprint: dict, fmt: str = "auto", overwrite: bool = False,
                  inputs: dict | None = None, lock: bool = True):
         self.path = Path(path)
+        if self.path.is_symlink():  # write, replace and remove the store itself, never the link to it
+            self.path = self.path.resolve()
         self.format = detect_format(self.path, fmt)
         self.fingerprint = fingerprint
         self.inputs = inputs or {}  # the dataset root and box files this run reads (recorded, not fingerprinted)
+        self.moved_from: str | None = None  # the recorded dataset root, when it is gone and this run reads another
         self.zarr_path = _staging_path(self.path) if self.format == "h5" else self.path
         if self.path.parent.exists() and not self.path.parent.is_dir():
             raise CacheError(f"{self.path.parent}: is a file, not a folder; cannot write {self.path.name} in it")
@@ -199,13 +202,17 @@ class CacheWriter:
         self.done.update(_zarr_done_clips(self.zarr_path))
 
     def _check_same_root(self, stored: dict) -> None:
-        """Clips are named by their path under the dataset root: the same names under another root are other
-        frames, which must not join this store (its record of the root would then be wrong for some clips)."""
+        """Clips are named by their path under the dataset root: the same names under another root that still
+        exists are other frames, which must not join this store. A root that is gone is taken as moved: the run
+        goes on from the new one, and ``moved_from`` says so (the caller tells the user)."""
         old, new = stored.get("root"), self.inputs.get("root")
-        if old and new and old != new:
+        if not (old and new and old != new):
+            return
+        if Path(old).exists() and not os.path.samefile(old, new):
             raise CacheError(f"{self.path} holds clips cut from frames under {old}; this run reads {new}. Pass --root "
                              f"{old} (the clips' paths are relative to it), or use another output path, or --overwrite "
                              "to replace the store")
+        self.moved_from = old
 
     def close(self) -> None:
         """Let another process write the store."""

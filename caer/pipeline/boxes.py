@@ -117,6 +117,7 @@ def find_boxes(cfg: BoxesConfig, root: str | None = None, workers: int = 0, cons
                 progress.advance(task)
             if error is not None:
                 summary.skipped.append(f"{clip.source}: {error}")
+                summary.clips -= 1  # the clips with boxes
                 progress.advance(task, len(clip.frames) - len(keys))
                 continue
             height, width = np.max(sizes, axis=0).tolist()  # a folder's frames may differ in size: its largest

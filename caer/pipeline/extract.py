@@ -392,6 +392,9 @@ def extract(cfg: ExtractConfig, backbone: CLIPBackbone | None = None, console: C
                                  clips_repaired=repaired)
         if rank == 0:
             _warn_about_inputs(cfg, clips, view_maker, root, summary, console)
+            if writer.moved_from:
+                console.print(f"[yellow]note:[/] {cfg.out} was cut from frames under {writer.moved_from}, which is "
+                              f"gone; taking {root} as the same dataset moved", highlight=False, soft_wrap=True)
             writer.record_splits(splits)  # a run cut short still says which clips it was to write
         todo = todo[rank::world]  # under torchrun every rank writes its own disjoint share of the clips
         start = time.perf_counter()
