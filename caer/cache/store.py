@@ -291,7 +291,7 @@ class CacheWriter:
     def record_splits(self, splits: dict[str, list[str]]) -> None:
         """Add this run's splits to the store's before any clip is written, so that ``caer cache verify`` of a run
         cut short knows which clips are missing."""
-        self.root.attrs["splits"] = self._merged_splits(splits)
+        self.root.attrs["splits"] = self._merged_splits(splits, self._finished_h5_attrs())
 
     def finish(self, splits: dict[str, list[str]], skipped: list[str], summary: dict,
                skipped_clips: list[str] = ()) -> None:
@@ -300,7 +300,7 @@ class CacheWriter:
         earlier = {key: list(dict(self.root.attrs).get(key, [])) + list(finished.get(key, []))
                    for key in ("skipped", "skipped_clips")}
         skipped, skipped_clips = self._merge_skipped(earlier, splits, skipped, skipped_clips)
-        record = {"splits": self._merged_splits(splits), "skipped": skipped, "skipped_clips": skipped_clips,
+        record = {"splits": self._merged_splits(splits, finished), "skipped": skipped, "skipped_clips": skipped_clips,
                   "inputs": self.inputs}
         self.root.attrs.update(record | {"summary": summary})
         if self.format != "h5":
@@ -317,10 +317,11 @@ class CacheWriter:
         with h5py.File(self.path, "r") as f:
             return {k: json.loads(v) for k, v in f.attrs.items()}
 
-    def _merged_splits(self, splits: dict[str, list[str]]) -> dict[str, list[str]]:
-        """The store's splits (staged and finished) with ``splits``' new clips appended, in order."""
+    def _merged_splits(self, splits: dict[str, list[str]], finished: dict) -> dict[str, list[str]]:
+        """The store's splits (staged, and those of the ``finished`` HDF5 file's attributes) with ``splits``' new
+        clips appended, in order."""
         merged = {name: list(ids) for name, ids in dict(self.root.attrs).get("splits", {}).items()}
-        for name, ids in self._finished_h5_attrs().get("splits", {}).items():
+        for name, ids in finished.get("splits", {}).items():
             merged.setdefault(name, list(ids))
         for name, ids in splits.items():
             known = set(merged.setdefault(name, []))
