@@ -95,12 +95,12 @@ def find_boxes(cfg: BoxesConfig, root: str | None = None, workers: int = 0, cons
         raise ValueError("caer boxes needs at least one annotation file")
     detect = make_detector(cfg.detector, cfg.upsample)  # a wrong name or a missing model file fails here, before any work
     clips, bad = read_clips(cfg.annotations, Path(root or Path(cfg.annotations[0]).parent), skip_bad)
-    summary = BoxesSummary(cfg.detector, clips=len(clips), skipped=bad)
+    summary = BoxesSummary(cfg.detector, skipped=bad)
     faces: dict[str, dict[str, list[int]]] = {}
     bodies: dict[str, list[int]] = {}
     start = time.perf_counter()
-    # closing: an interrupt or an error stops the workers here, not whenever the generator is collected
     stream = _detections(_frames(clips, skip_bad), detect, cfg, workers)
+    # closing: an interrupt or an error stops the workers here, not whenever the generator is collected
     with progress_bar(console) as progress, closing(stream):
         task = progress.add_task("boxes", total=sum(len(c.frames) for c in clips), info="")
         for index, rows in itertools.groupby(stream, key=itemgetter(0)):
@@ -117,7 +117,6 @@ def find_boxes(cfg: BoxesConfig, root: str | None = None, workers: int = 0, cons
                 progress.advance(task)
             if error is not None:
                 summary.skipped.append(f"{clip.source}: {error}")
-                summary.clips -= 1  # the clips with boxes
                 progress.advance(task, len(clip.frames) - len(keys))
                 continue
             height, width = np.max(sizes, axis=0).tolist()  # a folder's frames may differ in size: its largest
@@ -125,7 +124,7 @@ def find_boxes(cfg: BoxesConfig, root: str | None = None, workers: int = 0, cons
             faces[clip.video_id] = {keys[f]: _pixels(box) for f, box in person.faces.items()}
             bodies[clip.video_id] = _pixels(person.body)
             summary.add(person, detections)
-    summary.seconds = time.perf_counter() - start
+    summary.seconds, summary.clips = time.perf_counter() - start, len(faces)  # the clips with boxes
     written = dict(zip(outputs, (faces, bodies)))  # the body boxes only when --body-boxes named a file
     write_atomically({path: json.dumps(boxes) for path, boxes in written.items()})
     summary.written += [str(path) for path in written]
