@@ -424,6 +424,10 @@ class FeatureCache:
     def open(cls, path: str | Path) -> FeatureCache:
         path = Path(path)
         if not path.exists():
+            staged = _staging_path(path)
+            if detect_format(path) == "h5" and staged.is_dir():
+                raise CacheError(f"{path}: not built yet: an extraction into it stopped before the end, and its "
+                                 f"finished clips wait in {staged}; run the same `caer extract` again to finish it")
             raise CacheError(f"{path}: no feature cache here (run `caer extract` first)")
         if path.is_dir():
             attrs = _zarr_root_attrs(path)
