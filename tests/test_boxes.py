@@ -220,7 +220,7 @@ def test_an_input_list_is_never_an_output(photo, tmp_path):
         path.write_text("good 1 1\n")
     refused = boxes_cli(lists[0], lists[0], "--overwrite")
     assert refused.exit_code == 2, refused.output
-    assert_in_output(f"--out {lists[0]} is the input list {lists[0]}: write the boxes to another file", refused.output)
+    assert_in_output(f"--out {lists[0]} is the input list {lists[0]}: write the output elsewhere", refused.output)
     other = tmp_path / "sub" / ".." / "b.txt"  # another spelling of the second list
     (tmp_path / "sub").mkdir()
     refused = run_cli(["boxes", *map(str, lists), "-o", str(tmp_path / "f.json"), "--body-boxes", str(other),

@@ -28,7 +28,7 @@ from ..data.faces import PersonBoxes, clip_person, detect_in_worker, detector_po
 from ..data.raer import Box, Clip, read_annotations
 from ..data.video import iter_clip_images
 from .display import progress_bar
-from .report import write_atomically
+from .report import check_outputs, write_atomically
 
 
 @dataclass
@@ -145,19 +145,10 @@ def read_clips(annotations: list[str], root: Path, skip_bad: bool = False) -> tu
 
 
 def _check_outputs(cfg: BoxesConfig) -> list[Path]:
-    """The files to write (face boxes, then body boxes if asked for). One that is an input list is refused whatever
-    --overwrite says; one that is a folder always, and one that exists without --overwrite."""
+    """The files to write (face boxes, then body boxes if asked for), checked (``report.check_outputs``): an input
+    list is never one of them."""
     named = [("--out", Path(cfg.out))] + ([("--body-boxes", Path(cfg.body_boxes))] if cfg.body_boxes else [])
-    if len(named) == 2 and named[0][1].resolve() == named[1][1].resolve():
-        raise ValueError(f"--out and --body-boxes name the same file, {cfg.out}")
-    for flag, path in named:
-        for source in map(Path, cfg.annotations):
-            if path.resolve() == source.resolve() or (path.exists() and source.exists() and path.samefile(source)):
-                raise ValueError(f"{flag} {path} is the input list {source}: write the boxes to another file")
-        if path.is_dir():
-            raise ValueError(f"{flag} {path} is a folder: give the JSON file to write")
-        if path.exists() and not cfg.overwrite:
-            raise ValueError(f"{flag} {path} already exists: pass --overwrite to replace it")
+    check_outputs(named, [("the input list", Path(path)) for path in cfg.annotations], cfg.overwrite)
     return [path for _, path in named]
 
 

@@ -35,7 +35,7 @@ from ..model.encoder import Preprocess
 from ..runtime import autocast, resolve_device
 from .annotate import ANNOTATE_SUFFIXES, write_annotated
 from .display import progress_bar
-from .report import write_atomically
+from .report import check_outputs, write_atomically
 
 FRAMES_PER_CHUNK = 32  # frames decoded, cut (for every person) and encoded together
 WINDOWS_PER_BATCH = 256  # windows through the temporal model at once
@@ -417,34 +417,6 @@ def input_paths(cfg: PredictConfig, overrides: dict) -> list[tuple[str, Path]]:
     named = [("the checkpoint", cfg.checkpoint), *(("the input", path) for path in cfg.inputs),
              ("the --face-boxes file", overrides.get("face_boxes")), ("the --body-boxes file", overrides.get("body_boxes"))]
     return [(what, Path(path)) for what, path in named if path]
-
-
-def check_outputs(outputs: list[tuple[str, Path]], inputs: list[tuple[str, Path]], overwrite: bool) -> None:
-    """Refuse, before any work, an output (flag, path) that is one of the inputs or inside an input folder (whatever
-    --overwrite says), names the same file as another output, is a folder or lies under a file, or already exists
-    (without ``overwrite``)."""
-    written: dict[Path, str] = {}
-    for flag, path in outputs:
-        for what, source in inputs:
-            same = _same_file(path, source)
-            if same or (source.is_dir() and source.resolve() in path.resolve().parents):
-                raise ValueError(f"{flag} {path} {'is' if same else 'lies inside'} {what} {source}: write the output "
-                                 "elsewhere")
-        if path.resolve() in written:
-            raise ValueError(f"{written[path.resolve()]} and {flag} name the same file, {path}")
-        written[path.resolve()] = flag
-        if path.is_dir():
-            raise ValueError(f"{flag} {path} is a folder: give the file to write")
-        blocker = next((parent for parent in path.parents if parent.exists()), None)
-        if blocker is not None and not blocker.is_dir():
-            raise ValueError(f"{flag} {path}: {blocker} is a file, not a folder")
-        if path.exists() and not overwrite:
-            raise ValueError(f"{flag} {path} already exists: pass --overwrite to replace it")
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    """Whether two paths name one file or folder (through links, too)."""
-    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
 
 
 def predict_input(p: Predictor, clip: Clip, faces: Faces, cfg: PredictConfig, progress: Progress) -> InputResult:

@@ -125,3 +125,31 @@ def write_atomically(files: dict[Path, str]) -> None:
     finally:
         for temp in temps.values():
             temp.unlink(missing_ok=True)
+
+
+def check_outputs(outputs: list[tuple[str, Path]], inputs: list[tuple[str, Path]], overwrite: bool) -> None:
+    """Refuse, before any work, an output (flag, path) that is one of the inputs (what it is, path) or inside an
+    input folder (whatever --overwrite says), names the same file as another output, is a folder or lies under a
+    file, or already exists (without ``overwrite``). Every command that writes files checks them here."""
+    written: dict[Path, str] = {}
+    for flag, path in outputs:
+        for what, source in inputs:
+            same = _same_file(path, source)
+            if same or (source.is_dir() and source.resolve() in path.resolve().parents):
+                raise ValueError(f"{flag} {path} {'is' if same else 'lies inside'} {what} {source}: write the output "
+                                 "elsewhere")
+        if path.resolve() in written:
+            raise ValueError(f"{written[path.resolve()]} and {flag} name the same file, {path}")
+        written[path.resolve()] = flag
+        if path.is_dir():
+            raise ValueError(f"{flag} {path} is a folder: give the file to write")
+        blocker = next((parent for parent in path.parents if parent.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise ValueError(f"{flag} {path}: {blocker} is a file, not a folder")
+        if path.exists() and not overwrite:
+            raise ValueError(f"{flag} {path} already exists: pass --overwrite to replace it")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file or folder (through links, too)."""
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))

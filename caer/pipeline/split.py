@@ -22,7 +22,7 @@ from rich.table import Table
 
 from ..config import SplitConfig
 from ..data.raer import Clip, DataError, read_annotations
-from .report import write_atomically
+from .report import check_outputs, write_atomically
 
 
 @dataclass
@@ -124,15 +124,7 @@ def _check_outputs(source: Path, outputs: list[Path], overwrite: bool) -> list[P
     existing file is refused."""
     if not source.is_file():
         raise DataError(f"{source}: annotation file not found")
-    if outputs[0].resolve() == outputs[1].resolve():
-        raise ValueError(f"--train-out and --val-out name the same file, {outputs[0]}")
-    for flag, path in zip(("--train-out", "--val-out"), outputs):
-        if path.resolve() == source.resolve():
-            raise ValueError(f"{flag} {path} is the input list: write the split to new files")
-        if path.is_dir():
-            raise ValueError(f"{flag} {path} is a folder: give the list file to write")
-        if path.exists() and not overwrite:
-            raise ValueError(f"{flag} {path} already exists: pass --overwrite to replace it")
+    check_outputs(list(zip(("--train-out", "--val-out"), outputs)), [("the input list", source)], overwrite)
     return outputs
 
 
