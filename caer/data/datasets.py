@@ -173,23 +173,23 @@ class RawClips(_Clips):
         part = RawPart(self.tensor_views.read(clip, used_files), order, angle, bool(view), self.labels[index], index)
         if self.decode_device is not None:
             return part
-        return self._finish(part, self.tensor_views.pixels(part.inputs, "cpu"), torch.device("cpu"))
+        return self._finish(part, self.tensor_views.pixels(part.inputs, "cpu"))
 
     def assemble(self, parts: list[RawPart], device: torch.device) -> Batch:
         """A batch of what the workers read (``decode_device`` set), decoded (in one call) and cut on ``device``."""
         pixels = self.tensor_views.pixels_of([part.inputs for part in parts], device)
-        items = [self._finish(part, views, device) for part, views in zip(parts, pixels)]
+        items = [self._finish(part, views) for part, views in zip(parts, pixels)]
         return Batch(torch.stack([b.face for b in items]), torch.stack([b.context for b in items]),
                      to_device([b.flip for b in items], device), to_device([b.label for b in items], device),
                      torch.tensor([b.index for b in items]))
 
-    def _finish(self, part: RawPart, pixels: torch.Tensor, device: torch.device) -> Batch:
+    def _finish(self, part: RawPart, pixels: torch.Tensor) -> Batch:
         """One item from the ``pixels`` of its frames (``TensorViews.pixels``): the sampled frames' views, rotated
         by the clip's angle."""
         if part.angle:  # PIL rotates the crops before the resize; here the finished views turn (an augmentation)
             turned = v2.functional.rotate(pixels.flatten(0, 1), part.angle, v2.InterpolationMode.BILINEAR)
             pixels = turned.view_as(pixels)
-        pixels = pixels[to_device(part.order, device)]
+        pixels = pixels[to_device(part.order, pixels.device)]
         return Batch(pixels[:, 0], pixels[:, 1], part.flip, part.label, part.index)
 
     def _pil_views(self, clip: Clip, files: list, angle: float) -> torch.Tensor:
