@@ -230,6 +230,22 @@ def test_an_input_list_is_never_an_output(photo, tmp_path):
     assert all(path.read_text() == "good 1 1\n" for path in lists) and not (tmp_path / "f.json").exists()
 
 
+def test_a_clip_s_video_or_frame_folder_is_never_an_output(photo, tmp_path):
+    (tmp_path / "good").mkdir()
+    Image.fromarray(astronaut_window(photo, 0)[0]).save(tmp_path / "good" / "1.png")
+    video = write_video(tmp_path / "clip.mp4", [astronaut_window(photo, 2 * n)[0] for n in range(3)])
+    (tmp_path / "list.txt").write_text("good 1 1\nclip.mp4 3 1\n")
+    before = video.read_bytes()
+    refused = boxes_cli(tmp_path / "list.txt", video, "--overwrite")
+    assert refused.exit_code == 2, refused.output
+    assert_in_output(f"--out {video} is the clip clip.mp4's video {video}: write the output elsewhere", refused.output)
+    assert video.read_bytes() == before
+    inside = tmp_path / "good" / "boxes.json"
+    refused = boxes_cli(tmp_path / "list.txt", inside)
+    assert refused.exit_code == 2 and not inside.exists(), refused.output
+    assert_in_output(f"--out {inside} lies inside the clip good's frame folder {tmp_path / 'good'}", refused.output)
+
+
 # ------------------------------------------------------------------------------------------ Ctrl-C, and a killed run
 
 def session_processes(session: int, command: bytes = b"") -> list[int]:

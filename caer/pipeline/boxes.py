@@ -90,11 +90,11 @@ def find_boxes(cfg: BoxesConfig, root: str | None = None, workers: int = 0, cons
     ``skip_bad`` a clip with bad input (a missing folder, an unreadable frame) is left out and listed, instead of
     stopping the run."""
     console = console or Console()
-    outputs = _check_outputs(cfg)
     if not cfg.annotations:
         raise ValueError("caer boxes needs at least one annotation file")
-    detect = make_detector(cfg.detector, cfg.upsample)  # a wrong name or a missing model file fails here, before any work
     clips, bad = read_clips(cfg.annotations, Path(root or Path(cfg.annotations[0]).parent), skip_bad)
+    outputs = _check_outputs(cfg, clips)
+    detect = make_detector(cfg.detector, cfg.upsample)  # a wrong name or a missing model file fails here, before any work
     summary = BoxesSummary(cfg.detector, skipped=bad)
     faces: dict[str, dict[str, list[int]]] = {}
     bodies: dict[str, list[int]] = {}
@@ -144,11 +144,14 @@ def read_clips(annotations: list[str], root: Path, skip_bad: bool = False) -> tu
     return list(clips.values()), bad
 
 
-def _check_outputs(cfg: BoxesConfig) -> list[Path]:
-    """The files to write (face boxes, then body boxes if asked for), checked (``report.check_outputs``): an input
-    list is never one of them."""
+def _check_outputs(cfg: BoxesConfig, clips: list[Clip]) -> list[Path]:
+    """The files to write (face boxes, then body boxes if asked for), checked (``report.check_outputs``): neither an
+    input list nor a clip's video file, nor inside a clip's frame folder."""
     named = [("--out", Path(cfg.out))] + ([("--body-boxes", Path(cfg.body_boxes))] if cfg.body_boxes else [])
-    check_outputs(named, [("the input list", Path(path)) for path in cfg.annotations], cfg.overwrite)
+    inputs = [("the input list", Path(path)) for path in cfg.annotations]
+    inputs += [(f"the clip {clip.video_id}'s {'video' if clip.video else 'frame folder'}",
+                clip.video.path if clip.video else clip.frames[0].parent) for clip in clips if clip.frames]
+    check_outputs(named, inputs, cfg.overwrite)
     return [path for _, path in named]
 
 
