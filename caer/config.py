@@ -280,7 +280,7 @@ class CropConfig:
 
     PANEL = "Crops"
     root: str | None = option(None, "Dataset root the clip dirs are relative to.",
-                              shown="the first annotation file's folder")
+                              shown="the first annotation file's folder (caer train: the training list's)")
     face_boxes: str | None = option(None, "Face boxes JSON.")
     body_boxes: str | None = option(None, "Body boxes JSON (for --crop-body).")
     crop_body: bool | None = option(None, "Context view = the body box crop instead of the whole frame.", fallback=False)
@@ -456,7 +456,7 @@ class RunDirConfig:
     init_from: str | None = option(None, "Checkpoint a single stage starts from.",
                                    shown="stage{N-1}-best.pt of the run dir, if there")
     resume: bool = option(False, "Continue a stopped run from its last checkpoint.")
-    seed: int = option(0, "Random seed (data order, sampled frames, init).")
+    seed: int = option(0, "Random seed (data order, sampled frames, init).", min=0)
     print_confusion: PrintConfusion = option(PrintConfusion.every, "When to print the valid confusion matrix: every "
                                              "epoch, when the best epoch improves, or at the end of the stage.")
     tensorboard: bool = option(False, "Also log each epoch's scalars and valid confusion matrix to RUN_DIR/tensorboard "
@@ -645,7 +645,7 @@ class SplitConfig:
     # typer's ranges are closed: 0 and 1 pass the flag and are refused by the recipe
     val_fraction: float = option(0.1, "Share of each class held out for validation, strictly between 0 and 1.",
                                  min=0, max=1)
-    seed: int = option(0, "Random seed of the choice (the same seed and list give the same split).")
+    seed: int = option(0, "Random seed of the choice (the same seed and list give the same split).", min=0)
     group: str | None = option(None, "Regular expression whose first capture group names a clip's group (e.g. "
                                "'^([^/]+)/' for a per-student folder): a group's clips all go to the same side.")
 
@@ -669,7 +669,7 @@ class SynthConfig:
     width: int = option(128, "Frame width in pixels.", min=96)
     height: int = option(96, "Frame height in pixels.", min=96)
     classes: int = option(5, "Number of classes.", min=2)
-    seed: int = option(0, "Random seed.")
+    seed: int = option(0, "Random seed.", min=0)
     missing_face_rate: float = option(0.1, "Share of frames left without a face box.", min=0, max=1)
 
 
@@ -678,7 +678,7 @@ class InitWeightsConfig:
     PANEL = "Options"
     out: str = option(None, "Checkpoint file to write (.pt).", argument=True)
     model: str = option("caer-tiny", "open_clip model name.")
-    seed: int = option(0, "Random seed.")
+    seed: int = option(0, "Random seed.", min=0)
 
 
 @dataclass

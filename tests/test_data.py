@@ -67,6 +67,8 @@ BAD_LINES = {
     "negative num_frames": ("frames/a -3 1", "num_frames must not be negative, got -3"),
     "absolute clip path": ("/etc/frames 3 1", "clip path '/etc/frames' must be relative to the dataset root"),
     "clip path escaping the root": ("frames/../../x 3 1", "must be relative to the dataset root and stay inside it"),
+    "a file of another kind": ("frames/b/notes.txt 1 1", "is a file, neither a clip directory nor a video (video "
+                                                          "files end in .mp4, .avi"),
 }
 
 
@@ -83,9 +85,10 @@ def test_bad_annotation_line_names_file_and_line(small_root, case):
     assert message in str(err.value)
 
 
-def test_duplicate_clip_and_missing_file(small_root):
+@pytest.mark.parametrize("second", ["frames/a", "./frames/a", "frames/a/", "frames//a"])
+def test_duplicate_clip_and_missing_file(small_root, second):
     ann = small_root / "test.txt"
-    ann.write_text("frames/a 3 1\nframes/a 3 2\n")
+    ann.write_text(f"frames/a 3 1\n{second} 3 2\n")
     with pytest.raises(DataError, match=rf"{ann}:2: .*listed twice \(first at {ann}:1\)"):
         read_annotations(ann, None, num_classes=5)
     with pytest.raises(DataError, match="nothere.txt: annotation file not found"):
@@ -100,8 +103,29 @@ def test_a_clip_in_two_splits_is_refused_naming_both_places(small_root):
     with pytest.raises(DataError) as err:
         check_disjoint(splits)
     assert str(err.value).startswith(f"{test}:1: clip 'frames/b' is also listed at {train}:2 with another label (4 vs 2)")
+    test.write_text("./frames/b/ 2 2\n")  # another spelling of the same clip
+    with pytest.raises(DataError, match=f"{test}:1: clip './frames/b/' is also listed at {train}:2; "):
+        check_disjoint([read_annotations(p, None, num_classes=5)[0] for p in (train, test)])
     train.write_text("frames/a 3 1\n")
     check_disjoint([read_annotations(p, None, num_classes=5)[0] for p in (train, test)])  # disjoint: fine
+
+
+def test_frames_numbered_without_zero_padding_keep_their_time_order(tmp_path):
+    _write_frames(tmp_path / "clip", [f"{n}.jpg" for n in (1, 2, 9, 10, 11, 100)] + ["frame_3.jpg", "frame_20.jpg"])
+    (tmp_path / "list.txt").write_text("clip 8 1\n")
+    (clip,), _ = read_annotations(tmp_path / "list.txt", None, num_classes=5)
+    assert [f.name for f in clip.frames] == ["1.jpg", "2.jpg", "9.jpg", "10.jpg", "11.jpg", "100.jpg", "frame_3.jpg",
+                                             "frame_20.jpg"]
+
+
+def test_a_byte_order_mark_is_dropped_and_another_encoding_names_the_line(small_root):
+    ann = small_root / "train.txt"
+    ann.write_bytes("frames/a 3 1\r\nframes/b 2 2\r\n".encode("utf-8-sig"))
+    clips, _ = read_annotations(ann, None, num_classes=5)
+    assert [c.video_id for c in clips] == ["frames/a", "frames/b"]
+    ann.write_bytes("frames/a 3 1\n# caf\u00e9\nframes/b 2 2\n".encode("latin-1"))
+    with pytest.raises(DataError, match=f"{ann}:2: not UTF-8 text .*save the file as UTF-8"):
+        read_annotations(ann, None, num_classes=5)
 
 
 def test_num_frames_is_kept_for_the_disagreement_count(small_root):
@@ -141,6 +165,16 @@ def test_face_box_keys_root_relative_or_root_joined(tmp_path, monkeypatch):
         path.write_text(json.dumps(content))
         for given_root in given_roots:
             assert load_face_boxes(path, given_root) == expected, (name, given_root)
+
+
+def test_two_box_file_keys_for_one_clip_are_refused_naming_both(tmp_path):
+    faces, body = tmp_path / "faces.json", tmp_path / "body.json"
+    faces.write_text(json.dumps({"c": {"2.jpg": [0, 0, 4, 4]}, "c/": {"1.jpg": [0, 0, 4, 4]}}))
+    body.write_text(json.dumps({"frames/a": [0, 0, 4, 4], str(tmp_path / "frames" / "a"): [1, 1, 4, 4]}))
+    with pytest.raises(DataError, match=f"{faces}: the entries 'c' and 'c/' name the same clip; merge them"):
+        load_face_boxes(faces, tmp_path)
+    with pytest.raises(DataError, match=f"{body}: the entries 'frames/a' and '{tmp_path}/frames/a' name the same clip"):
+        load_body_boxes(body, tmp_path)
 
 
 def test_body_box_keys_root_relative_or_root_joined(tmp_path):

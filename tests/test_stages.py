@@ -118,6 +118,20 @@ def gather(dataset, keys):
     return default_collate([dataset[k] for k in keys])
 
 
+def test_raw_frames_without_a_cache_are_found_under_the_training_list_s_folder(dataset, zarr_cache, weights,
+                                                                               tmp_path):
+    """One dataset root for every split when --root is not given (as caer extract has), even when the val list
+    lives in another folder."""
+    (tmp_path / "splits").mkdir()
+    val_list = tmp_path / "splits" / "val.txt"
+    val_list.write_text((dataset.root / "val.txt").read_text())
+    cfg = make_config(dataset, zarr_cache[0], weights, tmp_path / "run", val_list=str(val_list))
+    _, clip = build_model(cfg, torch.device("cpu"))
+    val = split_dataset(cfg, "val", False, clip.preprocess, None, "raw")  # no cache (so no root of its own)
+    assert len(val) == len((dataset.root / "val.txt").read_text().split())  // 3
+    assert val[(0, 0)].face.shape[0] == cfg.model.num_frames  # (clip, epoch): its frames are read
+
+
 @pytest.mark.parametrize("split, train", [("val", False), ("train", True), ("test", True)])
 def test_cache_and_raw_give_the_same_logits(split, train, dataset, zarr_cache, weights, tmp_path):
     # T = 4 < every clip's length but one, so training-time sampling really draws frames

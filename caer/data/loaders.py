@@ -15,7 +15,7 @@ from ..config import Decode, RunConfig, Source
 from ..model.encoder import Preprocess
 from .ahead import prepared_ahead
 from .datasets import CachedClips, EpochSampler, RawClips
-from .raer import Clip, DataError, ViewMaker, check_disjoint, read_annotations
+from .raer import Clip, DataError, ViewMaker, check_disjoint, read_annotations, read_lines
 from .tensor_views import TensorViews
 
 
@@ -69,7 +69,7 @@ def recorded_skips(cache: FeatureCache | None) -> set[str]:
             continue
         path, lineno = source
         if path not in files:
-            files[path] = Path(path).read_text().splitlines() if Path(path).is_file() else []
+            files[path] = read_lines(Path(path)) if Path(path).is_file() else []
         line = files[path][lineno - 1].split() if lineno <= len(files[path]) else []
         if line:
             ids.add(line[0])
@@ -122,7 +122,8 @@ def split_dataset(cfg: RunConfig, split: str, train: bool, preprocess: Preproces
         return dataset
     if not cfg.crop.face_boxes:
         raise ValueError("--source raw needs --face-boxes (or a cache that records them)")
-    root = cfg.crop.root or str(Path(list_path).parent)
+    # one root for every split, as caer extract has: the first list's folder (the training list's, when set)
+    root = cfg.crop.root or str(Path(cfg.data.train_list or list_path).parent)
     clips, left_out = split_clips(cfg, split, cache, source, root)
     view_maker = ViewMaker.from_config(cfg.crop, root)
     if cache is not None:

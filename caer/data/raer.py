@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..config import CropConfig
 from .errors import DataError
-from .video_io import VideoIndex, frame_key, frames_at_rate, index_video, is_video
+from .video_io import VIDEO_SUFFIXES, VideoIndex, frame_key, frames_at_rate, index_video, is_video
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -59,14 +60,32 @@ class BadClip:
 
 
 def list_frames(clip_dir: Path) -> list[Path]:
-    """Image files of a clip directory, sorted by name (= time order).
+    """Image files of a clip directory, sorted by name (= time order), numbers by value: ``2.jpg`` before
+    ``10.jpg``, as ``ffmpeg ... %d.jpg`` numbers them (zero-padded names sort as they always did).
 
     Hidden files (``.00001.jpg``, macOS's ``._00001.jpg``) are not frames.
     """
     return sorted(
-        p for p in clip_dir.iterdir()
-        if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-    )
+        (p for p in clip_dir.iterdir()
+         if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+        key=_name_order)
+
+
+def _name_order(path: Path) -> tuple:
+    # re.split with a group alternates text and digit runs, so keys compare text with text and numbers with numbers
+    parts = re.split(r"(\d+)", path.name)
+    return tuple(int(part) if k % 2 else part for k, part in enumerate(parts)), path.name
+
+
+def read_lines(path: Path) -> list[str]:
+    """A text file's lines (UTF-8, a byte-order mark dropped); a file in another encoding is a DataError naming
+    the file and line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {data[err.start]:#04x}); save the file as UTF-8") from None
 
 
 def read_annotations(
@@ -86,21 +105,21 @@ def read_annotations(
     root = Path(root) if root is not None else path.parent
     clips: list[Clip] = []
     bad: list[BadClip] = []
-    seen: dict[str, str] = {}
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    seen: dict[str, str] = {}  # each clip's one spelling (``clip_dir_key``) -> where it was listed
+    for lineno, line in enumerate(read_lines(path), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         where = f"{path}:{lineno}"
         try:
             clip = _parse_line(line, where, root, num_classes, need_frames, fps)
-            if clip.video_id in seen:
-                raise DataError(f"clip {clip.video_id!r} is listed twice (first at {seen[clip.video_id]})")
+            if clip_dir_key(clip.video_id) in seen:
+                raise DataError(f"clip {clip.video_id!r} is listed twice (first at {seen[clip_dir_key(clip.video_id)]})")
         except DataError as err:
             if not skip_bad:
                 raise DataError(f"{where}: {err}") from None
             bad.append(BadClip(where, line.split()[0], str(err)))
             continue
-        seen[clip.video_id] = where
+        seen[clip_dir_key(clip.video_id)] = where
         clips.append(clip)
     if not clips:
         raise DataError(f"{path}: no usable clips ({len(bad)} bad line(s) skipped; first: {bad[0]})" if bad
@@ -137,6 +156,9 @@ def _parse_line(line: str, where: str, root: Path, num_classes: int, need_frames
         frames = [video_file / frame_key(n) for n in frames_at_rate(video, fps)]
     elif need_frames:
         clip_dir = root / video_id
+        if clip_dir.is_file():
+            raise DataError(f"{clip_dir} is a file, neither a clip directory nor a video (video files end in "
+                            f"{', '.join(VIDEO_SUFFIXES)})")
         if not clip_dir.is_dir():
             raise DataError(f"clip directory {clip_dir} does not exist")
         frames = list_frames(clip_dir)
@@ -150,7 +172,7 @@ def check_disjoint(splits: list[list[Clip]]) -> None:
     seen: dict[str, Clip] = {}
     for clips in splits:
         for clip in clips:
-            first = seen.setdefault(clip.video_id, clip)
+            first = seen.setdefault(clip_dir_key(clip.video_id), clip)
             if first is not clip:
                 other_label = f" with another label ({clip.label + 1} vs {first.label + 1})" if clip.label != first.label else ""
                 raise DataError(f"{clip.source}: clip {clip.video_id!r} is also listed at {first.source}{other_label}; "
@@ -195,7 +217,7 @@ def _load_json(path: Path):
     if not path.is_file():
         raise DataError(f"{path}: box file not found")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads("\n".join(read_lines(path)))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
     if not isinstance(data, dict):
@@ -208,20 +230,30 @@ def load_face_boxes(path: str | Path, root: str | Path) -> dict[str, dict[str, B
     path = Path(path)
     roots = _roots(Path(root))
     boxes: dict[str, dict[str, Box]] = {}
+    spelled: dict[str, str] = {}
     for key, frames in _load_json(path).items():
         if not isinstance(frames, dict):
             raise DataError(f"{path}: entry {key!r} must map frame file names to boxes")
-        boxes[clip_dir_key(key, roots)] = {
-            name: _check_box(box, f"{path}: {key}/{name}") for name, box in frames.items()
-        }
+        clip = _one_spelling(clip_dir_key(key, roots), key, spelled, path)
+        boxes[clip] = {name: _check_box(box, f"{path}: {key}/{name}") for name, box in frames.items()}
     return boxes
+
+
+def _one_spelling(clip: str, key: str, spelled: dict[str, str], path: Path) -> str:
+    """``clip`` (a box file's ``key``, normalised), refused when another key of the file names the same clip."""
+    if clip in spelled:
+        raise DataError(f"{path}: the entries {spelled[clip]!r} and {key!r} name the same clip; merge them")
+    spelled[clip] = key
+    return clip
 
 
 def load_body_boxes(path: str | Path, root: str | Path) -> dict[str, Box]:
     """Body boxes as ``{root-relative clip dir: box}``, one box per clip."""
     path = Path(path)
     roots = _roots(Path(root))
-    return {clip_dir_key(k, roots): _check_box(v, f"{path}: {k}") for k, v in _load_json(path).items()}
+    spelled: dict[str, str] = {}
+    return {_one_spelling(clip_dir_key(k, roots), k, spelled, path): _check_box(v, f"{path}: {k}")
+            for k, v in _load_json(path).items()}
 
 
 def clip_box(box: Box, width: int, height: int, margin: float, where: str) -> tuple[int, int, int, int]:

@@ -21,7 +21,7 @@ import numpy as np
 from rich.table import Table
 
 from ..config import SplitConfig
-from ..data.raer import Clip, DataError, read_annotations
+from ..data.raer import Clip, DataError, read_annotations, read_lines
 from .report import check_outputs, write_atomically
 
 
@@ -110,7 +110,7 @@ def split_list(cfg: SplitConfig, num_classes: int) -> SplitSummary:
     if not held_out:
         kind = "groups" if pattern else "clips"
         raise ValueError(f"{source}: no clip went to validation: every class has fewer than 2 {kind}")
-    lines = source.read_text().splitlines()
+    lines = read_lines(source)
     texts = {side: [lines[_line_number(c) - 1] for i, c in enumerate(clips) if (i in held_out) == side]
              for side in (False, True)}
     write_atomically({path: "".join(f"{line}\n" for line in lines)
