@@ -51,8 +51,9 @@ def upcast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors)
 
 
-def rng_state() -> dict:
-    """Every random generator's state (saved in checkpoints so that a resumed run repeats itself).
+def rng_state(device: torch.device | None = None) -> dict:
+    """Every random generator's state (saved in checkpoints so that a resumed run repeats itself); of the GPUs,
+    only ``device``'s (a process draws on its own GPU alone; a run may resume where fewer GPUs are visible).
 
     Plain containers and tensors only, so that a checkpoint loads with ``torch.load(weights_only=True)``.
     """
@@ -62,11 +63,11 @@ def rng_state() -> dict:
             "numpy": {"bit_generator": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                       "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
             "python": [version, torch.tensor(internal, dtype=torch.int64), gauss_next],
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state(device) if device is not None and device.type == "cuda" else None}
 
 
-def set_rng_state(state: dict) -> None:
-    """Restore what ``rng_state`` saved (or the numpy/python tuples that older checkpoints hold)."""
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore what ``rng_state`` saved (or what older checkpoints hold: numpy/python tuples, every GPU's state)."""
     torch.set_rng_state(state["torch"])
     numpy_state = state["numpy"]
     if isinstance(numpy_state, dict):
@@ -76,8 +77,15 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(numpy_state)
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(int(x) for x in internal), gauss_next))
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or device is None or device.type != "cuda":
+        return
+    if isinstance(cuda, (list, tuple)):  # older checkpoints: one state per visible GPU
+        index = device.index or 0
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, device)
 
 
 # --------------------------------------------------------------------------- torch.distributed

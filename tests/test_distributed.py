@@ -7,9 +7,11 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from caer.cache import FeatureCache
 from conftest import assert_fp16_equal, extract_args
@@ -17,8 +19,10 @@ from conftest import assert_fp16_equal, extract_args
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
-def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "caer.cli", *args]
+def _torchrun(args: list[str], script: Path | None = None) -> subprocess.CompletedProcess:
+    """``caer args`` (or the Python file ``script`` with ``args``) on two processes."""
+    program = [str(script)] if script else ["-m", "caer.cli"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *program, *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
 
@@ -43,14 +47,34 @@ def test_two_processes_write_one_store_equal_to_a_single_process(tmp_path, datas
     assert re.search(r"clips extracted\W+0\W", again.stdout), again.stdout  # (a finished .h5 is left as it was)
 
 
-def test_ddp_training_on_two_processes(tmp_path, dataset, weights, zarr_cache):
-    """`caer train` under torchrun: each rank trains on its share, rank 0 alone records the epochs."""
-    run_dir = tmp_path / "run"
-    args = ["train", "-c", "tiny", "--pretrained", str(weights), "--cache", str(zarr_cache[0]),
+# caer's CLI with the metrics line of the second epoch failing on rank 0: a run stopped part-way, under torchrun
+STOPS_AFTER_ONE_EPOCH = """
+import sys
+import caer.pipeline.train as train
+real = train._append_metrics
+def stop(path, record):
+    if record["epoch"] == 1:
+        raise SystemExit("stopped on purpose")
+    real(path, record)
+train._append_metrics = stop
+from caer.cli import main
+sys.argv[0] = "caer"
+main()
+"""
+
+
+def _train_stage_2(weights, zarr_cache, dataset, run_dir) -> list[str]:
+    return ["train", "-c", "tiny", "--pretrained", str(weights), "--cache", str(zarr_cache[0]),
             "--train-list", str(dataset.root / "train.txt"), "--val-list", str(dataset.root / "val.txt"),
             "--stage", "2", "--epochs", "3", "--batch-size", "2", "--workers", "0", "--device", "cpu",
             "--run-dir", str(run_dir)]
-    done = _torchrun(args)
+
+
+def test_ddp_training_on_two_processes(tmp_path, dataset, weights, zarr_cache):
+    """`caer train` under torchrun: each rank trains on its share, rank 0 alone records the epochs; each rank draws
+    its own dropout masks, and a run stopped part-way resumes to the same epochs as one that was not stopped."""
+    run_dir = tmp_path / "run"
+    done = _torchrun(_train_stage_2(weights, zarr_cache, dataset, run_dir))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "on 2 processes" in done.stdout and done.stdout.count("best valid UAR") == 1
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -60,6 +84,18 @@ def test_ddp_training_on_two_processes(tmp_path, dataset, weights, zarr_cache):
     assert all(r["train_clips"] == n_train + n_train % 2 for r in records)
     assert records[0]["losses"]["loss"] != records[-1]["losses"]["loss"]
     assert (run_dir / "stage2-best.pt").is_file() and (run_dir / "stage2-last.pt").is_file()
+    states = torch.load(run_dir / "stage2-last.pt", weights_only=True)["rng_ranks"]
+    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
+
+    script = tmp_path / "stops.py"
+    script.write_text(STOPS_AFTER_ONE_EPOCH)
+    cut = _train_stage_2(weights, zarr_cache, dataset, tmp_path / "cut")
+    stopped = _torchrun(cut, script=script)
+    assert stopped.returncode != 0 and "stopped on purpose" in stopped.stderr, stopped.stdout + stopped.stderr
+    resumed = _torchrun([*cut, "--resume"])
+    assert resumed.returncode == 0 and "resuming stage 2 at epoch 2/3" in resumed.stdout, resumed.stdout + resumed.stderr
+    again = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r | {"seconds": 0} for r in again] == [r | {"seconds": 0} for r in records]
 
 
 def test_ddp_stage_3_with_prompts_that_learn_nothing_during_a_warm_up(tmp_path, dataset, weights, zarr_cache):

@@ -49,6 +49,7 @@ from .display import confusion_table, progress_bar
 from .evaluate import evaluate, note_left_out, predict
 
 LOSS_TERMS = ("loss", "cls", "mi", "dc")
+RANK_SEED_STRIDE = 1000  # rank r of a stage seeds seed + stage + r * this
 
 
 @dataclass
@@ -257,7 +258,8 @@ def setup_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
 def _resume_or_start(s: Stage, last: dict | None) -> None:
     """Continue from the stage's last checkpoint, or start afresh (forgetting the stage's earlier records)."""
     if last is None:
-        torch.manual_seed(s.cfg.run.seed + s.number)
+        # each rank draws its own dropout masks (rank 0 alone: as a single process would)
+        torch.manual_seed(s.cfg.run.seed + s.number + RANK_SEED_STRIDE * s.rank)
         if s.rank == 0:
             _drop_metrics_after(s.paths.metrics, s.number, -1)
         return
@@ -274,8 +276,20 @@ def _resume_or_start(s: Stage, last: dict | None) -> None:
     s.best_train, s.best_confusion = last.get("best_train", s.best_train), last.get("best_confusion")
     if s.rank == 0:
         _drop_metrics_after(s.paths.metrics, s.number, last["epoch"])
-    runtime.set_rng_state(last["rng"])
+    _restore_random_state(s, last.get("rng_ranks") or [last["rng"]])
     s.console.print(f"resuming stage {s.number} at epoch {s.start_epoch + 1}/{s.epochs} from {s.paths.last}")
+
+
+def _restore_random_state(s: Stage, saved: list[dict]) -> None:
+    """Each rank takes up its own random state where the checkpoint was written; on another number of processes
+    (whose shares of the data differ anyway), fresh per-rank seeds instead, with a note."""
+    if len(saved) == s.world:
+        runtime.set_rng_state(saved[s.rank], s.device)
+        return
+    torch.manual_seed(s.cfg.run.seed + s.number + RANK_SEED_STRIDE * s.rank + s.start_epoch)
+    s.console.print(f"[yellow]note:[/] {s.paths.last} was written by {len(saved)} process(es) and this run has "
+                    f"{s.world}: its random draws (dropout) start from fresh seeds, not where the interrupted run "
+                    "stopped", highlight=False, soft_wrap=True)
 
 
 def _drop_metrics_after(path: Path, stage: int, epoch: int) -> None:
@@ -360,9 +374,9 @@ def epoch_record(s: Stage, epoch: int, train_cm: np.ndarray, sums: dict, val_cm:
     }
 
 
-def record_epoch(s: Stage, epoch: int, record: dict) -> bool:
+def record_epoch(s: Stage, epoch: int, record: dict, random_states: list[dict]) -> bool:
     """Update the bests, then write the metrics line, the best checkpoint (if improved) and the last one;
-    whether this epoch became the best.
+    whether this epoch became the best. ``random_states``: every rank's, at the end of the epoch.
 
     In this order, a run stopped anywhere in between resumes from the previous last checkpoint,
     drops the lines logged after it and redoes this epoch.
@@ -382,7 +396,8 @@ def record_epoch(s: Stage, epoch: int, record: dict) -> bool:
     checkpoint = {
         "stage": s.number, "epoch": epoch, "model": model_state(s.model, own_encoder, s.keeps_clip),
         "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(), "scaler": s.scaler.state_dict(),
-        "rng": runtime.rng_state(), "config": s.cfg.to_dict(), "best": s.best, "best_train": s.best_train,
+        "rng": random_states[0], "rng_ranks": random_states if s.world > 1 else None,
+        "config": s.cfg.to_dict(), "best": s.best, "best_train": s.best_train,
         "best_confusion": s.best_confusion, "classes": s.cfg.model.classes,
         "encoder": finetuned_identity(s.model, s.encoder) if own_encoder else s.encoder,
         "cache_fingerprint": s.cache.fingerprint if s.cache else None, "metrics": record,
@@ -448,9 +463,10 @@ def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
             with progress_bar(s.console) as progress:
                 train_cm, sums = train_one_epoch(s, epoch, progress)
                 val_cm = validate(s, progress) if s.rank == 0 else None
+            random_states = runtime.gather(runtime.rng_state(s.device))
             if s.rank == 0:  # rank 0 validates and records the epoch
                 record = epoch_record(s, epoch, train_cm, sums, val_cm, time.perf_counter() - start, rates)
-                show_epoch(s, epoch, record, record_epoch(s, epoch, record))
+                show_epoch(s, epoch, record, record_epoch(s, epoch, record, random_states))
                 if board is not None:
                     board.epoch(record)
             runtime.barrier()
