@@ -33,21 +33,31 @@ GOP = 4
 
 
 def write_video(path: Path, frames: list[np.ndarray], codec: str = "ffv1", pix_fmt: str = "bgr0", rate: int = 25,
-                pts: list[int] | None = None, options: dict | None = None) -> Path:
-    """RGB uint8 ``frames`` as a video; ``pts`` (in milliseconds) gives them their own times (a variable rate)."""
+                pts: list[int] | None = None, options: dict | None = None, last_ms: int | None = None,
+                matrix: list[int] | None = None) -> Path:
+    """RGB uint8 ``frames`` as a video; ``pts`` (in milliseconds) gives them their own times (a variable rate),
+    ``last_ms`` the last frame's duration, ``matrix`` a display matrix (row-major 3x3, 16.16 fixed point)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as out:
         stream = out.add_stream(codec, rate=rate, options=options or {})
         stream.height, stream.width = frames[0].shape[:2]
         stream.pix_fmt, stream.codec_context.gop_size = pix_fmt, GOP
+        if matrix is not None:
+            stream.set_display_matrix(matrix)
         if pts is not None:
             stream.time_base = Fraction(1, 1000)
+        packets = []
         for i, rgb in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
             if pts is not None:
                 frame.pts, frame.time_base = pts[i], Fraction(1, 1000)
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode())
+            packets += stream.encode(frame)
+        packets += stream.encode()
+        if last_ms is not None:
+            last = max(packets, key=lambda p: p.pts)
+            last.duration = round(Fraction(last_ms, 1000) / last.time_base)
+        for packet in packets:
+            out.mux(packet)
     return path
 
 
@@ -158,6 +168,75 @@ def test_bad_video_files_are_one_clear_line(tmp_path):
         assert name in str(err.value)
         clips, bad = read_annotations(ann, tmp_path, NUM_CLASSES, skip_bad=True)
         assert [c.video_id for c in clips] == ["good.mkv"] and len(bad) == 1 and reason in bad[0].reason
+
+
+@pytest.mark.parametrize("keyframes", ["every 4", "all"])
+def test_a_clip_cut_with_stream_copy_numbers_only_the_frames_a_player_shows(keyframes, tmp_path):
+    """``ffmpeg -ss T -i long.mp4 -c copy clip.mp4`` keeps the packets from the keyframe before T, at negative
+    times that an MP4 edit list hides: those are not frames of the clip, and frame 1 is the one at T. When T is a
+    keyframe, the demuxer drops the lead-in unread, though the header counts it."""
+    options = {"bf": "0"} | ({"sc_threshold": "0"} if keyframes == "every 4" else {})  # noise: each frame a scene cut
+    source = write_video(tmp_path / "long.mp4", noise_frames(12), codec="libx264", pix_fmt="yuv420p", options=options)
+    with av.open(str(source)) as inp, av.open(str(tmp_path / "cut.mp4"), "w") as out:
+        stream = inp.streams.video[0]
+        copy = out.add_stream_from_template(stream)
+        packets = [p for p in inp.demux(stream) if p.size]
+        cut = sorted(p.pts for p in packets)[6]  # at source frame 7; its keyframe is frame 5
+        for packet in sorted(packets, key=lambda p: p.dts)[4:]:  # from frame 5 (no B-frames: decode order)
+            packet.pts, packet.dts, packet.stream = packet.pts - cut, packet.dts - cut, copy
+            out.mux(packet)
+    whole, clip = index_video(source), index_video(tmp_path / "cut.mp4")
+    assert clip.count == 6 and clip.pts[0] == 0
+    if keyframes == "every 4":
+        assert whole.keyframes == (1, 5, 9) and clip.keyframes == (1, 3) and len(clip.hidden) == 2
+    else:
+        assert clip.keyframes == (1, 2, 3, 4, 5, 6) and not clip.hidden
+    shown = dict(video_io.decode_video(whole, range(7, 13)))  # the same packets decode to the same pixels
+    assert all(np.array_equal(rgb, shown[n + 6]) for n, rgb in video_io.decode_video(clip, range(1, 7)))
+    assert all(np.array_equal(rgb, shown[n + 6]) for n, rgb in video_io.decode_video(clip, [2, 4]))
+
+
+def test_a_matroska_video_that_starts_late_is_complete_and_a_cut_one_still_is_not(tmp_path):
+    """Matroska's DURATION tag is when the track ends, counted from 0: a video track starting 80 ms in (after the
+    audio) is complete; cut in half, it is truncated (times in the message count from its first frame)."""
+    late = write_video(tmp_path / "late.mkv", noise_frames(12), pts=[80 + 40 * i for i in range(12)])
+    index = index_video(late)
+    assert index.count == 12 and index.pts[0] == 80 and [float(t) for t in index.times()][-1] == 0.44
+    (tmp_path / "cut.mkv").write_bytes(late.read_bytes()[: late.stat().st_size // 2])
+    with pytest.raises(DataError, match=r"truncated: its frames end at 0\.200 s, its header says 0\.480 s"):
+        index_video(tmp_path / "cut.mkv")
+
+
+def test_a_variable_rate_video_ending_on_a_long_still_is_complete(tmp_path):
+    """The last frame lasts as long as its packet says (2 s here), not the median gap (40 ms)."""
+    still = write_video(tmp_path / "still.mkv", noise_frames(8), pts=[40 * i for i in range(8)], last_ms=2000)
+    assert index_video(still).count == 8
+
+
+@pytest.mark.parametrize("matrix, turn", [
+    pytest.param([0, 1, 0, -1, 0, 0], lambda a: np.rot90(a, -1), id="portrait"),  # phones' matrix: clockwise
+    pytest.param([0, -1, 0, 1, 0, 0], lambda a: np.rot90(a, 1), id="counter-clockwise"),
+    pytest.param([-1, 0, 0, 0, -1, 0], lambda a: a[::-1, ::-1], id="upside-down"),
+    pytest.param([-1, 0, 0, 0, 1, 0], lambda a: a[:, ::-1], id="mirrored"),
+])
+def test_frames_are_turned_as_the_display_matrix_says(matrix, turn, tmp_path):
+    """As ffmpeg's player shows them (OpenCV's autorotation agreed on the three turns; it ignores mirroring)."""
+    frames = noise_frames(6)
+    video = write_video(tmp_path / "phone.mp4", frames, codec="libx264rgb", pix_fmt="rgb24", options={"crf": "0"},
+                        matrix=[v * 65536 for v in matrix] + [0, 0, 1 << 30])  # 16.16 fixed point; w in 2.30
+    index = index_video(video)
+    shown = turn(frames[0])
+    assert (index.width, index.height) == (shown.shape[1], shown.shape[0])
+    got = dict(video_io.decode_video(index, [1, 6]))  # 6: after a seek
+    assert all(np.array_equal(got[n], turn(frames[n - 1])) and got[n].flags.c_contiguous for n in got)
+
+
+def test_fps_rounds_each_tick_to_the_time_base_as_the_frames_times_were(tmp_path):
+    """30 frames/s in Matroska's whole milliseconds: 0, 33, 67, 100, ... ms. At 15 frames/s, the tick 1/15 s
+    (66.7 ms) is the frame at 67 ms; the ticks keep every other frame, as in an MP4's finer time base."""
+    index = index_video(write_video(tmp_path / "r30.mkv", noise_frames(12), rate=30))
+    assert index.time_base == Fraction(1, 1000) and index.pts[:4] == (0, 33, 67, 100)
+    assert frames_at_rate(index, 15) == [1, 3, 5, 7, 9, 11] and frames_at_rate(index, 10) == [1, 4, 7, 10]
 
 
 # ------------------------------------------------------------------------------------------ extraction

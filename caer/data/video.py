@@ -2,7 +2,8 @@
 
 A video's frames are numbered from 1 in presentation order, and a box file keys frame ``n`` as ``frame_key(n)``
 ("00001"); a clip holds them as paths ``<video>/<key>`` (see ``raer.Clip``), so every rule of the frame-folder
-format (box lookups, crops, missing boxes) carries over. Decoding is PyAV's (``video_io``).
+format (box lookups, crops, missing boxes) carries over. Decoding is PyAV's (``video_io``); frames come turned as
+a player shows them (the file's display matrix).
 """
 
 from __future__ import annotations

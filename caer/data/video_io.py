@@ -1,10 +1,12 @@
 """Video files through PyAV: a frame index read from the packets, frames picked by rate, chosen frames decoded.
 
-Frames are numbered from 1 in presentation order, the order in which the decoder returns them. ``index_video`` reads
-every packet's timestamp without decoding anything, so a frame's number, its time and the keyframe a decoder can
-start from are known before any decoding: ``decode_video`` seeks past the frames it does not need, and a variable
-frame rate is handled exactly (times come from the timestamps, not from a nominal rate). ``caer.data.video`` builds
-the clip-level functions on top of this module.
+Frames are numbered from 1 in presentation order, as a player shows them: packets that the file marks as never
+shown (the lead-in that an MP4 edit list hides, as in clips cut with ``ffmpeg -ss T -i IN -c copy OUT``) get no
+number. ``index_video`` reads every packet's timestamp and decodes only the first frame (for its display rotation),
+so a frame's number, its time and the keyframe a decoder can start from are known before any decoding:
+``decode_video`` seeks past the frames it does not need, and a variable frame rate is handled exactly (times come
+from the timestamps, not from a nominal rate). Frames are turned as the file's display matrix says, as ffmpeg's
+player does. ``caer.data.video`` builds the clip-level functions on top of this module.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import bisect
 import contextlib
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import NamedTuple
 
 import av
 import numpy as np
@@ -48,16 +51,60 @@ def _reason(err: Exception) -> str:
     return getattr(err, "strerror", None) or str(err)
 
 
+class Orientation(NamedTuple):
+    """How a decoded frame is turned for display: transposed, then its rows and/or its columns reversed."""
+
+    transpose: bool = False
+    flip_rows: bool = False
+    flip_cols: bool = False
+
+    def apply(self, rgb: np.ndarray) -> np.ndarray:
+        """``rgb`` ([H, W, C]) as displayed."""
+        if not any(self):
+            return rgb
+        if self.transpose:
+            rgb = rgb.transpose(1, 0, 2)
+        if self.flip_rows:
+            rgb = rgb[::-1]
+        if self.flip_cols:
+            rgb = rgb[:, ::-1]
+        return np.ascontiguousarray(rgb)
+
+
+def orientation(matrix: Sequence[int] | None) -> Orientation:
+    """The turn a 3x3 display matrix (row-major, FFmpeg's and QuickTime's layout) asks for; None: as decoded.
+
+    The matrix maps a stored pixel (x, y) to (a x + c y, b x + d y) on screen (y pointing down), so phones' portrait
+    matrix (a, b, c, d) = (0, 1, -1, 0) is a quarter turn clockwise, as ffmpeg's player shows it. A mirrored matrix
+    is mirrored the same way; any other angle is taken to the nearest quarter turn.
+    """
+    if matrix is None:
+        return Orientation()
+    a, b, c, d = (int(matrix[i]) for i in (0, 1, 3, 4))
+    if abs(a) + abs(d) >= abs(b) + abs(c):
+        return Orientation(False, d < 0, a < 0)
+    return Orientation(True, b < 0, c < 0)  # screen row from the stored column (b x), screen column from the row (c y)
+
+
+def _frame_orientation(frame: av.VideoFrame) -> Orientation:
+    """The orientation of a decoded frame, from its display-matrix side data."""
+    side = getattr(frame, "side_data", None)
+    data = side.get("DISPLAYMATRIX") if side is not None else None
+    return orientation(np.frombuffer(bytes(data), dtype=np.int32) if data is not None else None)
+
+
 @dataclass(frozen=True)
 class VideoIndex:
     """Where each frame of a video file is: its timestamp and the keyframes decoding can start from."""
 
     path: Path
     pts: tuple[int, ...]  # presentation timestamps of frames 1..n, ascending, in units of ``time_base``
-    keyframes: tuple[int, ...]  # numbers of the frames that decoding can start from, ascending (1 is one)
+    keyframes: tuple[int, ...]  # frames that decoding can start from, ascending; 1 is one: decoding from the file's start
     time_base: Fraction
-    width: int
+    width: int  # as displayed (after ``orient``)
     height: int
+    orient: Orientation = Orientation()  # how decoded frames are turned for display
+    hidden: frozenset[int] = frozenset()  # timestamps of packets the file never shows (an edit list's lead-in)
 
     @property
     def count(self) -> int:
@@ -87,55 +134,91 @@ def open_video(path: Path):
         container.close()
 
 
-def _declared_end(stream) -> Fraction | None:
-    """The video stream's duration in seconds as its header states it (None when it states none)."""
+def _declared_end(stream, start: int) -> Fraction | None:
+    """When the video stream ends, in seconds, as its header states it (None when it states nothing)."""
     if stream.duration and stream.time_base:
-        return stream.duration * stream.time_base
+        return (start + stream.duration) * stream.time_base
     found = re.fullmatch(r"(\d+):(\d+):(\d+(?:\.\d+)?)", str(stream.metadata.get("DURATION", "")))  # Matroska's tag
-    if found:
+    if found:  # FFmpeg writes when the track ends, not its length: no start to add (a length is only smaller)
         hours, minutes, seconds = found.groups()
         return Fraction(int(hours) * 3600 + int(minutes) * 60) + Fraction(seconds)
     return None
 
 
-def _check_complete(path: Path, stream, pts: list[int], packets: int) -> None:
-    """Refuse a file whose packets end well before its header says they should (cut off: truncated)."""
-    listed = stream.frames
+def _listed_frames(stream) -> int:
+    """How many packets the header lists (0: it does not say): its frame count, or fewer where the demuxer's index
+    holds fewer (it drops unread the lead-in of an MP4 edit list that decoding does not need)."""
+    entries = len(getattr(stream, "index_entries", None) or ())
+    return min(stream.frames, entries) if stream.frames and entries else stream.frames
+
+
+def _check_complete(path: Path, stream, pts: list[int], last_duration: int, packets: tuple[int, int]) -> None:
+    """Refuse a file whose packets end well before its header says they should (cut off: truncated).
+
+    ``packets``: (how many were read, how many the header lists). The last frame lasts as long as its packet says
+    (a still at the end of a variable-rate video may last seconds), or, when it does not say, the median gap.
+    """
+    packets, listed = packets
     if listed and packets < listed:
         raise DataError(f"{path}: truncated: holds {packets} of the {listed} frames its header lists")
-    declared, start = _declared_end(stream), stream.start_time if stream.start_time is not None else pts[0]
+    start = stream.start_time if stream.start_time is not None else pts[0]
+    declared = _declared_end(stream, start)
     if declared is None or len(pts) < 2:
         return
-    gap = Fraction(int(np.median(np.diff(pts)))) * stream.time_base
-    end = (pts[-1] - start) * stream.time_base + gap
-    if end + Fraction(3, 2) * gap < declared:
-        raise DataError(f"{path}: truncated: its frames end at {float(end):.3f} s, its header says {float(declared):.3f} s")
+    gap = int(np.median(np.diff(pts)))
+    end = pts[-1] + (last_duration if last_duration > 0 else gap)
+    if (end + Fraction(3, 2) * gap) * stream.time_base < declared:
+        ends, says = (end - start) * stream.time_base, declared - start * stream.time_base
+        raise DataError(f"{path}: truncated: its frames end at {float(ends):.3f} s, its header says {float(says):.3f} s")
+
+
+def _first_orientation(stream, packet) -> Orientation | None:
+    """The orientation of the first frame the decoder gives for ``packet`` (None: it gave none yet)."""
+    try:
+        frames = stream.decode(packet)
+    except av.FFmpegError:
+        return Orientation()  # decode_video names the frame that cannot be decoded
+    return _frame_orientation(frames[0]) if frames else None
+
+
+def _scan(path: Path, container, stream) -> tuple[list[tuple[int | None, bool, bool, int]], int, Orientation]:
+    """(pts, keyframe, never shown, duration) of each packet with data, the number of packets, and the orientation
+    of the first frame (only packets up to it are decoded)."""
+    found: list[tuple[int | None, bool, bool, int]] = []
+    packets, orient = 0, None
+    try:
+        for packet in container.demux(stream):
+            packets += packet.pts is not None or packet.dts is not None  # the last, empty flush packet has neither
+            if packet.size:
+                found.append((packet.pts, packet.is_keyframe, packet.is_discard, packet.duration or 0))
+            if orient is None:
+                orient = _first_orientation(stream, packet)
+    except av.FFmpegError as err:
+        raise DataError(f"{path}: frame {len(found) + 1}: damaged ({_reason(err)})") from None
+    return found, packets, orient or Orientation()
 
 
 def index_video(path: str | Path) -> VideoIndex:
-    """The frame index of a video file from its packets (nothing is decoded); bad files are a DataError naming it."""
+    """The frame index of a video file from its packets (only the first frame is decoded); bad files are a
+    DataError naming it."""
     path = Path(path)
     with open_video(path) as (container, stream):
-        found: list[tuple[int | None, bool]] = []
-        packets = 0
-        try:
-            for packet in container.demux(stream):
-                packets += packet.pts is not None or packet.dts is not None  # the last, empty flush packet has neither
-                if packet.size:
-                    found.append((packet.pts, packet.is_keyframe))
-        except av.FFmpegError as err:
-            raise DataError(f"{path}: frame {len(found) + 1}: damaged ({_reason(err)})") from None
-        if not found:
+        listed = _listed_frames(stream)
+        found, packets, orient = _scan(path, container, stream)
+        shown = [(pts, key, duration) for pts, key, hidden, duration in found if not hidden]
+        if not shown:
             raise DataError(f"{path}: the video stream holds no frames")
-        if any(pts is None for pts, _ in found):
+        if any(pts is None for pts, *_ in found):
             raise DataError(f"{path}: its frames carry no timestamps; {REENCODE}")
-        pts = sorted(p for p, _ in found)
+        pts = sorted(p for p, _, _ in shown)
         if len(set(pts)) < len(pts):
             raise DataError(f"{path}: two frames share a timestamp; {REENCODE}")
-        _check_complete(path, stream, pts, packets)
+        _check_complete(path, stream, pts, max(shown, key=lambda s: s[0])[2], (packets, listed))
         number = {p: n for n, p in enumerate(pts, start=1)}
-        keyframes = sorted({1} | {number[p] for p, key in found if key})
-        return VideoIndex(path, tuple(pts), tuple(keyframes), Fraction(stream.time_base), stream.width, stream.height)
+        keyframes = sorted({1} | {number[p] for p, key, _ in shown if key})
+        hidden = frozenset(p for p, _, never, _ in found if never)
+        size = (stream.height, stream.width) if orient.transpose else (stream.width, stream.height)
+        return VideoIndex(path, tuple(pts), tuple(keyframes), Fraction(stream.time_base), *size, orient, hidden)
 
 
 def frames_at_rate(index: VideoIndex, fps: float) -> list[int]:
@@ -143,19 +226,25 @@ def frames_at_rate(index: VideoIndex, fps: float) -> list[int]:
 
     At each time k / fps (k = 0, 1, ...; seconds from frame 1, up to frame n's start) the frame on screen is kept:
     the last frame that starts at or before that time. A frame is kept once, so an ``fps`` above the video's own
-    rate keeps every frame. Times come from the timestamps, so a variable frame rate is resampled exactly.
+    rate keeps every frame. Times come from the timestamps, so a variable frame rate is resampled exactly. Each time
+    k / fps is rounded to the file's time base first, as the frames' own times were: in whole milliseconds
+    (Matroska), 30 frames/s at 15 keeps frames 1, 3, 5, ... although frame 3 starts at 67 ms, after 1/15 s.
     """
     if not fps:
         return list(range(1, index.count + 1))
-    step = 1 / Fraction(str(fps))  # str: 29.97 means 2997/100, not its binary approximation
-    times = index.times()
+    step = 1 / Fraction(str(fps)) / index.time_base  # str: 29.97 means 2997/100, not its binary approximation
+    starts = [p - index.pts[0] for p in index.pts]
+
+    def tick(k: int) -> int:  # time k / fps in units of the time base, to the nearest
+        return math.floor(k * step + Fraction(1, 2))
+
     picked, k = [], 0
-    while k * step <= times[-1]:
-        shown = bisect.bisect_right(times, k * step)  # frames 1..shown start at or before k * step
+    while tick(k) <= starts[-1]:
+        shown = bisect.bisect_right(starts, tick(k))  # frames 1..shown start at or before tick k
         picked.append(shown)
-        if shown == len(times):
+        if shown == len(starts):
             break
-        k = max(k + 1, math.ceil(times[shown] / step))  # the first time at which frame shown + 1 is on screen
+        k = max(k + 1, math.ceil((starts[shown] - Fraction(1, 2)) / step))  # the first tick with frame shown + 1 on
     return picked
 
 
@@ -169,6 +258,8 @@ def _decoded(container, stream, index: VideoIndex, number_of: dict[int, int]) ->
             return
         except av.FFmpegError as err:
             raise DataError(f"{index.path}: frame {last + 1}: cannot decode ({_reason(err)})") from None
+        if frame.pts in index.hidden:  # a decoder that outputs what the file never shows
+            continue
         last = number_of.get(frame.pts, -1)
         if last < 0:
             raise DataError(f"{index.path}: a decoded frame has timestamp {frame.pts}, which no packet of the file "
@@ -194,7 +285,7 @@ def _take(frames: Iterator[tuple[int, av.VideoFrame]], index: VideoIndex, number
 
 
 def decode_video(index: VideoIndex, numbers: Iterable[int]) -> Iterator[tuple[int, np.ndarray]]:
-    """(number, RGB uint8 [H, W, 3]) for frames ``numbers`` of an indexed video, in ascending order.
+    """(number, RGB uint8 [H, W, 3], as displayed) for frames ``numbers`` of an indexed video, in ascending order.
 
     Decoding goes on from the last frame decoded, or seeks to the keyframe before the next wanted frame when that
     skips frames; asking for every frame is one pass. A frame that cannot be decoded is a DataError naming it.
@@ -214,7 +305,7 @@ def decode_video(index: VideoIndex, numbers: Iterable[int]) -> Iterator[tuple[in
             frame = _take(frames, index, number)
             last = number
             try:
-                rgb = frame.to_ndarray(format="rgb24")
+                rgb = index.orient.apply(frame.to_ndarray(format="rgb24"))
             except av.FFmpegError as err:
                 raise DataError(f"{index.path}: frame {number}: cannot convert to RGB ({_reason(err)})") from None
             yield number, rgb
