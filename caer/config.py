@@ -541,7 +541,9 @@ class ExtractConfig:
     num_classes: int = option(5, "Labels must lie in 1..N.", min=1, panel="Data")
     skip_bad: bool = option(False, "Skip clips with bad input (listed in the summary) instead of stopping.", panel="Data")
     from_checkpoint: str | None = option(None, "Use the image encoder of a caer checkpoint (e.g. fine-tuned by stage 3) "
-                                         "instead of --model/--pretrained.", panel="Encoder")
+                                         "instead of --model/--pretrained (--pretrained then says where the CLIP "
+                                         "weights it was trained from are, if not where its config says).",
+                                         panel="Encoder")
     batch_size: int = option(256, "Images per encoder batch.", min=1, panel="Runtime")
     encoder: EncoderConfig = part(EncoderConfig)
     crop: CropConfig = part(CropConfig)
@@ -563,7 +565,7 @@ class EvalConfig:
 
 
 # run-config options that `caer eval` may override; their declarations are RunConfig's
-EVAL_OVERRIDES = ("cache", "root", "face_boxes", "batch_size", "workers", "device")
+EVAL_OVERRIDES = ("cache", "root", "face_boxes", "pretrained", "batch_size", "workers", "device")
 
 
 @dataclass

@@ -336,6 +336,15 @@ def test_cli_errors_name_the_key_or_the_unsafe_global(tmp_path):
     assert_in_output("CAER_TRUST_CHECKPOINTS=1", result.output)
 
 
+def test_a_model_without_quickgelu_is_refused_for_the_authors_file(official, tmp_path):
+    """Plain ViT-B-32 has the official tensors' shapes, but runs exact GELU on weights trained with QuickGELU."""
+    out = tmp_path / "x.pt"
+    result = run_cli(["import-reference", str(official[0]), "-o", str(out), "--model", "ViT-B-32"])
+    assert result.exit_code == 2 and not out.exists(), result.output
+    assert_in_output("--model ViT-B-32: the authors' CLIP is OpenAI's, trained with QuickGELU; use --model "
+                     "ViT-B-32-quickgelu", result.output)
+
+
 def test_import_reference_has_one_flag_per_option():
     import typer
 

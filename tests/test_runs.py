@@ -23,9 +23,10 @@ from caer.cache import CacheError, FeatureCache
 from caer.config import load_config
 from caer.data.loaders import recorded_skips, split_clips
 from caer.model.checkpoint import TRUST_ENV, load_checkpoint, save_checkpoint
+from caer.model.encoder import save_random_weights
 from caer.pipeline import train as train_module
 from caer.pipeline.train import train_stage
-from conftest import assert_in_output, extract_args, run_cli
+from conftest import MODEL, assert_in_output, extract_args, run_cli
 
 
 def make_config(dataset, cache, weights, run_dir, **overrides):
@@ -241,6 +242,49 @@ def test_a_checkpoint_of_train_loads_with_weights_only_and_resumes_exactly(datas
     assert "resuming stage 2 at epoch 2/3" in out.getvalue()
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in records(tmp_path / "full")]
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in records(tmp_path / "cut")] == strip
+
+
+def test_a_checkpoint_refuses_other_clip_weights_than_it_was_trained_from(dataset, zarr_cache, weights, tmp_path):
+    """The config's --pretrained path may name other weights where the checkpoint is used (a relative path, a
+    replaced file): eval, extract --from-checkpoint and --init-from refuse them, naming both; --pretrained says
+    where the right ones are."""
+    moved = tmp_path / "clip.pt"
+    shutil.copy(weights, moved)
+    train_stage(make_config(dataset, zarr_cache[0], moved, tmp_path / "run", test_list=None), 2,
+                Console(file=io.StringIO()))
+    ckpt = tmp_path / "run" / "stage2-best.pt"
+    save_random_weights(MODEL, moved, seed=1)  # other weights where the config says
+    trained_from = load_checkpoint(ckpt)["encoder"]["weights"]
+    val = str(dataset.root / "val.txt")
+    refused = run_cli(["eval", str(ckpt), "--split", "val", "--device", "cpu", "--workers", "0"])
+    assert refused.exit_code == 2, refused.output
+    assert_in_output(f"{ckpt}: it was trained from the CLIP weights {trained_from}, but --pretrained {moved} gives "
+                     "sha256:", refused.output)
+    assert run_cli(["eval", str(ckpt), "--split", "val", "--device", "cpu", "--workers", "0", "--pretrained",
+                    str(weights)]).exit_code == 0
+    extract = ["extract", val, "--from-checkpoint", str(ckpt), "--face-boxes", str(dataset.face_boxes), "--device",
+               "cpu", "--workers", "0", "-o"]
+    refused = run_cli([*extract, str(tmp_path / "a.zarr")])
+    assert refused.exit_code == 2 and not (tmp_path / "a.zarr").exists(), refused.output
+    assert_in_output(f"{ckpt}: it was trained from the CLIP weights {trained_from}", refused.output)
+    made = run_cli([*extract, str(tmp_path / "b.zarr"), "--pretrained", str(weights)])
+    assert made.exit_code == 0 and FeatureCache.open(tmp_path / "b.zarr").fingerprint["encoder"]["weights"] == trained_from
+    with pytest.raises(ValueError, match=f"trained from the CLIP weights {trained_from}, but --pretrained {moved}"):
+        train_stage(make_config(dataset, zarr_cache[0], moved, tmp_path / "next", test_list=None), 2,
+                    Console(file=io.StringIO()), ckpt)
+
+
+def test_a_checkpoint_refuses_a_config_with_other_class_texts(dataset, zarr_cache, weights, tmp_path):
+    """Its prompts were learned before its class texts, and its sentence embeddings (t_desc) would silently replace
+    the config's: --init-from with other descriptions or class names is refused, naming the key."""
+    quiet = Console(file=io.StringIO())
+    train_stage(make_config(dataset, zarr_cache[0], weights, tmp_path / "run", test_list=None), 2, quiet)
+    first = make_config(dataset, zarr_cache[0], weights, tmp_path / "x", test_list=None)
+    sentences = [f"A student who looks {c}." for c in first.model.classes]
+    for key, value in (("descriptions", sentences), ("classes", [c.upper() for c in first.model.classes])):
+        cfg = make_config(dataset, zarr_cache[0], weights, tmp_path / "next", test_list=None, **{key: value})
+        with pytest.raises(ValueError, match=f"it was trained with {key} .*, this run sets .*: keep the checkpoint's"):
+            train_stage(cfg, 2, quiet, tmp_path / "run" / "stage2-best.pt")
 
 
 class RunsCode:

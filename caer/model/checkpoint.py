@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import runtime
 from ..config import ClassPrompts, RunConfig, check_config, from_flat, options, replace_options
 from .caer_model import CAERModel
 from .encoder import RANDOM_WEIGHTS, CLIPBackbone, load_backbone, weights_digest
@@ -31,13 +32,48 @@ def build_model(cfg: RunConfig, device: torch.device, checkpoint: dict | None = 
     if cfg.model.class_prompts == ClassPrompts.embedded and checkpoint is None:
         raise ValueError("--class-prompts embedded takes the prompts' token embeddings from a checkpoint (e.g. one "
                          "written by caer import-reference): give one (--init-from), or use --class-prompts text")
-    pretrained = RANDOM_WEIGHTS if checkpoint is not None and carries_clip(checkpoint) else cfg.encoder.pretrained
-    backbone = load_backbone(cfg.encoder.model, pretrained, device, cfg.encoder.preprocess)
+    whole = checkpoint is not None and carries_clip(checkpoint)
+    backbone = load_backbone(cfg.encoder.model, RANDOM_WEIGHTS if whole else cfg.encoder.pretrained, device,
+                             cfg.encoder.preprocess)
+    if checkpoint is not None:
+        check_same_text(cfg, checkpoint)
+    if checkpoint is not None and not whole:
+        check_base_weights(checkpoint, backbone, cfg.encoder.pretrained)
     torch.manual_seed(cfg.run.seed)
     model = CAERModel(backbone, cfg.model).to(device)
     if checkpoint is not None:
         load_weights(model, checkpoint)
     return model, backbone
+
+
+# what the prompts and the fixed class sentences (t_desc, kept in checkpoints) are made of
+TEXT_KEYS = ("classes", "descriptions", "soft_prompt_text", "class_token_position")
+
+
+def check_same_text(cfg: RunConfig, checkpoint: dict) -> None:
+    """Refuse a config whose class texts differ from the checkpoint's: its learned prompts sit before those texts,
+    and its sentence embeddings (t_desc) would silently replace the config's."""
+    saved = checkpoint_config(checkpoint).model
+    for key in TEXT_KEYS:
+        theirs, ours = getattr(saved, key), getattr(cfg.model, key)
+        if theirs != ours:
+            raise ValueError(f"it was trained with {key} {_shown(theirs)}, this run sets {_shown(ours)}: keep the "
+                             "checkpoint's (or start without it)")
+
+
+def _shown(value) -> str:
+    return repr([str(v) for v in value]) if isinstance(value, list) else str(value)
+
+
+def check_base_weights(checkpoint: dict, backbone: CLIPBackbone, pretrained: str) -> None:
+    """Refuse CLIP weights other than those the checkpoint was trained from (for a stage-3 checkpoint, those its
+    image encoder was fine-tuned from): its prompts, adapter and classifier only make sense on their features and
+    text embeddings. A relative --pretrained path saved in the config may name another file where it is used."""
+    encoder = checkpoint["encoder"]
+    expected = encoder.get("finetuned_from", encoder.get("weights"))
+    if expected is not None and backbone.weights != expected:
+        raise ValueError(f"it was trained from the CLIP weights {expected}, but --pretrained {pretrained} gives "
+                         f"{backbone.weights}: pass the weights it was trained from with --pretrained")
 
 
 TRUST_ENV = "CAER_TRUST_CHECKPOINTS"  # =1: load checkpoints that need full unpickling (files you trust only)
@@ -99,10 +135,25 @@ def checkpoint_config(ckpt: dict, overrides: dict | None = None) -> RunConfig:
     return cfg
 
 
-def backbone_from_checkpoint(path: str | Path, device: torch.device) -> CLIPBackbone:
-    """The image encoder of a checkpoint (fine-tuned by stage 3, or the base one), with its identity."""
+def model_from_checkpoint(path: str | Path, overrides: dict | None = None,
+                          device: torch.device | None = None) -> tuple[dict, RunConfig, CAERModel, CLIPBackbone]:
+    """(the checkpoint, its run config with ``overrides``, its model, the CLIP backbone under it), on ``device`` (or
+    the config's). Every failure is one line naming the checkpoint."""
     ckpt = load_checkpoint(path)
-    model, backbone = build_model(checkpoint_config(ckpt), device, ckpt)
+    try:
+        cfg = checkpoint_config(ckpt, overrides)
+        model, backbone = build_model(cfg, device or runtime.resolve_device(cfg.runtime.device), ckpt)
+    except ValueError as err:
+        hint = ("; pass --pretrained with the base weights it was trained from (a file on this machine or an "
+                "open_clip tag)") if "not a file and not an open_clip tag" in str(err) else ""
+        raise ValueError(f"{path}: {err}{hint}") from None
+    return ckpt, cfg, model, backbone
+
+
+def backbone_from_checkpoint(path: str | Path, device: torch.device, pretrained: str | None = None) -> CLIPBackbone:
+    """The image encoder of a checkpoint (fine-tuned by stage 3, or the base one), with its identity; ``pretrained``:
+    where its base CLIP weights are, if not where its config says."""
+    ckpt, _, model, backbone = model_from_checkpoint(path, {"pretrained": pretrained}, device)
     backbone.weights, backbone.finetuned_from = ckpt["encoder"]["weights"], ckpt["encoder"].get("finetuned_from")
     return backbone
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import torch
 
 from ..config import IMPORT_OVERRIDES, RunConfig, load_config
@@ -169,6 +170,9 @@ def reference_config(official: Official, overrides: dict | None = None) -> RunCo
              "temporal_layers": max(layers, default=0) + 1, "temporal_mlp": _need(official, first_mlp).shape[0],
              "class_prompts": "embedded"}
     cfg = load_config(REFERENCE_CONFIG, {**(overrides or {}), **sizes})
+    if f"{cfg.encoder.model}-quickgelu" in open_clip.list_models():  # e.g. plain ViT-B-32: exact GELU
+        raise ValueError(f"--model {cfg.encoder.model}: the authors' CLIP is OpenAI's, trained with QuickGELU; use "
+                         f"--model {cfg.encoder.model}-quickgelu")
     classes = _need(official, "prompt_learner.token_prefix").shape[0]
     if classes != len(cfg.model.classes):
         raise ValueError(f"{official.path}: its prompts are for {classes} classes, but the config lists "

@@ -159,12 +159,13 @@ def load_encoder(cfg: ExtractConfig) -> CLIPBackbone:
     """The frozen image encoder: ``--model``/``--pretrained``, or a checkpoint's (``--from-checkpoint``)."""
     device = runtime.local_device(runtime.resolve_device(cfg.runtime.device))
     if cfg.from_checkpoint:
-        given = [f"--{f.name} {getattr(cfg.encoder, f.name)}" for f in dataclasses.fields(cfg.encoder)
-                 if getattr(cfg.encoder, f.name) != f.default]
+        changed = {f.name: getattr(cfg.encoder, f.name) for f in dataclasses.fields(cfg.encoder)
+                   if getattr(cfg.encoder, f.name) != f.default}
+        given = [f"--{name} {value}" for name, value in changed.items() if name != "pretrained"]
         if given:
             raise ValueError(f"--from-checkpoint takes the image encoder and its preprocessing from the checkpoint: "
                              f"{', '.join(given)} would be ignored; drop {'them' if len(given) > 1 else 'it'}")
-        return backbone_from_checkpoint(cfg.from_checkpoint, device)
+        return backbone_from_checkpoint(cfg.from_checkpoint, device, changed.get("pretrained"))
     return load_backbone(cfg.encoder.model, cfg.encoder.pretrained, device, cfg.encoder.preprocess)
 
 

@@ -30,9 +30,9 @@ from ..data.raer import IMAGE_SUFFIXES, Box, Clip, DataError, ViewMaker, clip_di
 from ..data.tensor_views import TensorViews, auto_decode_device
 from ..data.video import VIDEO_SUFFIXES, clip_images, frame_key, frame_number, frames_at_rate, index_video, is_video
 from ..model.caer_model import CAERModel
-from ..model.checkpoint import build_model, checkpoint_config, is_finetuned, load_checkpoint
+from ..model.checkpoint import model_from_checkpoint
 from ..model.encoder import Preprocess
-from ..runtime import autocast, resolve_device
+from ..runtime import autocast
 from .annotate import ANNOTATE_SUFFIXES, write_annotated
 from .display import progress_bar
 from .report import check_outputs, write_atomically
@@ -61,20 +61,8 @@ class Predictor:
 def load_predictor(path: str, overrides: dict) -> Predictor:
     """The model of checkpoint ``path`` (``overrides``: run-config options, e.g. ``pretrained``, ``device``). Every
     failure is one line naming the checkpoint."""
-    ckpt = load_checkpoint(path)
-    try:
-        cfg = checkpoint_config(ckpt, overrides)
-        device = resolve_device(cfg.runtime.device)
-        model, backbone = build_model(cfg, device, ckpt)
-    except ValueError as err:
-        hint = ("; pass --pretrained with the base weights it was trained from (a file on this machine or an "
-                "open_clip tag)") if "--pretrained" in str(err) else ""
-        raise ValueError(f"{path}: {err}{hint}") from None
-    trained_on = ckpt["encoder"].get("weights")
-    if not is_finetuned(ckpt["encoder"]) and trained_on != backbone.weights:
-        raise ValueError(f"{path}: it was trained on the features of the image encoder weights {trained_on}, but "
-                         f"--pretrained {cfg.encoder.pretrained} gives {backbone.weights}: pass the weights it was "
-                         "trained with")
+    ckpt, cfg, model, backbone = model_from_checkpoint(path, overrides)
+    device = backbone.device
     model.eval()
     with torch.no_grad():
         text = tuple(t.detach() for t in model.text_features())
