@@ -383,7 +383,8 @@ def compare(values: dict):
 
     Never columns: settings that say only where a run writes or how it reports (run_dir, resume, workers, print_confusion, tensorboard).
 
-    Test columns are blank for a run without test_report.json.
+    Test columns are blank for a run without test_report.json, or whose report is not of the best epoch of the
+    stage shown (the test note column says why).
 
     Examples:
       [cyan]caer compare runs/full runs/no_eaa runs/no_iec[/]

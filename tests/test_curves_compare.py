@@ -20,7 +20,7 @@ from caer.pipeline.demo import ABLATIONS, run_ablations
 from conftest import assert_in_output, run_cli
 
 PNG = b"\x89PNG\r\n\x1a\n"
-RESULT_COLUMNS = ["stage", "best epoch", "valid WAR", "valid UAR", "test WAR", "test UAR"]
+RESULT_COLUMNS = ["last stage", "best epoch", "valid WAR", "valid UAR", "test WAR", "test UAR"]
 
 
 def run_values(dataset, cache, weights, run_dir, **overrides) -> dict:
@@ -128,6 +128,40 @@ def test_compare_leaves_the_test_columns_blank_without_a_test_report(two_runs, t
     columns, rows = compare_runs([plain, untested])
     assert rows[0][2:] == expected_cells(plain)
     assert rows[1][2:] == expected_cells(untested, report=False)
+
+
+def test_compare_shows_no_test_numbers_of_another_stage_than_the_row_s(two_runs, dataset, zarr_cache, weights,
+                                                                      tmp_path):
+    import shutil
+
+    plain, _ = two_runs
+    test = json.loads((plain / "test_report.json").read_text())
+    best = metrics(plain)[-1]["best_epoch"]
+    assert (test["checkpoint_stage"], test["checkpoint_epoch"]) == (2, best)  # the report says what it tested
+    rerun = tmp_path / "rerun"
+    shutil.copytree(plain, rerun)
+    train(dataset, zarr_cache[0], weights, rerun, stage=1, epochs_stage1=1)  # stage 1 again, after stage 2
+    assert json.loads((rerun / "test_report.json").read_text())["checkpoint_stage"] == 1
+    columns, rows = compare_runs([plain, rerun])
+    assert len(set(columns)) == len(columns)  # the setting "stage" and the result "last stage"
+    cells = dict(zip(columns, rows[1]))
+    assert (cells["stage"], cells["last stage"]) == ("1", "2")
+    assert cells["valid UAR"] == f"{best_uar(rerun, 2):.2f}"  # stage 2's, as before the re-run
+    assert cells["test WAR"] == cells["test UAR"] == "" and all(cells[c] == "" for c in columns if "recall" in c)
+    assert cells["test note"] == "test_report.json is of stage 1 epoch 1, not of stage 2"
+    assert dict(zip(columns, rows[0]))["test note"] == "" and rows[0][columns.index("test WAR")] != ""
+
+    old = json.loads((plain / "test_report.json").read_text())  # as an older caer wrote it: stage in the name only
+    del old["checkpoint_stage"], old["checkpoint_epoch"]
+    (rerun / "test_report.json").write_text(json.dumps(old))
+    assert read_run(rerun).test_uar == old["uar"]
+    old["checkpoint"] = str(rerun / "stage1-best.pt")
+    (rerun / "test_report.json").write_text(json.dumps(old))
+    assert read_run(rerun).test_uar is None and "of stage 1, not of stage 2" in read_run(rerun).test_note
+
+
+def best_uar(run_dir, stage: int) -> float:
+    return [r for r in metrics(run_dir) if r["stage"] == stage][-1]["best_uar"]
 
 
 def test_compare_cli_prints_markdown_and_writes_csv(two_runs, tmp_path):

@@ -1,7 +1,8 @@
 """`caer demo` end to end, and `caer eval` on the checkpoints it leaves (issues 4 and 5).
 
 One module-scoped demo run (a smaller size setting) provides the dataset, the cache (views 2) and
-the stage 1, 2 and 3 checkpoints that the eval tests use.
+the stage 1, 2 and 3 checkpoints that the slow eval tests use; the quick ones use a one-epoch run on the
+session dataset, and the metrics alone.
 """
 
 from __future__ import annotations
@@ -11,16 +12,20 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from rich.console import Console
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
-from caer.config import DemoConfig
+from caer.config import DemoConfig, load_config
 from caer.data.video import index_video
+from caer.model.checkpoint import load_checkpoint
+from caer.model.metrics import confusion_matrix, uar, uar_all_classes, war
+from caer.pipeline import train as train_module
 from caer.pipeline.demo import demo
-from caer.pipeline.evaluate import evaluate
+from caer.pipeline.evaluate import check_finite, evaluate
 from conftest import assert_in_output, run_cli
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow
 
 CHANCE_UAR = 20.0
 
@@ -36,6 +41,7 @@ def _predictions(report: dict) -> dict[str, int]:
     return {p["video_id"]: p["pred"] for p in report["predictions"]}
 
 
+@slow
 def test_demo_runs_every_stage_and_beats_chance(demo_run):
     out, report = demo_run
     run = out / "run"
@@ -50,6 +56,7 @@ def test_demo_runs_every_stage_and_beats_chance(demo_run):
     assert {r["stage"] for r in records} == {1, 2, 3}
 
 
+@slow
 def test_demo_ends_with_caer_predict_on_an_mp4(demo_run):
     out, report = demo_run
     saved = json.loads((out / "video" / "predict.json").read_text())
@@ -61,6 +68,7 @@ def test_demo_ends_with_caer_predict_on_an_mp4(demo_run):
     assert index_video(out / "video" / "labelled.mp4").count == entry["frame_count"]
 
 
+@slow
 def test_stage3_does_not_undo_stage2(demo_run):
     out, _ = demo_run
     records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -69,6 +77,7 @@ def test_stage3_does_not_undo_stage2(demo_run):
     assert best[3] >= best[2] - 10.0, best
 
 
+@slow
 def test_report_metrics_equal_sklearn_over_its_own_predictions(demo_run):
     _, report = demo_run
     y = [p["label"] for p in report["predictions"]]
@@ -81,6 +90,7 @@ def test_report_metrics_equal_sklearn_over_its_own_predictions(demo_run):
         assert key in report
 
 
+@slow
 def test_eval_cache_and_raw_agree_for_a_stage2_checkpoint(demo_run, tmp_path):
     out, _ = demo_run
     ckpt = out / "run" / "stage2-best.pt"
@@ -94,6 +104,7 @@ def test_eval_cache_and_raw_agree_for_a_stage2_checkpoint(demo_run, tmp_path):
     assert evaluate(out / "run" / "stage3-best.pt", "test", "auto", console=quiet).source == "raw"
 
 
+@slow
 def test_stage3_checkpoint_needs_its_own_cache(demo_run, tmp_path):
     out, _ = demo_run
     ckpt = out / "run" / "stage3-best.pt"
@@ -121,6 +132,7 @@ def test_stage3_checkpoint_needs_its_own_cache(demo_run, tmp_path):
     assert _predictions(json.loads(report.read_text())) == _predictions(raw)
 
 
+@slow
 def test_eval_cli_writes_json_plot_and_tta(demo_run, tmp_path):
     out, _ = demo_run
     ckpt = out / "run" / "stage2-best.pt"
@@ -132,3 +144,68 @@ def test_eval_cli_writes_json_plot_and_tta(demo_run, tmp_path):
     assert [p["video_id"] for p in report["predictions"]] == val_ids
     assert (tmp_path / "cm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert_in_output("UAR", result.output)
+
+
+# ------------------------------------------------------------------------------------------ quick: a one-epoch run
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, dataset, zarr_cache, weights):
+    """The best checkpoint of a one-epoch stage-2 run on the session dataset and cache (no test report)."""
+    train_list, val_list, _ = map(str, dataset.annotations)
+    values = dict(pretrained=str(weights), train_list=train_list, val_list=val_list, test_list=None,
+                  cache=str(zarr_cache[0]), face_boxes=str(dataset.face_boxes), workers=0, device="cpu",
+                  run_dir=str(tmp_path_factory.mktemp("eval") / "run"), batch_size=4, stage=2, epochs_stage2=1)
+    return train_module.run(load_config("tiny", values), Console(file=io.StringIO()))[-1].best_path
+
+
+def test_eval_of_an_annotation_file_labels_the_report_with_its_path(tiny_ckpt, dataset, tmp_path):
+    val_list = dataset.annotations[1]
+    result = run_cli(["eval", str(tiny_ckpt), "--split", str(val_list), "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["split"] == str(val_list)
+    assert_in_output(f"{val_list} (cache, stage 2 epoch 1): WAR", result.output)
+    assert "test (" not in result.output
+    ckpt = load_checkpoint(tiny_ckpt)
+    assert (report["checkpoint_stage"], report["checkpoint_epoch"]) == (ckpt["stage"], ckpt["epoch"]) == (2, 0)
+    val_ids = [line.split()[0] for line in val_list.read_text().splitlines() if line.strip()]
+    assert [p["video_id"] for p in report["predictions"]] == val_ids
+
+
+def test_eval_refuses_non_finite_logits_naming_the_clips(tiny_ckpt, dataset, tmp_path):
+    ckpt = load_checkpoint(tiny_ckpt)
+    for name, value in ckpt["model"].items():
+        if not name.startswith("clip.") and value.is_floating_point():
+            value.fill_(float("nan"))
+    broken = tmp_path / "nan.pt"
+    torch.save(ckpt, broken)
+    result = run_cli(["eval", str(broken), "--split", "val"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    val_ids = [line.split()[0] for line in dataset.annotations[1].read_text().splitlines() if line.strip()]
+    assert_in_output(f"non-finite logits (NaN/inf) for {len(val_ids)} clip(s) (first: {val_ids[0]!r}", result.output)
+    assert_in_output("the features or the checkpoint hold NaN/inf", result.output)
+
+    logits = np.zeros((4, 5), np.float32)
+    logits[0, 2], logits[3, 0] = np.nan, np.inf  # rows in batch order, of the dataset's clips 2, 0, 3, 1
+    with pytest.raises(ValueError, match=r"for 2 clip\(s\) \(first: 'b', 'c'\)"):
+        check_finite(logits, np.array([2, 0, 3, 1]), ["a", "b", "c", "d"], use_amp=False)
+    check_finite(np.zeros((2, 5)), np.array([0, 1]), ["a", "b"], use_amp=False)
+
+
+# ------------------------------------------------------------------------------------------ quick: the metrics
+
+def test_metrics_refuse_class_indices_outside_the_label_set_and_empty_input():
+    with pytest.raises(ValueError, match=r"label -1 is not a class index 0..4"):
+        confusion_matrix([-1, 0, 1], [4, 0, 1], 5)
+    with pytest.raises(ValueError, match=r"prediction 5 is not a class index 0..4 \(2 such"):
+        confusion_matrix([0, 1, 2], [5, 1, 5], 5)
+    with pytest.raises(ValueError, match="no clips to score"):
+        confusion_matrix([], [], 5)
+    with pytest.raises(ValueError, match="3 labels but 2 predictions"):
+        confusion_matrix([0, 1, 2], [0, 1], 5)
+    empty = np.zeros((5, 5), np.int64)
+    assert all(np.isnan(f(empty)) for f in (war, uar, uar_all_classes))  # not a score of 0
+    labels, preds = [0, 1, 2, 3, 4, 0, 1, 4], [0, 1, 2, 3, 3, 1, 1, 0]
+    cm = confusion_matrix(np.array(labels), np.array(preds), 5)
+    assert war(cm) == pytest.approx(100 * accuracy_score(labels, preds))
+    assert uar(cm) == pytest.approx(100 * balanced_accuracy_score(labels, preds))

@@ -32,7 +32,7 @@ from caer.data.loaders import make_loader, split_dataset
 from caer.data.synth import synthesise
 from caer.model.checkpoint import build_model
 from caer.model.encoder import save_random_weights
-from caer.model.metrics import confusion_matrix
+from caer.model.metrics import confusion_matrix, uar
 from caer.pipeline import train as train_module
 from caer.pipeline.evaluate import predict
 from caer.pipeline.extract import extract
@@ -364,3 +364,21 @@ def test_input_norm_is_what_lets_stage2_learn_quickly(trained, synth, cache, wei
     without = read_metrics(tmp_path / "no-norm")[-1]["best_uar"]
     print(f"\nbest valid UAR after {EPOCHS} epochs: with input norm {with_norm:.2f}, without {without:.2f}")
     assert with_norm >= without + 15, (with_norm, without)
+
+
+def _valid_record(correct: list[int], support=(83, 51, 37, 29, 64)) -> dict:
+    """An epoch record whose valid confusion has ``correct`` right per class (the rest one class over)."""
+    cm = np.zeros((5, 5), dtype=int)
+    for k, (n, right) in enumerate(zip(support, correct)):
+        cm[k, k], cm[k, (k + 1) % 5] = right, n - right
+    return {"valid_uar": round(uar(cm), 2), "valid_confusion": cm.tolist()}
+
+
+def test_the_best_epoch_is_chosen_on_the_unrounded_uar():
+    """UARs of 70.0091 and 70.0051 are both recorded as 70.01: the later, lower one must not take the best."""
+    higher, lower = _valid_record([75, 26, 28, 20, 41]), _valid_record([50, 37, 24, 17, 60])
+    assert higher["valid_uar"] == lower["valid_uar"] == 70.01
+    best = {"valid_uar": higher["valid_uar"], "exact_uar": uar(np.asarray(higher["valid_confusion"]))}
+    assert not train_module.beats_best(lower, best)
+    assert train_module.beats_best(higher, best)  # a tie goes to the later epoch
+    assert train_module.beats_best(lower, {"valid_uar": 70.0, "epoch": 0})  # a best from an older checkpoint

@@ -2,13 +2,15 @@
 
 Each row holds the settings that differ between the runs (from each run's ``config.yaml``), the best epoch of
 the run's last stage and its valid WAR/UAR (the last record of that stage in ``metrics.jsonl``), and the test
-WAR/UAR and per-class recall of ``test_report.json`` (blank when a run has none).
+WAR/UAR and per-class recall of ``test_report.json``: blank when a run has none, or when its checkpoint is not that
+stage's best epoch (a "test note" column then says why).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from .curves import read_metrics
 
 # settings that say where a run writes or how it reports, not what it computes: never a column
 IGNORED = ("run_dir", "resume", "print_confusion", "tensorboard", "workers")
+# the result columns; "last stage", not "stage", which names a setting (the stage a run trains)
+RESULTS = ("last stage", "best epoch", "valid WAR", "valid UAR", "test WAR", "test UAR")
 BLANK = ""
 
 
@@ -37,6 +41,7 @@ class RunSummary:
     test_war: float | None = None
     test_uar: float | None = None
     recall: dict[str, float] = field(default_factory=dict)
+    test_note: str = ""  # why the test fields are blank although the run has a test report
 
 
 def read_run(run_dir: str | Path) -> RunSummary:
@@ -58,9 +63,30 @@ def read_run(run_dir: str | Path) -> RunSummary:
     report = run_dir / "test_report.json"
     if report.is_file():
         test = json.loads(report.read_text())
-        summary.test_war, summary.test_uar = test["war"], test["uar"]
-        summary.recall = {row["name"]: row["recall"] for row in test["per_class"]}
+        summary.test_note = report_mismatch(test, summary)
+        if not summary.test_note:
+            summary.test_war, summary.test_uar = test["war"], test["uar"]
+            summary.recall = {row["name"]: row["recall"] for row in test["per_class"]}
     return summary
+
+
+def report_mismatch(test: dict, summary: RunSummary) -> str:
+    """Why a test report does not belong to the stage and best epoch shown ("" when it does): e.g. a stage re-run
+    after a later stage leaves the later stage's records but its own test report."""
+    stage, epoch = test.get("checkpoint_stage"), test.get("checkpoint_epoch")
+    if summary.stage is None:  # no metrics.jsonl records: no stage shown to disagree with
+        return ""
+    if stage is None:  # a report of an older caer: caer train names its checkpoints stage<N>-best.pt
+        named = re.fullmatch(r"stage(\d+)-(best|last)\.pt", Path(str(test.get("checkpoint", ""))).name)
+        if named is None:
+            return "test_report.json does not say which stage its checkpoint is from"
+        stage = int(named[1])
+    tested = f"test_report.json is of stage {stage}" + (f" epoch {epoch + 1}" if epoch is not None else "")
+    if stage != summary.stage:
+        return f"{tested}, not of stage {summary.stage}"
+    if epoch is not None and summary.best_epoch is not None and epoch + 1 != summary.best_epoch:
+        return f"{tested}, not of its best epoch {summary.best_epoch}"
+    return ""
 
 
 def differing_settings(configs: list[dict]) -> list[str]:
@@ -100,13 +126,13 @@ def compare_runs(run_dirs: list[str | Path]) -> tuple[list[str], list[list[str]]
     classes = list(dict.fromkeys(name for r in runs for name in r.recall))
     names = [Path(d).name for d in run_dirs]
     labels = names if len(set(names)) == len(names) else [str(d) for d in run_dirs]
-    columns = ["run", *settings, "stage", "best epoch", "valid WAR", "valid UAR", "test WAR", "test UAR",
-               *(f"{c} recall" for c in classes)]
+    notes = any(r.test_note for r in runs)
+    columns = ["run", *settings, *RESULTS, *(f"{c} recall" for c in classes), *(["test note"] if notes else [])]
     rows = []
     for label, r in zip(labels, runs):
         rows.append([label, *(_setting(r.config.get(k)) for k in settings), _number(r.stage), _number(r.best_epoch),
                      _number(r.valid_war), _number(r.valid_uar), _number(r.test_war), _number(r.test_uar),
-                     *(_number(r.recall.get(c)) for c in classes)])
+                     *(_number(r.recall.get(c)) for c in classes), *([r.test_note] if notes else [])])
     return columns, rows
 
 
@@ -121,7 +147,7 @@ def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
 
 
 def _is_number(column: str) -> bool:
-    return column in ("stage", "best epoch", "valid WAR", "valid UAR", "test WAR", "test UAR") or column.endswith(" recall")
+    return column in RESULTS or column.endswith(" recall")
 
 
 def write_csv(columns: list[str], rows: list[list[str]], path: str | Path) -> Path:

@@ -16,8 +16,8 @@ from ..config import EvalSource, RunConfig, Source
 from ..data.loaders import Loader, make_loader, open_cache, split_dataset, with_cache_geometry
 from ..data.tensor_views import auto_decode_device
 from ..model.caer_model import CAERModel
-from ..model.checkpoint import build_model, checkpoint_config, load_checkpoint
-from ..runtime import autocast, resolve_device
+from ..model.checkpoint import model_from_checkpoint
+from ..runtime import autocast
 from .display import progress_bar
 from .report import Report
 
@@ -41,8 +41,24 @@ def predict(model: CAERModel, loader: Loader, device: torch.device, use_amp: boo
             progress.advance(task)
     if progress:
         progress.remove_task(task)
-    order = np.argsort(np.concatenate(indices))
-    return np.concatenate(labels)[order], np.concatenate(logits)[order]
+    if not indices:
+        raise ValueError("no clips to evaluate: the split is empty (or all its clips were left out)")
+    indices = np.concatenate(indices)
+    order = np.argsort(indices)
+    logits = np.concatenate(logits)
+    check_finite(logits, indices, getattr(loader.dataset, "video_ids", None), use_amp)
+    return np.concatenate(labels)[order], logits[order]
+
+
+def check_finite(logits: np.ndarray, indices: np.ndarray, video_ids: list[str] | None, use_amp: bool) -> None:
+    """Refuse NaN/inf logits, naming the clips: their argmax would silently be class 0."""
+    bad = np.sort(indices[~np.isfinite(logits).all(1)])
+    if not len(bad):
+        return
+    names = ", ".join(repr(video_ids[i]) if video_ids is not None else f"#{i}" for i in bad[:5])
+    amp = " (or the half-precision forward pass of use_amp overflowed)" if use_amp else ""
+    raise ValueError(f"non-finite logits (NaN/inf) for {len(bad)} clip(s) (first: {names}): the features or the "
+                     f"checkpoint hold NaN/inf{amp}; re-extract those clips or retrain rather than score them as class 0")
 
 
 def pick_source(cfg: RunConfig, encoder: dict) -> Source:
@@ -56,16 +72,15 @@ def evaluate(checkpoint: str | Path, split: str = "test", source: EvalSource = E
              overrides: dict | None = None, console: Console | None = None) -> Report:
     """Predict every clip of ``split`` (a split name or an annotation file) with a checkpoint; its report."""
     console = console or Console()
+    label = str(split)  # what the report calls the split: the file's path for an annotation file
     if split not in ("train", "val", "test"):
         if not Path(split).is_file():
             raise ValueError(f"--split must be train, val, test or an annotation file, got {split!r}")
         overrides = {**(overrides or {}), "test_list": str(split)}
-        split = "test"
-    ckpt = load_checkpoint(checkpoint)
-    cfg = checkpoint_config(ckpt, overrides)
+        split = "test"  # read through the test slot of the config
+    ckpt, cfg, model, backbone = model_from_checkpoint(checkpoint, overrides)
     source = pick_source(cfg, ckpt["encoder"]) if source == EvalSource.auto else Source(source)
-    device = resolve_device(cfg.runtime.device)
-    model, backbone = build_model(cfg, device, ckpt)
+    device = backbone.device
     cache = open_cache(cfg, source, ckpt["encoder"])
     cfg = with_cache_geometry(cfg, cache, auto_decode_device(backbone))
     if tta_flip and source == Source.cache and cache.views < 2:
@@ -80,8 +95,8 @@ def evaluate(checkpoint: str | Path, split: str = "test", source: EvalSource = E
                                           progress)
             logits = logits + view_logits / len(views)
     note_left_out(console, cfg.list_for(split), dataset.left_out)
-    return Report(list(cfg.model.classes), labels, logits.argmax(1), dataset.video_ids, str(checkpoint), split, source,
-                  len(dataset.left_out))
+    return Report(list(cfg.model.classes), labels, logits.argmax(1), dataset.video_ids, str(checkpoint), label, source,
+                  len(dataset.left_out), ckpt.get("stage"), ckpt.get("epoch"))
 
 
 def note_left_out(console: Console, list_path: str, left_out: list[str]) -> None:

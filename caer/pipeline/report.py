@@ -26,6 +26,8 @@ class Report:
     split: str
     source: str
     skipped_clips: int = 0  # clips of the split left out because caer extract --skip-bad skipped them
+    stage: int | None = None  # the checkpoint's training stage
+    epoch: int | None = None  # the checkpoint's epoch within its stage, 0-based as in metrics.jsonl
 
     @property
     def confusion(self) -> np.ndarray:
@@ -51,6 +53,8 @@ class Report:
             "confusion_matrix": cm.tolist(),
             "confusion_matrix_normalized": np.round(cm / rows, 4).tolist(),
             "checkpoint": self.checkpoint,
+            "checkpoint_stage": self.stage,
+            "checkpoint_epoch": self.epoch,
             "split": self.split,
             "source": self.source,
             "skipped_clips": self.skipped_clips,
@@ -62,7 +66,8 @@ class Report:
     def tables(self) -> Group:
         d = self.as_dict()
         left_out = f"  ({d['skipped_clips']} skipped clip(s) left out)" if d["skipped_clips"] else ""
-        head = Table(title=f"{d['split']} ({d['source']}): WAR {d['war']:.2f}  UAR {d['uar']:.2f}{left_out}",
+        origin = f", stage {self.stage} epoch {self.epoch + 1}" if self.stage is not None and self.epoch is not None else ""
+        head = Table(title=f"{d['split']} ({d['source']}{origin}): WAR {d['war']:.2f}  UAR {d['uar']:.2f}{left_out}",
                      title_justify="left")
         for col in ("class", "recall", "precision", "F1", "support"):
             head.add_column(col, justify="left" if col == "class" else "right")

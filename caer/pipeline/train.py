@@ -374,6 +374,13 @@ def epoch_record(s: Stage, epoch: int, train_cm: np.ndarray, sums: dict, val_cm:
     }
 
 
+def beats_best(record: dict, best: dict) -> bool:
+    """Whether an epoch's valid UAR is at least the best's, unrounded (the record's is rounded to 2 decimals, where
+    a lower UAR can tie with a higher one); a tie goes to the later epoch."""
+    exact = uar(np.asarray(record["valid_confusion"]))
+    return exact >= best.get("exact_uar", best["valid_uar"])  # (older checkpoints hold the rounded UAR only)
+
+
 def record_epoch(s: Stage, epoch: int, record: dict, random_states: list[dict]) -> bool:
     """Update the bests, then write the metrics line, the best checkpoint (if improved) and the last one;
     whether this epoch became the best. ``random_states``: every rank's, at the end of the epoch.
@@ -381,13 +388,14 @@ def record_epoch(s: Stage, epoch: int, record: dict, random_states: list[dict]) 
     In this order, a run stopped anywhere in between resumes from the previous last checkpoint,
     drops the lines logged after it and redoes this epoch.
     """
-    # the best epoch: highest valid UAR among epochs that trained something; a tie goes to the later epoch
     trained = not s.nothing_trains(epoch)
-    improved = trained and record["valid_uar"] >= s.best["valid_uar"]
+    # the best epoch: highest valid UAR among epochs that trained something
+    improved = trained and beats_best(record, s.best)
     if improved:
-        s.best = {"valid_uar": record["valid_uar"], "valid_war": record["valid_war"], "epoch": epoch}
+        s.best = {"valid_uar": record["valid_uar"], "valid_war": record["valid_war"], "epoch": epoch,
+                  "exact_uar": uar(np.asarray(record["valid_confusion"]))}
         s.best_confusion = record["valid_confusion"]
-    if trained and record["train_uar"] >= s.best_train["train_uar"]:  # the same rule, on the training split
+    if trained and record["train_uar"] >= s.best_train["train_uar"]:  # the same rule on the training split (rounded)
         s.best_train = {"train_uar": record["train_uar"], "train_war": record["train_war"], "epoch": epoch}
     record |= {"trained": trained, "best_epoch": s.best["epoch"], "best_war": s.best["valid_war"],
                "best_uar": s.best["valid_uar"], "best_train_epoch": s.best_train["epoch"],
