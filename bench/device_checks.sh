@@ -5,7 +5,7 @@
 # $OUT (default .).
 # Its first argument picks a part: "extract" (1-3, about 6 minutes, at most 9 by its timeouts), "train" (4-5, about
 # 3), or "all" (the default): each part fits in one 10-minute device command.
-#   1. the tensor path's fidelity on the GPU (nvJPEG + TF32 against PIL);
+#   1. the tensor path's fidelity on the GPU (nvJPEG + half-precision products against PIL);
 #   2. where the GPU decode's time goes (bench/decode_probe.py);
 #   3. extraction images/s against the bare encoder on 720p frames, pil vs tensor, with --diagnose, with 16, 128 and
 #      512 frames per nvJPEG call, and with the writer thread instead of the writer processes;

@@ -15,16 +15,14 @@ libjpeg-turbo (as PIL) on the CPU. Other formats go through ``decode_image`` (PI
 
 from __future__ import annotations
 
-import contextlib
 import io
 import itertools
 import math
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
@@ -67,20 +65,34 @@ def auto_decode_device(backbone: CLIPBackbone) -> torch.device | None:
 # ------------------------------------------------------------------------------------------ reading and decoding
 
 def read_frames(files: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The files' bytes as one uint8 tensor and their offsets [n + 1] (one tensor crosses the worker boundary)."""
+    """The files' bytes as one uint8 tensor and their offsets [n + 1] (one tensor crosses the worker boundary).
+    Frames over Pillow's size limit are refused, as the PIL path refuses them (their headers are read here)."""
     chunks = []
     for path in files:
         try:
             chunks.append(Path(path).read_bytes())
         except OSError as err:
             raise DataError(f"{path}: cannot read image ({err})") from None
+        _check_size(chunks[-1], path)
     offsets = torch.tensor([0, *itertools.accumulate(len(c) for c in chunks)])
     buffer = bytearray(b"".join(chunks))
     return (torch.frombuffer(buffer, dtype=torch.uint8) if buffer else torch.empty(0, dtype=torch.uint8)), offsets
 
 
+def _check_size(data: bytes, path: Path) -> None:
+    """A DataError for an image larger than Pillow allows (``Image.open`` reads only the header to know)."""
+    try:
+        with Image.open(io.BytesIO(data)):
+            pass
+    except Image.DecompressionBombError as err:
+        raise DataError(f"{path}: cannot read image ({err})") from None
+    except (OSError, SyntaxError, ValueError):
+        pass  # unreadable: decoding names the file
+
+
 def _decode_other(data: torch.Tensor, name: str) -> torch.Tensor:
-    """A PNG (or other non-JPEG) frame as RGB uint8 [3, H, W] on the CPU."""
+    """A frame as RGB uint8 [3, H, W] on the CPU: a PNG (or other non-JPEG), or a JPEG the batched decoder refused
+    (a DataError when neither torchvision nor PIL reads it)."""
     try:
         image = decode_image(data, mode=ImageReadMode.RGB)
         if image.dtype == torch.uint8:
@@ -90,6 +102,8 @@ def _decode_other(data: torch.Tensor, name: str) -> torch.Tensor:
     try:  # formats torchvision does not read (BMP, ...), or 16-bit ones: PIL, as the PIL path does
         with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
             return T.functional.pil_to_tensor(img.convert("RGB"))
+    except UnidentifiedImageError:  # (its message names the in-memory copy)
+        raise DataError(f"{name}: cannot read image (not a format Pillow can identify)") from None
     except (OSError, SyntaxError, Image.DecompressionBombError) as err:
         raise DataError(f"{name}: cannot read image ({err})") from None
 
@@ -117,16 +131,16 @@ def decode_frames(parts: list[torch.Tensor], names: list[str], device) -> list[t
         for i, image in zip(jpeg, _decode_jpegs([parts[i] for i in jpeg], device) if jpeg else []):
             images[i] = image
     except RuntimeError:
-        for i in jpeg:  # one at a time, to name the file at fault (and needing less memory)
+        for i in jpeg:  # one at a time, to find the frames at fault (and needing less memory)
             try:
                 images[i] = _decode_jpegs([parts[i]], device)[0]
-            except RuntimeError as err:  # "decode_jpeg, <source file>:<line>, <reason>": keep the reason
-                if "out of memory" in str(err):  # the device's failure, not the file's
+            except RuntimeError as err:
+                if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err):  # the device's failure
                     raise
-                reason = re.sub(r"^\w+, \S+:\d+, ", "", str(err))
-                raise DataError(f"{names[i]}: cannot read image ({reason})") from None
-    for i in set(range(len(parts))) - set(jpeg):
-        images[i] = to_device(_decode_other(parts[i], names[i]), device)
+                images[i] = None  # the CPU decoders below say whether the file is at fault
+    for i in range(len(parts)):
+        if images[i] is None:  # not a JPEG, or one nvJPEG (CMYK, damaged but readable) or memory refused: the CPU's
+            images[i] = to_device(_decode_other(parts[i], names[i]), device)
     return images
 
 
@@ -187,20 +201,18 @@ def _round(x: torch.Tensor) -> torch.Tensor:
     return x.add_(0.5).floor_().clamp_(0, 255)
 
 
-@contextlib.contextmanager
-def _tf32(device: torch.device):
-    """TensorFloat-32 matrix products on CUDA, where float32 ones cost several times more. The pixels (integers up
-    to 255) are exact in TF32; the weights round to 2^-11, which moves about 1% of the values by one level
-    (emulated on the CPU in tests/test_tensor_views.py)."""
-    if device.type != "cuda":
-        yield
-        return
-    before = torch.backends.cuda.matmul.fp32_precision
-    torch.backends.cuda.matmul.fp32_precision = "tf32"
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.fp32_precision = before
+def _weighted(pixels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``pixels @ weights`` ([N, m, k] @ [N, k, n]) in float32, for pixels that are whole numbers 0..255.
+
+    On CUDA float32 products cost several times more than tensor-core ones. The pixels are exact in float16, and
+    the weights are split into a float16 part and its float16 remainder: two float16 products summed in float32 keep
+    them to about 2^-22 (TF32 would keep 2^-11, and switching it on is process-wide: other threads' products would
+    change with it)."""
+    if pixels.device.type != "cuda":
+        return torch.bmm(pixels, weights)
+    whole, high = pixels.half(), weights.half()
+    low = (weights - high.float()).half()
+    return torch.bmm(whole, high, out_dtype=torch.float32).add_(torch.bmm(whole, low, out_dtype=torch.float32))
 
 
 def _windows(frames: torch.Tensor, views: list[tuple[int, ...]], rows_h: int, cols_w: int,
@@ -225,10 +237,12 @@ def render(frames: torch.Tensor, views: list[tuple[int, ...]], size: int) -> tor
     rows_h, cols_w = max(v[3] for v in views), max(v[4] for v in views)
     weights_y = _shared([v[5:10] for v in views], size, rows_h, device)  # [N, S, h]
     weights_x = _shared([v[10:15] for v in views], size, cols_w, device)  # [N, S, w]
-    pixels = _windows(frames, views, rows_h, cols_w).float()
-    with _tf32(device):
-        across = _round(pixels @ weights_x.transpose(1, 2)[:, None])  # horizontal pass first, as Pillow: [N, 3, h, S]
-        return _round(weights_y[:, None] @ across).to(torch.uint8)
+    n = len(views)
+    pixels = _windows(frames, views, rows_h, cols_w).float().reshape(n, 3 * rows_h, cols_w)
+    across = _round(_weighted(pixels, weights_x.transpose(1, 2)))  # horizontal pass first, as Pillow: [N, 3 h, S]
+    across = across.view(n, 3, rows_h, size).transpose(2, 3).reshape(n, 3 * size, rows_h)  # [N, 3 S(x), h]
+    down = _round(_weighted(across, weights_y.transpose(1, 2)))  # [N, 3 S(x), S(y)]
+    return down.view(n, 3, size, size).transpose(2, 3).to(torch.uint8)
 
 
 def _axis(canvas: int, pad: int, length: int, resized: int, crop: int) -> tuple[int, ...]:
@@ -270,8 +284,10 @@ class TensorViews:
         found = {"faces": [face for face, _ in boxes], "body": boxes[0][1] if boxes else None,
                  "files": [str(f) for f in files], "video_id": clip.video_id}
         if clip.video is not None:
-            rgb = [torch.from_numpy(a) for _, a in clip_arrays(clip, files)]
-            return found | {"frames": torch.stack(rgb).permute(0, 3, 1, 2) if rgb else torch.empty(0, 3, 0, 0)}
+            rgb = [torch.from_numpy(a).permute(2, 0, 1) for _, a in clip_arrays(clip, files)]
+            if len({image.shape for image in rgb}) > 1:  # a video whose frame size changes: frame by frame
+                return found | {"images": rgb}
+            return found | {"frames": torch.stack(rgb) if rgb else torch.empty(0, 3, 0, 0)}
         data, offsets = read_frames(files)
         return found | {"data": data, "offsets": offsets}
 
@@ -287,7 +303,8 @@ class TensorViews:
         encoded = [c for c in clips if "images" not in c and "frames" not in c]
         parts = [part for c in encoded for part in frame_parts(c["data"], c["offsets"])]
         decoded = iter(decode_frames(parts, [name for c in encoded for name in c["files"]], device) if parts else [])
-        return [c["images"] if "images" in c else list(c["frames"].to(device)) if "frames" in c  # a video's frames
+        return [[image.to(device) for image in c["images"]] if "images" in c
+                else list(c["frames"].to(device)) if "frames" in c  # a video's frames
                 else [next(decoded) for _ in c["files"]] for c in clips]
 
     def pixels_of(self, clips: list[dict], device) -> list[torch.Tensor]:
