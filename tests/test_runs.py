@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -287,6 +288,45 @@ def test_a_checkpoint_refuses_a_config_with_other_class_texts(dataset, zarr_cach
             train_stage(cfg, 2, quiet, tmp_path / "run" / "stage2-best.pt")
 
 
+def test_resume_refuses_settings_it_would_not_apply_and_a_refused_stage_keeps_the_run_s_config(
+        dataset, zarr_cache, weights, tmp_path, monkeypatch):
+    """The optimiser, schedule and random state of the checkpoint would override a changed --lr or --epochs, which
+    config.yaml would then claim; a stage refused at set-up leaves config.yaml as the run's own."""
+    real = train_module._append_metrics
+
+    def stop(path, record):
+        if record["epoch"] == 1:
+            raise Stop
+        real(path, record)
+
+    monkeypatch.setattr(train_module, "_append_metrics", stop)
+    with pytest.raises(Stop):
+        train_stage(make_config(dataset, zarr_cache[0], weights, tmp_path, epochs_stage2=3, test_list=None), 2,
+                    Console(file=io.StringIO()))
+    monkeypatch.undo()
+    written = (tmp_path / "config.yaml").read_text()
+    for change, shown in (({"lr": 0.5}, " -> 0.5: give the values it was started with"), ({"epochs_stage2": 4}, "epochs of stage 2 3 -> 4"),
+                          ({"lr_group": ["2.image_encoder=1e-5"]}, "--lr-group 2.image_encoder: stage 2 trains")):
+        cfg = make_config(dataset, zarr_cache[0], weights, tmp_path, test_list=None, resume=True,
+                          **({"epochs_stage2": 3} | change))
+        with pytest.raises(ValueError, match=re.escape(shown)):
+            train_stage(cfg, 2, Console(file=io.StringIO()))
+        assert (tmp_path / "config.yaml").read_text() == written
+    resumed = make_config(dataset, zarr_cache[0], weights, tmp_path, epochs_stage2=3, test_list=None, resume=True,
+                          print_confusion="end")  # how it reports may change
+    train_stage(resumed, 2, Console(file=io.StringIO()))
+    assert [r["epoch"] for r in records(tmp_path)] == [0, 1, 2]
+
+
+def test_an_lr_group_of_a_later_stage_is_checked_before_the_first_stage_trains(dataset, zarr_cache, weights,
+                                                                                tmp_path):
+    cfg = make_config(dataset, zarr_cache[0], weights, tmp_path / "run", staged_training=True, test_list=None,
+                      lr_group=["3.adaptr=1e-5"])
+    with pytest.raises(ValueError, match="--lr-group 3.adaptr: stage 3 trains prompt, adapter"):
+        train_module.run(cfg, Console(file=io.StringIO()))
+    assert not list((tmp_path / "run").glob("*.pt")) if (tmp_path / "run").exists() else True
+
+
 class RunsCode:
     """Unpickling this runs a shell command: what a malicious "checkpoint" would do."""
 
@@ -311,6 +351,18 @@ def test_a_file_that_needs_full_unpickling_is_refused_without_running_it(writer,
     line = error_line(run_cli(["eval", str(evil)]))
     assert_in_output(f"{evil}: cannot be loaded safely", line)
     assert not marker.exists()
+
+
+def test_a_file_that_is_no_checkpoint_is_called_that_not_unsafe(dataset, tmp_path):
+    """A text file (an annotation list given by mistake) or a cut-off torch file: 'not a checkpoint', not the
+    advice to trust it with full unpickling."""
+    cut = tmp_path / "cut.pt"
+    torch.save({"config": {}, "encoder": {}, "model": {"w": torch.zeros(1000)}}, cut)
+    cut.write_bytes(cut.read_bytes()[:2000])
+    for path in (dataset.root / "train.txt", cut):
+        line = error_line(run_cli(["eval", str(path)]))
+        assert_in_output(f"{path}: not a checkpoint (neither a torch.save zip file nor a pickle)", line)
+        assert TRUST_ENV not in line
 
 
 def test_an_older_checkpoint_loads_only_when_trusted(dataset, zarr_cache, weights, tmp_path, monkeypatch):

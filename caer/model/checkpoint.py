@@ -13,6 +13,7 @@ import contextlib
 import os
 import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,8 @@ def safe_load(path: Path, allowed: list | tuple = (), remedy: str = "Re-create i
     ``remedy``, unless ``CAER_TRUST_CHECKPOINTS=1``. Every failure is one ValueError naming the file."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
+    if not _looks_like_torch_save(path):  # else torch's pickle reader would call it unsafe, and suggest trusting it
+        raise ValueError(f"{path}: not a checkpoint (neither a torch.save zip file nor a pickle)")
     try:
         with torch.serialization.safe_globals(list(allowed)) if allowed else contextlib.nullcontext():
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -104,6 +107,12 @@ def safe_load(path: Path, allowed: list | tuple = (), remedy: str = "Re-create i
         return _load_trusted(path)
     except Exception as err:  # not a torch file at all, or a truncated one
         raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+
+
+def _looks_like_torch_save(path: Path) -> bool:
+    """A zip file (``torch.save`` since torch 1.6) or a pickle (protocol 2 and later start with byte 0x80)."""
+    with open(path, "rb") as f:
+        return zipfile.is_zipfile(f) or f.seek(0) == 0 and f.read(1) == b"\x80"
 
 
 def _unsafe_message(path: Path, err: Exception, remedy: str) -> str:

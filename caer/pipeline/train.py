@@ -41,7 +41,16 @@ from ..data.loaders import (
 )
 from ..data.tensor_views import auto_decode_device
 from ..model.caer_model import STAGE_GROUPS, CAERModel
-from ..model.checkpoint import build_model, carries_clip, finetuned_identity, is_finetuned, load_checkpoint, model_state, save_checkpoint
+from ..model.checkpoint import (
+    build_model,
+    carries_clip,
+    checkpoint_config,
+    finetuned_identity,
+    is_finetuned,
+    load_checkpoint,
+    model_state,
+    save_checkpoint,
+)
 from ..model.losses import CAERLoss
 from ..model.metrics import confusion_matrix, uar, war
 from .curves import TensorBoardLog, check_tensorboard, read_metrics, write_curves
@@ -50,6 +59,11 @@ from .evaluate import evaluate, note_left_out, predict
 
 LOSS_TERMS = ("loss", "cls", "mi", "dc")
 RANK_SEED_STRIDE = 1000  # rank r of a stage seeds seed + stage + r * this
+# settings a resumed stage may change: where files are, how the run reports, what it runs on; the epoch counts are
+# compared as the stage's own (``_check_resumed_as_set``), and the CLIP weights by their identity (``build_model``)
+RESUME_FREE = ("run_dir", "resume", "print_confusion", "tensorboard", "workers", "device", "init_from", "stage",
+               "staged_training", "cache_in_memory", "train_list", "val_list", "test_list", "cache", "root",
+               "face_boxes", "body_boxes", "pretrained", "epochs", "epochs_stage1", "epochs_stage2", "epochs_stage3")
 
 
 @dataclass
@@ -135,12 +149,17 @@ class Stage:
 
 # ------------------------------------------------------------------------------------ set-up
 
+def check_lr_groups(cfg: RunConfig, stages: list[int]) -> None:
+    """Refuse an ``--lr-group`` entry of one of ``stages`` that names a group the stage does not train."""
+    for (where, name) in cfg.stage_group_rates():
+        if where in stages and name not in STAGE_GROUPS[where]:
+            raise ValueError(f"--lr-group {where}.{name}: stage {where} trains {', '.join(STAGE_GROUPS[where])}")
+
+
 def make_optimizer(model: CAERModel, cfg: RunConfig, stage: int):
     """One parameter group per trainable group of the model, each with its learning rate; and the schedule."""
     o = cfg.optim
-    for (where, name) in cfg.stage_group_rates():
-        if where == stage and name not in STAGE_GROUPS[stage]:
-            raise ValueError(f"--lr-group {where}.{name}: stage {stage} trains {', '.join(STAGE_GROUPS[stage])}")
+    check_lr_groups(cfg, [stage])
     groups = []
     for name, params in model.parameter_groups().items():
         params = [p for p in params if p.requires_grad]
@@ -224,8 +243,6 @@ def setup_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
     cache = open_cache(cfg, source, encoder)
     cfg = with_cache_geometry(cfg, cache, auto_decode_device(backbone))
     paths.run_dir.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        save_config(cfg, paths.run_dir / "config.yaml")
     model.prepare_stage(stage, cfg.stages.unfreeze_last)
     if stage == 3 and cfg.stages.grad_checkpointing:
         model.clip.visual.set_grad_checkpointing(True)
@@ -252,6 +269,8 @@ def setup_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
         with torch.no_grad():
             s.fixed_text = tuple(t.detach() for t in model.text_features())
     _resume_or_start(s, init if resume else None)
+    if rank == 0:  # only now: a stage refused at set-up leaves the run's config.yaml as it was
+        save_config(cfg, paths.run_dir / "config.yaml")
     return s
 
 
@@ -269,6 +288,7 @@ def _resume_or_start(s: Stage, last: dict | None) -> None:
                          f"trains {', '.join(g['name'] for g in s.optimizer.param_groups)} (the fusion has its own "
                          "group since this version); start the stage again without --resume, or finish it with the "
                          "caer that wrote the checkpoint")
+    _check_resumed_as_set(s, last["config"])
     s.optimizer.load_state_dict(last["optimizer"])
     s.scheduler.load_state_dict(last["scheduler"])
     s.scaler.load_state_dict(last["scaler"])
@@ -278,6 +298,21 @@ def _resume_or_start(s: Stage, last: dict | None) -> None:
         _drop_metrics_after(s.paths.metrics, s.number, last["epoch"])
     _restore_random_state(s, last.get("rng_ranks") or [last["rng"]])
     s.console.print(f"resuming stage {s.number} at epoch {s.start_epoch + 1}/{s.epochs} from {s.paths.last}")
+
+
+def _check_resumed_as_set(s: Stage, saved: dict) -> None:
+    """``--resume`` continues a stage as it was set: its optimiser, schedule and random state say so. Refuse
+    settings that would change what it computes (and would otherwise be recorded without taking effect); where
+    files are, how a run reports, and on what it runs may change."""
+    now = s.cfg.to_dict()
+    changed = [k for k in now if k in saved and k not in RESUME_FREE and now[k] != saved[k]]
+    before = checkpoint_config({"config": saved}).stage_epochs(s.number)
+    changed += [f"epochs of stage {s.number}"] * (before != s.epochs)
+    if changed:
+        shown = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" if k in now else f"{k} {before} -> {s.epochs}"
+                          for k in changed[:4])
+        raise ValueError(f"{s.paths.last}: --resume continues stage {s.number} as it was started, but {shown}: "
+                         "give the values it was started with, or start the stage again without --resume")
 
 
 def _restore_random_state(s: Stage, saved: list[dict]) -> None:
@@ -500,7 +535,7 @@ def _starting_checkpoint(cfg: RunConfig, console: Console) -> Path | None:
     init = given or (previous if cfg.stages.stage > 1 and previous.exists() else None)
     if init is not None:
         console.print(f"stage {cfg.stages.stage} starts from {init}")
-    elif cfg.stages.stage > 1:
+    elif cfg.stages.stage > 1 and not cfg.run.resume:
         console.print(f"[yellow]note:[/] stage {cfg.stages.stage} starts from scratch: no --init-from and no "
                       f"stage{cfg.stages.stage - 1}-best.pt in {cfg.run.run_dir}")
     return init
@@ -512,6 +547,7 @@ def run(cfg: RunConfig, console: Console | None = None) -> list[StageResult]:
     if cfg.run.tensorboard:
         check_tensorboard()
     stages = stages_to_run(cfg)
+    check_lr_groups(cfg, stages)  # before any stage trains: a typo for stage 3 would otherwise stop the run there
     check_test_in_cache(cfg, stages)
     init = _starting_checkpoint(cfg, console)
     results: list[StageResult] = []
