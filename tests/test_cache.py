@@ -140,6 +140,14 @@ def test_format_flag_overrides_the_suffix(tmp_path, dataset, weights):
     assert FeatureCache.open(out).format == "h5"
 
 
+@pytest.mark.parametrize("name, fmt", [("features.zarr", "h5"), ("features.h5", "zarr"), ("features.hdf5", "zarr")])
+def test_a_format_flag_that_the_name_contradicts_is_refused(tmp_path, dataset, weights, name, fmt):
+    out = tmp_path / name
+    result = run_cli(extract_args(dataset, out, weights, "--format", fmt, "--views", "1", "--workers", "0"))
+    assert result.exit_code == 2 and not out.exists(), result.output
+    assert_in_output(f"--format {fmt} contradicts the name {name}", result.output)
+
+
 def test_disjoint_writers_share_one_zarr_store(tmp_path):
     """Several writers (later: one per GPU) write disjoint clips into one store at the same time."""
     fp = fingerprint({"model": "m"}, margin=20, crop_body=False, views=1, frame_stride=1)

@@ -44,12 +44,20 @@ class CacheError(Exception):
     """A cache that cannot be used as asked (wrong fingerprint, not a cache, missing clip)."""
 
 
+H5_SUFFIXES = (".h5", ".hdf5")
+
+
 def detect_format(path: str | Path, fmt: str = "auto") -> str:
-    if fmt in ("zarr", "h5"):
-        return fmt
-    if fmt != "auto":
+    """The store format of ``path``: ``fmt``, or by its suffix (``.h5``/``.hdf5``: HDF5, else Zarr); a ``fmt``
+    that its suffix contradicts (``x.zarr`` as HDF5) is refused."""
+    suffix = Path(path).suffix.lower()
+    by_suffix = "h5" if suffix in H5_SUFFIXES else "zarr" if suffix == ".zarr" else None
+    if fmt not in ("zarr", "h5", "auto"):
         raise CacheError(f"--format {fmt!r}: choose zarr, h5 or auto")
-    return "h5" if Path(path).suffix.lower() in (".h5", ".hdf5") else "zarr"
+    if fmt != "auto" and by_suffix not in (None, fmt):
+        raise CacheError(f"--format {fmt} contradicts the name {Path(path).name}: name a {fmt} store "
+                         f"{'.zarr' if fmt == 'zarr' else '.h5'} (or drop --format)")
+    return fmt if fmt != "auto" else by_suffix or "zarr"
 
 
 def _staging_path(path: Path) -> Path:
