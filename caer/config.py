@@ -9,9 +9,11 @@ Values come from the defaults, then the YAML files (``--config``, repeatable: la
 flags that were given.
 """
 
+import collections.abc
 import dataclasses
 import enum
 import importlib.resources
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -172,8 +174,30 @@ def option_type(f: dataclasses.Field):
     return f.type
 
 
+FLAG = "flag"  # the ``where`` of values given as flags: their errors name each by its flag
+
+
+def flag_label(f: dataclasses.Field) -> str:
+    """How the command line spells an option: ``--lr``, ``--use-amp``, or the argument's metavar."""
+    if f.metadata.get("argument"):
+        return f.name.upper()
+    spelled = f.metadata.get("flags") or ()
+    return spelled[0].split("/")[0] if spelled else "--" + f.name.replace("_", "-")
+
+
+def type_name(kind) -> str:
+    """A declared type as error messages name it."""
+    if typing.get_origin(kind) is list:
+        return f"a list of {type_name(typing.get_args(kind)[0])}"
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        return "one of " + ", ".join(m.value for m in kind)
+    return getattr(kind, "__name__", str(kind))
+
+
 def _scalar(kind, value):
     """``value`` as the scalar type ``kind`` (ValueError if it is not one)."""
+    if isinstance(value, (dict, list, tuple, set)):  # YAML mappings and lists: no scalar type takes them
+        raise ValueError
     if isinstance(kind, type) and issubclass(kind, enum.Enum):
         return kind(value)
     if kind is bool:
@@ -185,15 +209,24 @@ def _scalar(kind, value):
             raise ValueError
         return int(value)
     if kind is float:
+        if isinstance(value, bool):  # float(True) is 1.0: "lr: true" is a mistake, not a rate
+            raise ValueError
         return float(value)  # YAML reads 1e-5 (no dot) as a string
     return str(value)
 
 
+def allows_none(f: dataclasses.Field) -> bool:
+    """Whether None is a value of the option: declared ``| None``, or unset until given (``out: str = None``)."""
+    return type(None) in typing.get_args(f.type) or f.default is None
+
+
 def coerce(f: dataclasses.Field, value, where: str):
-    """A value from a file or a checkpoint, checked against the declaration (type, choices, range)."""
-    if value is None:
-        return None
+    """A value from a file, a flag or a checkpoint, checked against the declaration (type, choices, range)."""
     kind = option_type(f)
+    if value is None:
+        if allows_none(f):
+            return None
+        raise ValueError(f"{where}: null is not allowed (expected {type_name(kind)})")
     try:
         if typing.get_origin(kind) is list:
             if not isinstance(value, list):
@@ -201,19 +234,22 @@ def coerce(f: dataclasses.Field, value, where: str):
             value = [_scalar(typing.get_args(kind)[0], v) for v in value]
         else:
             value = _scalar(kind, value)
-    except ValueError:
+    except (ValueError, TypeError):
         if isinstance(kind, type) and issubclass(kind, enum.Enum):
-            raise ValueError(f"{where}: {value!r} is not one of {', '.join(m.value for m in kind)}") from None
-        raise ValueError(f"{where}: expected {getattr(kind, '__name__', kind)}, got {value!r}") from None
+            raise ValueError(f"{where}: {value!r} is not {type_name(kind)}") from None
+        raise ValueError(f"{where}: expected {type_name(kind)}, got {value!r}") from None
     for item in value if isinstance(value, list) else [value]:
         check_range(f, item, where)
     return value
 
 
 def check_range(f: dataclasses.Field, value, where: str) -> None:
-    low, high = f.metadata.get("min"), f.metadata.get("max")
+    """Refuse a number outside the declared range, and any float that is NaN or infinite."""
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where}: {value} is not a finite number")
+    low, high = f.metadata.get("min"), f.metadata.get("max")
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"{low if low is not None else '-inf'}..{high if high is not None else 'inf'}"
         raise ValueError(f"{where}: {value} is outside {bounds}")
@@ -225,7 +261,9 @@ def from_flat(record, values: dict, where: str = "config"):
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{where}: unknown option {unknown[0]!r}")
-    return _build(record, values, where)
+    built = _build(record, values, where)
+    set_sources(built, dict.fromkeys(values, source_entry(where)))
+    return built
 
 
 def _build(record, values: dict, where: str):
@@ -234,8 +272,34 @@ def _build(record, values: dict, where: str):
         if is_part(f):
             kwargs[f.name] = _build(f.default_factory, values, where)
         elif f.name in values:
-            kwargs[f.name] = coerce(f, values[f.name], f"{where}: {f.name}")
+            kwargs[f.name] = coerce(f, values[f.name], flag_label(f) if where == FLAG else f"{where}: {f.name}")
     return record(**kwargs)
+
+
+def source_entry(where: str) -> tuple[str, str]:
+    """The ``set_sources`` entry of values checked under ``where``."""
+    return ("flag", "") if where == FLAG else ("record", where)
+
+
+def set_sources(obj, sources: dict) -> None:
+    """Record where each given option of ``obj`` (and its parts) came from: ``{name: (kind, label)}``, kind
+    "flag", "file" (label: its path) or "record" (label: e.g. "checkpoint config"). Errors that blame a value
+    (``CropConfig.resolved``) read it; a record made otherwise has none, and its values count as flags."""
+    obj._sources = {}
+    for f in dataclasses.fields(obj):
+        if is_part(f):
+            set_sources(getattr(obj, f.name), sources)
+        elif f.name in sources:
+            obj._sources[f.name] = sources[f.name]
+
+
+def sources_of(obj) -> dict:
+    """``set_sources``' record of ``obj`` and its parts, flat."""
+    out = dict(getattr(obj, "_sources", {}))
+    for f in dataclasses.fields(obj):
+        if is_part(f):
+            out |= sources_of(getattr(obj, f.name))
+    return out
 
 
 def to_flat(obj) -> dict:
@@ -308,12 +372,21 @@ class CropConfig:
             if f.name == "decode" and given == Decode.auto:
                 given = kept or (Decode.tensor if str(device).startswith("cuda") else Decode.pil)
             if strict and geometry and given is not None and kept is not None and given != kept:
-                raise ValueError(f"--{f.name.replace('_', '-')} {given} contradicts {where}, which was extracted "
-                                 f"with {f.name} {kept}: drop the flag (or give the cache's value), or extract a "
-                                 "new cache with it")
+                raise ValueError(self._contradiction(f, given, kept, where))
             value = given if given is not None else kept
             values[f.name] = coerce(f, value if value is not None else f.metadata["fallback"], f"{where}: {f.name}")
         return CropConfig(**values)
+
+    def _contradiction(self, f: dataclasses.Field, given, kept, where: str) -> str:
+        """Why ``given`` cannot be used with a store cut with ``kept``, blaming where ``given`` came from."""
+        kind, label = getattr(self, "_sources", {}).get(f.name, ("flag", ""))
+        flag, against = flag_label(f), f"contradicts {where}, which was extracted with {f.name} {kept}"
+        if kind == "file":
+            return (f"{f.name} {given} (from the config {label}) {against}: give the cache's value ({flag} {kept}, "
+                    f"or remove {f.name} from {label}), or extract a new cache with {f.name} {given}")
+        if kind == "record":
+            return f"{f.name} {given} (from the {label}) {against}: use a cache extracted with {f.name} {given}"
+        return f"{flag} {given} {against}: drop the flag (or give the cache's value), or extract a new cache with it"
 
 
 @dataclass
@@ -502,10 +575,10 @@ class RunConfig:
                 key, rate = entry.split("=")
                 stage, group = key.split(".")
                 stage, rate = int(stage), float(rate)
-                if not 1 <= stage <= 3 or rate < 0:
+                if not 1 <= stage <= 3 or not 0 <= rate < math.inf:  # NaN fails both comparisons
                     raise ValueError
             except ValueError:
-                raise ValueError(f"--lr-group {entry!r}: expected STAGE.GROUP=RATE with STAGE 1..3 and RATE >= 0, "
+                raise ValueError(f"--lr-group {entry!r}: expected STAGE.GROUP=RATE with STAGE 1..3 and a finite RATE >= 0, "
                                  "e.g. 3.adapter=1e-5") from None
             rates[(stage, group)] = rate
         return rates
@@ -514,11 +587,24 @@ class RunConfig:
         value = getattr(self.stages, f"epochs_stage{stage}")
         return self.stages.epochs if value is None else value
 
-    def list_for(self, split: str) -> str:
-        """The annotation file of a split ("train", "val" or "test"), or a clear error."""
+    def with_absolute_paths(self) -> "RunConfig":
+        """These settings with their files as absolute paths, so that a checkpoint's config works from any folder
+        (``pretrained`` only when it names a file: else it is an open_clip tag)."""
+        def absolute(record, names: tuple[str, ...]):
+            return dataclasses.replace(record, **{n: str(Path(getattr(record, n)).absolute()) for n in names
+                                                  if getattr(record, n)})
+
+        pretrained = ("pretrained",) if Path(self.encoder.pretrained).is_file() else ()
+        return dataclasses.replace(
+            self, data=absolute(self.data, ("train_list", "val_list", "test_list", "cache")),
+            crop=absolute(self.crop, ("root", "face_boxes", "body_boxes")),
+            encoder=absolute(self.encoder, pretrained), run=absolute(self.run, ("init_from",)))
+
+    def list_for(self, split: str, remedy: str = "give it as a flag or in the config") -> str:
+        """The annotation file of a split ("train", "val" or "test"), or an error saying ``remedy``."""
         path = getattr(self.data, f"{split}_list")
         if not path:
-            raise ValueError(f"--{split}-list is not set (give it as a flag or in the config)")
+            raise ValueError(f"--{split}-list is not set ({remedy})")
         return path
 
     def to_dict(self) -> dict:
@@ -562,6 +648,8 @@ class EvalConfig:
     tta: TTA = option(TTA.none, "none, or flip: average the logits of the plain and mirrored view.")
     json: str | None = option(None, "Write the report (metrics, confusion matrix, predictions) as JSON.")
     plot: str | None = option(None, "Write a PNG of the row-normalised confusion matrix.")
+    overwrite: bool = option(False, "Replace --json and --plot files that already exist (the checkpoint, the split's "
+                             "list or another input is never replaced).")
 
 
 # run-config options that `caer eval` may override; their declarations are RunConfig's
@@ -681,6 +769,7 @@ class InitWeightsConfig:
     out: str = option(None, "Checkpoint file to write (.pt).", argument=True)
     model: str = option("caer-tiny", "open_clip model name.")
     seed: int = option(0, "Random seed.", min=0)
+    overwrite: bool = option(False, "Replace an existing OUT file.")
 
 
 @dataclass
@@ -705,6 +794,7 @@ class PlotConfig:
     PANEL = "Options"
     run_dir: str = option(None, "Run directory of caer train (holds metrics.jsonl).", argument=True)
     out: str | None = option(None, "PNG to write.", flags=("--out", "-o"), shown="RUN_DIR/curves.png")
+    overwrite: bool = option(False, "Replace an existing --out file (RUN_DIR/curves.png is always redrawn).")
 
 
 @dataclass
@@ -715,6 +805,7 @@ class CompareConfig:
     run_dirs: list[str] = option(help="Run directories of caer train.", factory=list, argument=True)
     markdown: bool = option(False, "Print the table as Markdown instead of a console table.")
     csv: str | None = option(None, "Also write the table to this CSV file.")
+    overwrite: bool = option(False, "Replace an existing --csv file (never one inside a compared run directory).")
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -731,13 +822,48 @@ def resolve_config_path(path: str | Path) -> Path:
     raise FileNotFoundError(f"--config {path}: no such file (shipped configs: {names})")
 
 
+class DuplicateKey(ValueError):
+    """A YAML mapping gives a key twice (the message says where)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that gives a key twice (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        first = {}
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base": a merged key may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, collections.abc.Hashable):
+                continue  # the safe loader's own error says so
+            line = key_node.start_mark.line + 1
+            if key in first:
+                raise DuplicateKey(f"line {line}: {key!r} is given twice (first on line {first[key]})")
+            first[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(p: Path):
+    """The data of a YAML file; a file that is not YAML text is an error naming it."""
+    try:
+        return yaml.load(p.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{p}: not a YAML text file (byte {err.object[err.start]:#04x} at offset {err.start} "
+                         "is not UTF-8 text)") from None
+    except yaml.reader.ReaderError as err:
+        raise ValueError(f"{p}: not a YAML text file (character #x{err.character:04x} at offset {err.position} "
+                         "is not text)") from None
+    except DuplicateKey as err:
+        raise ValueError(f"{p}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{p}: not valid YAML ({err})") from None
+
+
 def read_config_file(path: str | Path) -> dict:
     """Flat ``{option name: value}`` of a YAML config file (dashes in keys read as underscores)."""
     p = resolve_config_path(path)
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"{p}: not valid YAML ({err})") from None
+    data = read_yaml(p) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{p}: expected a mapping of option names to values")
     values: dict = {}
@@ -753,22 +879,26 @@ def load_config(path: str | Path | list | tuple | None = None, overrides: dict |
     """Defaults, then the YAML file(s) in order (a later file's keys win), then ``overrides`` (flags that were
     given; None values are ignored). Each file's keys are checked naming that file."""
     paths = [] if path is None else list(path) if isinstance(path, (list, tuple)) else [path]
-    values: dict = {}
+    values, sources = {}, {}
     for one in paths:
-        mine = read_config_file(one)
-        from_flat(RunConfig, mine, str(resolve_config_path(one)))  # checked on its own, so errors name its file
+        mine, where = read_config_file(one), str(resolve_config_path(one))
+        from_flat(RunConfig, mine, where)  # checked on its own, so errors name its file
         values |= mine
+        sources |= dict.fromkeys(mine, ("file", where))
     cfg = from_flat(RunConfig, values, str(resolve_config_path(paths[-1])) if len(paths) == 1 else "config")
+    set_sources(cfg, sources)
     if overrides:
         cfg = replace_options(cfg, overrides)
     check_config(cfg)
     return cfg
 
 
-def replace_options(cfg: RunConfig, overrides: dict, where: str = "flag") -> RunConfig:
+def replace_options(cfg: RunConfig, overrides: dict, where: str = FLAG) -> RunConfig:
     """A copy of ``cfg`` with the given options changed (None values ignored)."""
-    values = to_flat(cfg) | {k: v for k, v in overrides.items() if v is not None}
-    return from_flat(RunConfig, values, where)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    new = from_flat(RunConfig, to_flat(cfg) | given, where)
+    set_sources(new, sources_of(cfg) | dict.fromkeys(given, source_entry(where)))
+    return new
 
 
 def check_config(cfg: RunConfig) -> None:

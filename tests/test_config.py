@@ -122,9 +122,16 @@ def test_a_config_file_gets_the_same_checks_naming_file_and_key(tmp_path, key, v
     assert_in_output(fragment, result.output)
 
 
+def tiny_with(path, text: str):
+    """Write configs/tiny.yaml to ``path`` with the keys of ``text`` (YAML lines, kept as written) set by ``text``."""
+    keys = {line.split(":")[0] for line in text.splitlines()}
+    kept = [line for line in (CONFIG_DIR / "tiny.yaml").read_text().splitlines() if line.split(":")[0] not in keys]
+    path.write_text("\n".join([*kept, text]) + "\n")
+    return path
+
+
 def test_yaml_exponent_without_a_dot_is_a_float(tmp_path):
-    path = tmp_path / "exp.yaml"
-    path.write_text((CONFIG_DIR / "tiny.yaml").read_text() + "\nlr_image_encoder: 1e-5\n")
+    path = tiny_with(tmp_path / "exp.yaml", "lr_image_encoder: 1e-5")
     assert load_config(path).optim.lr_image_encoder == 1e-5
 
 
@@ -162,8 +169,7 @@ def test_out_of_range_values_are_refused_as_flags_and_as_config_keys(name, value
     result = run_cli(["train", "-c", "tiny", flag, value])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert_in_output(f"Invalid value for '{flag}'", result.output)
-    path = tmp_path / "bad.yaml"
-    path.write_text((CONFIG_DIR / "tiny.yaml").read_text() + f"\n{name}: {value}\n")
+    path = tiny_with(tmp_path / "bad.yaml", f"{name}: {value}")
     result = run_cli(["train", "-c", str(path)])
     assert result.exit_code == 2 and "Traceback" not in result.output
     shown = yaml.safe_load(value)  # the value as the file holds it: an int for "0", a float for "-0.1"
@@ -176,3 +182,116 @@ def test_extract_batch_size_zero_is_refused_by_the_parser():
     result = run_cli(["extract", "a.txt", "-o", "c.zarr", "--batch-size", "0"])
     assert result.exit_code == 2
     assert_in_output("Invalid value for '--batch-size'", result.output)
+
+
+def assert_config_refused(path, fragment: str) -> None:
+    """``load_config`` and ``caer train -c`` both refuse ``path`` with one line holding ``fragment``."""
+    with pytest.raises(ValueError) as err:
+        load_config(path)
+    assert fragment in str(err.value), str(err.value)
+    result = run_cli(["train", "-c", str(path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert_in_output(fragment, result.output)
+
+
+@pytest.mark.parametrize("key, expected", [
+    ("epochs", "int"), ("lr", "float"), ("stage", "int"), ("classes", "a list of str"),
+    ("streams", "one of both, face, context"), ("use_amp", "bool"),
+])
+def test_null_is_refused_where_the_option_cannot_be_unset(tmp_path, key, expected):
+    path = tiny_with(tmp_path / "null.yaml", f"{key}: null")
+    assert_config_refused(path, f"{path}: {key}: null is not allowed (expected {expected})")
+
+
+def test_null_unsets_an_option_that_may_be_unset(tmp_path):
+    cfg = load_config(tiny_with(tmp_path / "null.yaml", "workers: null\nepochs_stage1: ~"))
+    assert cfg.runtime.workers is None and cfg.stages.epochs_stage1 is None
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ("lr: {a: 1}", "lr: expected float, got {'a': 1}"),
+    ("lr: [0.1]", "lr: expected float, got [0.1]"),
+    ("epochs: [3]", "epochs: expected int, got [3]"),
+    ("model: {name: ViT}", "model: expected str, got {'name': 'ViT'}"),
+    ("classes: [a, [b]]", "classes: expected a list of str, got ['a', ['b']]"),
+])
+def test_a_mapping_or_list_where_a_scalar_is_expected_is_refused(tmp_path, line, fragment):
+    path = tiny_with(tmp_path / "shape.yaml", line)
+    assert_config_refused(path, f"{path}: {fragment}")
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ("lr: true", "lr: expected float, got True"),
+    ("lr: .nan", "lr: nan is not a finite number"),
+    ("temperature: .inf", "temperature: inf is not a finite number"),
+    ("adapter_scale: -.inf", "adapter_scale: -inf is not a finite number"),
+    ("logit_adj_tau: nan", "logit_adj_tau: nan is not a finite number"),
+])
+def test_a_float_key_refuses_booleans_and_non_finite_values(tmp_path, line, fragment):
+    path = tiny_with(tmp_path / "float.yaml", line)
+    assert_config_refused(path, f"{path}: {fragment}")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["train", "-c", "tiny", "--lr", "inf"], "--lr: inf is not a finite number"),
+    (["train", "-c", "tiny", "--temperature", "inf"], "--temperature: inf is not a finite number"),
+    (["train", "-c", "tiny", "--adapter-scale", "nan"], "--adapter-scale: nan is not a finite number"),
+    (["train", "-c", "tiny", "--logit-adj-tau", "nan"], "--logit-adj-tau: nan is not a finite number"),
+    (["extract", "a.txt", "-o", "c.zarr", "--fps", "inf"], "--fps: inf is not a finite number"),
+])
+def test_a_float_flag_refuses_non_finite_values_naming_the_flag(args, fragment):
+    result = run_cli(args)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert_in_output(fragment, result.output)
+
+
+def test_a_learning_rate_group_refuses_non_finite_rates():
+    for rate in ("nan", "inf"):
+        with pytest.raises(ValueError, match=f"--lr-group '3.adapter={rate}': .*finite RATE"):
+            load_config("tiny", {"lr_group": [f"3.adapter={rate}"]}).stage_group_rates()
+
+
+def test_a_key_given_twice_in_one_file_is_refused_naming_the_line(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("epochs: 3\nlr: 0.1\nlr: 0.2\n")
+    with pytest.raises(ValueError, match=f"{path}: line 3: 'lr' is given twice \\(first on line 2\\)"):
+        load_config(["tiny", path])
+    path.write_text("lr: 0.2\n")
+    assert load_config(["tiny", path]).optim.lr == 0.2  # across stacked files, the later one wins
+
+
+@pytest.mark.parametrize("content", [b"\x80\x02}q\x00(X\x05\x00\x00\x00model", b"PK\x03\x04\x00\x00archive/data.pkl"],
+                         ids=["not utf-8", "control characters"])
+def test_a_binary_config_file_is_named_as_not_yaml_text(tmp_path, content):
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    result = run_cli(["train", "-c", str(path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert_in_output(f"{path}: not a YAML text file", result.output)
+
+
+def test_a_geometry_value_from_a_file_is_blamed_on_the_file_not_on_a_flag(tmp_path):
+    """Only a value given as a flag is called one when it contradicts the cache's crop geometry."""
+    from types import SimpleNamespace
+
+    from caer.data.loaders import with_cache_geometry
+
+    cache = SimpleNamespace(fingerprint={"margin": 20.0}, inputs={}, path="cache.zarr")
+    path = tiny_with(tmp_path / "run.yaml", "margin: 7.0")
+    with pytest.raises(ValueError) as err:
+        with_cache_geometry(load_config(["tiny", path]), cache)
+    assert f"margin 7.0 (from the config {path}) contradicts cache.zarr" in str(err.value)
+    assert "--margin 7.0" not in str(err.value) and "flag" not in str(err.value)
+    with pytest.raises(ValueError, match="^--margin 9.0 contradicts cache.zarr, .*drop the flag"):
+        with_cache_geometry(load_config(path, {"margin": 9.0}), cache)
+    saved = checkpoint_config({"config": to_flat(load_config(path))}, {"batch_size": 2})
+    with pytest.raises(ValueError, match=r"^margin 7.0 \(from the checkpoint config\) contradicts cache.zarr"):
+        with_cache_geometry(saved, cache)
+
+
+def test_a_missing_list_says_the_callers_remedy():
+    cfg = load_config("tiny")
+    with pytest.raises(ValueError, match=r"--test-list is not set \(give it as a flag or in the config\)"):
+        cfg.list_for("test")
+    with pytest.raises(ValueError, match=r"--test-list is not set \(pass --split FILE\)"):
+        cfg.list_for("test", "pass --split FILE")
