@@ -173,7 +173,8 @@ def demo(values: dict):
 def synth(values: dict):
     """Write a small synthetic dataset in the RAER layout (frames, train/val/test.txt, box JSONs).
 
-    Some classes show only on the face, some only in the context, so both streams matter.
+    Some classes show only on the face, some only in the context, so both streams matter. OUT must be a new or
+    empty folder.
 
     Example: [cyan]caer synth data/synth --clips 100[/]
     """
@@ -190,11 +191,17 @@ def synth(values: dict):
 def init_weights(values: dict):
     """Save randomly initialised open_clip weights: the offline stand-in for real CLIP weights.
 
+    An existing OUT is replaced only with --overwrite.
+
     Example: [cyan]caer init-weights tiny.pt && caer extract ... --model caer-tiny --pretrained tiny.pt[/]
     """
+    from pathlib import Path
+
     from .model.encoder import save_random_weights
+    from .pipeline.report import check_outputs
 
     cfg = InitWeightsConfig(**values)
+    check_outputs([("OUT", Path(cfg.out))], [], cfg.overwrite)
     console.print(f"wrote {save_random_weights(cfg.model, cfg.out, cfg.seed)}")
 
 
@@ -289,7 +296,8 @@ def train(values: dict):
 def eval_(values: dict):
     """Evaluate a checkpoint: WAR, UAR, per-class recall/precision/F1 and the confusion matrix.
 
-    Options of the run (cache, root, ...) default to the checkpoint's.
+    Options of the run (cache, root, ...) default to the checkpoint's. --json and --plot are checked before anything
+    is loaded: never the checkpoint or another input; an existing file is replaced only with --overwrite.
 
     Examples:
       [cyan]caer eval runs/raer/stage2-best.pt --split test --json report.json --plot cm.png[/]
@@ -298,9 +306,11 @@ def eval_(values: dict):
     from pathlib import Path
 
     from .pipeline.evaluate import evaluate
+    from .pipeline.report import check_eval_outputs
 
     overrides = {k: values.pop(k) for k in EVAL_OVERRIDES}
     cfg = EvalConfig(**values)
+    check_eval_outputs(cfg, overrides, cfg.overwrite)
     report = evaluate(cfg.checkpoint, cfg.split, cfg.source, cfg.tta == TTA.flip, overrides, console)
     console.print(report.tables())
     if cfg.json:
@@ -313,7 +323,8 @@ def eval_(values: dict):
 
 @app.command("import-reference", rich_help_panel="Pipeline")
 @friendly_errors
-@flags_of(ImportReferenceConfig, reuse=IMPORT_OVERRIDES)
+@flags_of(ImportReferenceConfig, reuse=IMPORT_OVERRIDES,
+          shown=dict.fromkeys(("crop_body", "margin"), "the clip-caer-reference config's"))
 def import_reference(values: dict):
     """Convert the authors' released CLIP-CAER checkpoint into a caer checkpoint (stage 3, reference mode).
 
@@ -366,13 +377,15 @@ def plot(values: dict):
     """Draw the training curves of a run (WAR/UAR, loss terms, MI/DC weights, learning rates; one column per stage).
 
     caer train writes RUN_DIR/curves.png at the end of every stage; this redraws it, e.g. while a run is going on.
+    Another existing -o file is replaced only with --overwrite.
 
     Example: [cyan]caer plot runs/raer -o raer-curves.png[/]
     """
     from .pipeline.curves import write_curves
 
     cfg = PlotConfig(**values)
-    console.print(f"training curves: {write_curves(cfg.run_dir, cfg.out)}", highlight=False, soft_wrap=True)
+    path = write_curves(cfg.run_dir, cfg.out, cfg.overwrite)
+    console.print(f"training curves: {path}", highlight=False, soft_wrap=True)
 
 
 @app.command(rich_help_panel="Results")
@@ -384,15 +397,18 @@ def compare(values: dict):
     Never columns: settings that say only where a run writes or how it reports (run_dir, resume, workers, print_confusion, tensorboard).
 
     Test columns are blank for a run without test_report.json, or whose report is not of the best epoch of the
-    stage shown (the test note column says why).
+    stage shown (the test note column says why). --csv is never inside a compared run directory, and replaces an
+    existing file only with --overwrite.
 
     Examples:
       [cyan]caer compare runs/full runs/no_eaa runs/no_iec[/]
       [cyan]caer compare runs/* --markdown --csv runs.csv[/]
     """
-    from .pipeline.compare import compare_runs, markdown_table, rich_tables, write_csv
+    from .pipeline.compare import check_csv, compare_runs, markdown_table, rich_tables, write_csv
 
     cfg = CompareConfig(**values)
+    if cfg.csv:
+        check_csv(cfg.csv, cfg.run_dirs, cfg.overwrite)
     columns, rows = compare_runs(cfg.run_dirs)
     if cfg.markdown:
         console.print(markdown_table(columns, rows), markup=False, highlight=False, soft_wrap=True)

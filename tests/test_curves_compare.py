@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import sys
 
 import pytest
@@ -14,8 +15,8 @@ from rich.console import Console
 
 from caer.config import CONFIG_DIR, load_config, to_flat
 from caer.pipeline import train as train_module
-from caer.pipeline.compare import compare_runs, read_run
-from caer.pipeline.curves import curve_data, epoch_scalars, read_metrics
+from caer.pipeline.compare import check_csv, compare_runs, read_run
+from caer.pipeline.curves import curve_data, epoch_scalars, read_metrics, write_curves
 from caer.pipeline.demo import ABLATIONS, run_ablations
 from conftest import assert_in_output, run_cli
 
@@ -183,6 +184,63 @@ def test_compare_of_a_folder_that_is_not_a_run_is_one_line(tmp_path):
     result = run_cli(["compare", str(tmp_path)])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert_in_output(f"{tmp_path}: no config.yaml", result.output)
+
+
+def test_compare_checks_the_csv_before_reading_any_run(two_runs, tmp_path):
+    plain, smooth = two_runs
+    config = plain / "config.yaml"
+    kept = config.read_text()
+    earlier = tmp_path / "runs.csv"
+    earlier.write_text("an earlier table")
+    for path, message in (
+        (config, f"--csv {config} lies inside the run directory {plain}: write the output elsewhere"),
+        (smooth / "table.csv", f"--csv {smooth / 'table.csv'} lies inside the run directory {smooth}"),
+        (earlier, f"--csv {earlier} already exists: pass --overwrite to replace it"),
+        (tmp_path, f"--csv {tmp_path} is a folder"),
+    ):
+        result = run_cli(["compare", str(plain), str(smooth), "--csv", str(path)])
+        assert result.exit_code == 2 and "Traceback" not in result.output, (path, result.output)
+        assert_in_output(f"error: {message}", result.output)
+        assert "smoothing" not in result.output  # refused before the table
+    assert config.read_text() == kept and earlier.read_text() == "an earlier table"
+    assert not (smooth / "table.csv").exists()
+    check_csv(earlier, [plain, smooth], overwrite=True)  # what --overwrite allows
+
+
+def test_plot_checks_its_out_before_drawing(two_runs, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    metrics_file = run_dir / "metrics.jsonl"
+    shutil.copy(two_runs[0] / "metrics.jsonl", metrics_file)
+    kept = metrics_file.read_text()
+    earlier = tmp_path / "curves.png"
+    earlier.write_bytes(b"an earlier picture")
+    for path, message in (
+        (metrics_file, f"--out {metrics_file} is the run's metrics {metrics_file}: write the output elsewhere"),
+        (earlier, f"--out {earlier} already exists: pass --overwrite to replace it"),
+        (tmp_path / "c.txt", f"--out {tmp_path / 'c.txt'}: '.txt' is not a picture format"),
+    ):
+        result = run_cli(["plot", str(run_dir), "-o", str(path)])
+        assert result.exit_code == 2 and "Traceback" not in result.output, (path, result.output)
+        assert_in_output(f"error: {message}", result.output)
+    assert metrics_file.read_text() == kept and earlier.read_bytes() == b"an earlier picture"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "run"]
+    (run_dir / "curves.png").write_bytes(b"drawn before")
+    result = run_cli(["plot", str(run_dir)])  # RUN_DIR/curves.png is redrawn, as caer train does
+    assert result.exit_code == 0, result.output
+    assert (run_dir / "curves.png").read_bytes()[:8] == PNG
+    assert write_curves(run_dir, earlier, overwrite=True).read_bytes()[:8] == PNG  # what --overwrite allows
+
+
+def test_compare_and_plot_overwrite_replace_an_existing_file(two_runs, tmp_path):
+    plain, smooth = two_runs
+    table, picture = tmp_path / "runs.csv", tmp_path / "c.png"
+    table.write_text("an earlier table")
+    picture.write_bytes(b"an earlier picture")
+    result = run_cli(["compare", str(plain), str(smooth), "--csv", str(table), "--overwrite"])
+    assert result.exit_code == 0 and table.read_text().startswith("run,"), result.output
+    result = run_cli(["plot", str(plain), "-o", str(picture), "--overwrite"])
+    assert result.exit_code == 0 and picture.read_bytes()[:8] == PNG, result.output
 
 
 # ------------------------------------------------------------------------------------------ TensorBoard

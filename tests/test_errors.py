@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -248,6 +249,53 @@ def test_h5_output_path_that_is_a_directory_is_one_line(tmp_path, dataset, weigh
     assert_stops(run_cli(extract_args(dataset, out, weights, "--workers", "0")),
                  f"error: {out}: exists but is not a readable HDF5 file")
     assert (out / "thesis.tex").read_text() == "precious"
+
+
+# --------------------------------------------------------------------------- what the small commands write
+
+def test_init_weights_refuses_an_existing_file_and_an_unknown_model(tmp_path):
+    listing = tmp_path / "train.txt"
+    listing.write_text("clips/a 3 1\n")
+    assert_stops(run_cli(["init-weights", str(listing)]),
+                 f"error: OUT {listing} already exists: pass --overwrite to replace it")
+    assert listing.read_text() == "clips/a 3 1\n"
+    out = tmp_path / "w.pt"
+    assert_stops(run_cli(["init-weights", str(out), "--model", "bogus"]),
+                 "error: --model 'bogus': unknown open_clip model (try ViT-B-32, or caer-tiny for tests)")
+    assert sorted(tmp_path.iterdir()) == [listing]
+    result = run_cli(["init-weights", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "visual.conv1.weight" in torch.load(out, weights_only=True)
+    assert sorted(tmp_path.iterdir()) == [listing, out]  # no temporary file left beside it
+
+
+def test_init_weights_overwrite_replaces_an_existing_file(tmp_path):
+    out = tmp_path / "w.pt"
+    out.write_text("an earlier file")
+    result = run_cli(["init-weights", str(out), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert "visual.conv1.weight" in torch.load(out, weights_only=True)
+
+
+def test_synth_refuses_a_folder_that_is_not_empty(tmp_path):
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert_stops(run_cli(["synth", str(out), "--clips", "11", "--frames", "2"]),
+                 f"error: OUT {out}: folder exists and is not empty; choose a new one")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_cli(["synth", str(empty), "--clips", "11", "--frames", "2"])
+    assert result.exit_code == 0 and (empty / "train.txt").is_file(), result.output
+
+
+def test_import_reference_help_shows_the_reference_configs_crop_defaults():
+    result = run_cli(["import-reference", "--help"])
+    assert result.exit_code == 0, result.output
+    text = re.sub(r"[\s│]", "", result.output)  # rich wraps help text inside its panels' borders
+    assert "thecache's" not in text
+    assert text.count("[default:(theclip-caer-referenceconfig's)]") == 2  # --crop-body and --margin
 
 
 # `caer extract` under a file-size limit: a write past it fails with EFBIG ("File too large") instead of

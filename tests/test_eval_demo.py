@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -16,13 +17,14 @@ import torch
 from rich.console import Console
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
-from caer.config import DemoConfig, load_config
+from caer.config import DemoConfig, EvalConfig, load_config
 from caer.data.video import index_video
 from caer.model.checkpoint import load_checkpoint
 from caer.model.metrics import confusion_matrix, uar, uar_all_classes, war
 from caer.pipeline import train as train_module
 from caer.pipeline.demo import demo
 from caer.pipeline.evaluate import check_finite, evaluate
+from caer.pipeline.report import check_eval_outputs
 from conftest import assert_in_output, run_cli
 
 slow = pytest.mark.slow
@@ -190,6 +192,62 @@ def test_eval_refuses_non_finite_logits_naming_the_clips(tiny_ckpt, dataset, tmp
     with pytest.raises(ValueError, match=r"for 2 clip\(s\) \(first: 'b', 'c'\)"):
         check_finite(logits, np.array([2, 0, 3, 1]), ["a", "b", "c", "d"], use_amp=False)
     check_finite(np.zeros((2, 5)), np.array([0, 1]), ["a", "b"], use_amp=False)
+
+
+def test_eval_checks_json_and_plot_before_loading_anything(tiny_ckpt, dataset, tmp_path):
+    ckpt, val_list = tmp_path / "ckpt.pt", tmp_path / "val.txt"
+    shutil.copy(tiny_ckpt, ckpt)
+    shutil.copy(dataset.annotations[1], val_list)
+    kept = {p: p.read_bytes() for p in (ckpt, val_list)}
+    earlier = tmp_path / "r.json"
+    earlier.write_text("an earlier report")
+    (tmp_path / "folder").mkdir()
+    for flags, message in (
+        (["--json", str(ckpt)], f"--json {ckpt} is the checkpoint {ckpt}: write the output elsewhere"),
+        (["--split", str(val_list), "--plot", str(val_list)], f"--plot {val_list} is the split's list {val_list}"),
+        (["--json", str(earlier)], f"--json {earlier} already exists: pass --overwrite to replace it"),
+        (["--json", str(tmp_path / "folder")], f"--json {tmp_path / 'folder'} is a folder: give the file to write"),
+        (["--json", str(tmp_path / "r2.json"), "--plot", str(tmp_path / "r2.json")], "--json and --plot name the same"),
+        (["--plot", str(tmp_path / "cm.txt")], f"--plot {tmp_path / 'cm.txt'}: '.txt' is not a picture format"),
+        (["--plot", str(tmp_path / "cm")], f"--plot {tmp_path / 'cm'}: no suffix to name its format"),
+    ):
+        result = run_cli(["eval", str(ckpt), "--split", "val", *flags])
+        assert result.exit_code == 2 and "Traceback" not in result.output, (flags, result.output)
+        assert_in_output(f"error: {message}", result.output)
+        assert "WAR" not in result.output, flags  # refused before the evaluation, not after it
+    assert {p: p.read_bytes() for p in kept} == kept and earlier.read_text() == "an earlier report"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "folder", "r.json", "val.txt"]
+    check_eval_outputs(EvalConfig(str(ckpt), json=str(earlier)), {}, overwrite=True)  # what --overwrite allows
+    with pytest.raises(ValueError, match="is the checkpoint"):
+        check_eval_outputs(EvalConfig(str(ckpt), plot=str(ckpt)), {}, overwrite=True)
+    (tmp_path / "c.zarr").mkdir()
+    with pytest.raises(ValueError, match="lies inside the cache"):
+        check_eval_outputs(EvalConfig(str(ckpt), json=str(tmp_path / "c.zarr" / "r.json")),
+                           {"cache": str(tmp_path / "c.zarr")}, overwrite=True)
+
+
+def test_eval_overwrite_replaces_an_existing_report(tiny_ckpt, tmp_path):
+    earlier = tmp_path / "r.json"
+    earlier.write_text("an earlier report")
+    result = run_cli(["eval", str(tiny_ckpt), "--split", "val", "--json", str(earlier), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(earlier.read_text())["split"] == "val"
+
+
+# ------------------------------------------------------------------------------------------ quick: demo's checks
+
+def test_demo_checks_device_and_weights_before_writing_anything(tmp_path):
+    out = tmp_path / "demo"
+    for flags, message in (
+        (["--device", "bogus"], "--device 'bogus': expected auto, cpu, cuda or cuda:N"),
+        (["--model", "bogus"], "--model 'bogus': unknown open_clip model"),
+        (["--model", "ViT-B-32"], "--pretrained is needed with --model"),
+        (["--pretrained", "no-such-tag"], "--pretrained 'no-such-tag': not a file and not an open_clip tag of caer-tiny"),
+    ):
+        result = run_cli(["demo", "--out", str(out), "--clips", "11", "--frames", "2", *flags])
+        assert result.exit_code == 2 and "Traceback" not in result.output, (flags, result.output)
+        assert_in_output(f"error: {message}", result.output)
+        assert not out.exists(), flags  # so that the corrected command is not refused as "not empty"
 
 
 # ------------------------------------------------------------------------------------------ quick: the metrics

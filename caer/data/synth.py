@@ -53,15 +53,19 @@ def _frame(rng, s: SynthConfig, background, face_box, object_box, texture, colou
 
 
 def synthesise(s: SynthConfig) -> dict:
-    """Write frames, ``train/val/test.txt``, ``face_boxes.json`` and ``body_boxes.json`` under ``s.out``."""
+    """Write frames, ``train/val/test.txt``, ``face_boxes.json`` and ``body_boxes.json`` under ``s.out``: a new or
+    empty folder."""
     if s.classes < 2:
         raise ValueError("--classes must be at least 2")
     if s.clips <= 2 * s.classes:  # each class gives one clip to val and one to test before train gets any
         raise ValueError(f"--clips must be more than 2 x --classes ({2 * s.classes}), so that no split is empty")
     if s.width < 96 or s.height < 96:
         raise ValueError("--width and --height must be at least 96 so that the face crop and the desk object do not overlap")
-    rng = np.random.default_rng(s.seed)
     out = Path(s.out)
+    if out.is_file() or (out.is_dir() and any(out.iterdir())):  # never mix two datasets in one folder
+        raise ValueError(f"OUT {out}: {'a file, not a folder' if out.is_file() else 'folder exists and is not empty'}; "
+                         "choose a new one")
+    rng = np.random.default_rng(s.seed)
     labels = np.arange(s.clips) % s.classes
     rng.shuffle(labels)
     split_of = np.array(["train"] * s.clips, dtype=object)

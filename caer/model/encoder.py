@@ -136,8 +136,7 @@ def load_backbone(name: str = "ViT-B-32", pretrained: str = "openai", device: st
                   preprocess: Preprocessing = Preprocessing.open_clip) -> CLIPBackbone:
     """Build an open_clip model by name; ``pretrained`` is a tag, a local checkpoint file, or ``random``;
     ``preprocess`` is open_clip's own eval transform or the reference's pixels (``Preprocess.reference``)."""
-    if name not in open_clip.list_models():
-        raise ValueError(f"--model {name!r}: unknown open_clip model (try ViT-B-32, or caer-tiny for tests)")
+    check_weights(name, pretrained)
     if pretrained == RANDOM_WEIGHTS:
         torch.manual_seed(0)
         with _quiet_root_logger():  # open_clip warns that the weights are random: that is the point
@@ -150,11 +149,6 @@ def load_backbone(name: str = "ViT-B-32", pretrained: str = "openai", device: st
         open_clip.load_checkpoint(model, pretrained, weights_only=not _is_torchscript(pretrained))
         weights = "sha256:" + file_sha256(pretrained)
     else:
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        if pretrained not in tags:
-            raise ValueError(
-                f"--pretrained {pretrained!r}: not a file and not an open_clip tag of {name} (tags: {', '.join(tags) or 'none'})"
-            )
         model, _, transform = open_clip.create_model_and_transforms(name, pretrained=pretrained)
         weights = pretrained
     model = model.to(device).eval()
@@ -166,14 +160,35 @@ def load_backbone(name: str = "ViT-B-32", pretrained: str = "openai", device: st
     return CLIPBackbone(model, open_clip.get_tokenizer(name), pixels, name, weights)
 
 
+def check_weights(name: str, pretrained: str | None = None) -> None:
+    """Refuse, before anything is built or written, an unknown open_clip model name, and ``pretrained`` (when given)
+    that is neither ``random``, a file nor an open_clip tag of that model: the errors ``load_backbone`` gives."""
+    if name not in open_clip.list_models():
+        raise ValueError(f"--model {name!r}: unknown open_clip model (try ViT-B-32, or caer-tiny for tests)")
+    if pretrained is None or pretrained == RANDOM_WEIGHTS or os.path.isfile(pretrained):
+        return
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        raise ValueError(
+            f"--pretrained {pretrained!r}: not a file and not an open_clip tag of {name} (tags: {', '.join(tags) or 'none'})"
+        )
+
+
 def save_random_weights(name: str, path: str | Path, seed: int = 0) -> Path:
-    """Write a randomly initialised open_clip state dict (the offline stand-in for real weights)."""
+    """Write a randomly initialised open_clip state dict (the offline stand-in for real weights), under a temporary
+    name first: a failed or stopped write leaves no half-written file and an existing one as it was."""
+    check_weights(name)
     torch.manual_seed(seed)
     with _quiet_root_logger():
         model = open_clip.create_model(name, pretrained=None)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(model.state_dict(), temp)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
     return path
 
 

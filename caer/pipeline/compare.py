@@ -9,6 +9,7 @@ stage's best epoch (a "test note" column then says why).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from rich.table import Table
 
 from ..config import RunConfig, options
 from .curves import read_metrics
+from .report import check_outputs, write_atomically
 
 # settings that say where a run writes or how it reports, not what it computes: never a column
 IGNORED = ("run_dir", "resume", "print_confusion", "tensorboard", "workers")
@@ -150,14 +152,20 @@ def _is_number(column: str) -> bool:
     return column in RESULTS or column.endswith(" recall")
 
 
+def check_csv(path: str | Path, run_dirs: list[str | Path], overwrite: bool) -> None:
+    """``--csv``, checked before any run is read (``report.check_outputs``): never inside a compared run directory
+    (which holds the files read, and belongs to caer train), never a folder; an existing file only with ``overwrite``."""
+    check_outputs([("--csv", Path(path))], [("the run directory", Path(d)) for d in run_dirs], overwrite)
+
+
 def write_csv(columns: list[str], rows: list[list[str]], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        writer.writerows(rows)
-    return path
+    """The table as CSV (written atomically)."""
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(columns)
+    writer.writerows(rows)
+    write_atomically({Path(path): text.getvalue()})
+    return Path(path)
 
 
 def rich_tables(columns: list[str], rows: list[list[str]], title: str | None = None) -> list[Table]:

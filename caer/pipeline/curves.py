@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import confusion_figure
+from .report import check_outputs, confusion_figure, picture_format, save_figure
 
 # one row of panels per kind of series (the series' prefix): (prefix, panel title, y label)
 PANELS = (("accuracy", "WAR / UAR", "%"), ("loss", "loss terms", "loss"), ("weight", "MI / DC weights", "weight"),
@@ -124,24 +124,25 @@ def plot_curves(data: dict[int, dict], path: Path, title: str = "training curves
     # fixed margins: tight_layout would cost about a second per picture, at the end of every stage
     width = fig.get_figwidth()
     fig.subplots_adjust(left=0.75 / width, right=1 - 0.15 / width, bottom=0.05, top=0.93, wspace=0.3, hspace=0.45)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=80)
 
 
-def write_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """``caer plot``: the curves of a run directory's ``metrics.jsonl`` into ``out`` (default RUN_DIR/curves.png)."""
+def write_curves(run_dir: str | Path, out: str | Path | None = None, overwrite: bool = False) -> Path:
+    """``caer plot``: the curves of a run directory's ``metrics.jsonl`` into ``out`` (default RUN_DIR/curves.png,
+    which is redrawn as caer train does; any other existing file only with ``overwrite``). ``out`` is checked
+    (``report.check_outputs``) before anything is read: never the metrics file, and a picture format."""
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         raise ValueError(f"{run_dir}: no metrics.jsonl (is it a caer train run directory?)")
+    default = run_dir / "curves.png"
+    path = Path(out) if out else default
+    check_outputs([("--out", path)], [("the run's metrics", metrics)], overwrite or path.resolve() == default.resolve())
+    picture_format("--out", path)
     records = read_metrics(metrics)
     if not records:
         raise ValueError(f"{metrics}: no epochs recorded yet")
-    return plot_curves(curve_data(records), Path(out) if out else run_dir / "curves.png",
-                       f"{run_dir.name}: training curves")
+    return plot_curves(curve_data(records), path, f"{run_dir.name}: training curves")
 
 
 # ------------------------------------------------------------------------------------------ TensorBoard

@@ -16,7 +16,8 @@ from ..config import DemoConfig, ExtractConfig, PredictConfig, SynthConfig, from
 from ..data.raer import list_frames, read_image
 from ..data.synth import synthesise
 from ..data.video import frame_key
-from ..model.encoder import save_random_weights
+from ..model.encoder import check_weights, save_random_weights
+from ..runtime import resolve_device
 from .annotate import write_video
 from .compare import compare_runs, rich_tables
 from .extract import extract
@@ -37,8 +38,7 @@ def demo(cfg: DemoConfig, console: Console | None = None) -> dict:
         # slow it down many times over
         torch.set_num_threads(1)
     out = Path(cfg.out or f"caer-demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"--out {out}: folder exists and is not empty; choose a new one")
+    check_settings(cfg, out)
     start = time.perf_counter()
     data = out / "data"
     console.rule("1/5 caer synth")
@@ -46,8 +46,6 @@ def demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     console.print(f"{sum(counts.values())} clips in {data}: {counts}")
     pretrained = cfg.pretrained
     if pretrained is None:
-        if cfg.model != "caer-tiny":
-            raise ValueError("--pretrained is needed with --model (e.g. --pretrained openai, or a local checkpoint file)")
         pretrained = str(save_random_weights(cfg.model, out / "tiny-clip.pt"))
         console.print(f"random tiny CLIP weights: {pretrained}")
 
@@ -83,6 +81,18 @@ def demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     if cfg.ablations:
         run_ablations(out / "ablations", base | {"epochs_stage2": cfg.epochs or ABLATION_EPOCHS}, console)
     return report
+
+
+def check_settings(cfg: DemoConfig, out: Path) -> None:
+    """Refuse, before anything is written, a non-empty ``out``, a bad ``--device``, an unknown ``--model``, and
+    ``--pretrained`` missing (another model than caer-tiny) or neither a file nor a tag of the model."""
+    if out.is_file() or (out.is_dir() and any(out.iterdir())):
+        raise ValueError(f"--out {out}: {'a file, not a folder' if out.is_file() else 'folder exists and is not empty'}; "
+                         "choose a new one")
+    resolve_device(cfg.device)
+    check_weights(cfg.model, cfg.pretrained)
+    if cfg.pretrained is None and cfg.model != "caer-tiny":
+        raise ValueError("--pretrained is needed with --model (e.g. --pretrained openai, or a local checkpoint file)")
 
 
 def predict_on_video(data: Path, out: Path, checkpoint: Path, device: str, console: Console) -> str:

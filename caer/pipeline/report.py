@@ -82,11 +82,7 @@ class Report:
         """PNG of the row-normalised confusion matrix with class names and values in the cells."""
         d = self.as_dict()
         fig = confusion_figure(self.confusion, self.classes, f"{self.split}: WAR {d['war']:.2f}%  UAR {d['uar']:.2f}%")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+        save_figure(fig, path, dpi=120)
 
 
 def confusion_figure(cm: np.ndarray, classes: list[str], title: str):
@@ -112,6 +108,51 @@ def confusion_figure(cm: np.ndarray, classes: list[str], title: str):
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     return fig
+
+
+def picture_format(flag: str, path: Path) -> str:
+    """The matplotlib format a picture path names by its suffix (``png``, ``pdf``, ``svg``, ...); refused when
+    matplotlib writes no such format, or the name has no suffix (matplotlib would add ``.png`` to it)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fmt = Path(path).suffix[1:].lower()
+    if fmt not in FigureCanvasAgg.get_supported_filetypes():
+        what = f"'.{fmt}' is not a picture format matplotlib writes" if fmt else "no suffix to name its format"
+        raise ValueError(f"{flag} {path}: {what} (use .png, .pdf, .svg, ...)")
+    return fmt
+
+
+def save_figure(fig, path: Path, dpi: int) -> Path:
+    """Write a matplotlib figure in its suffix's format under a temporary name beside ``path``, then rename it (as
+    ``write_atomically``); closes the figure."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(temp, format=picture_format("picture", path), dpi=dpi)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+        plt.close(fig)
+    return path
+
+
+def check_eval_outputs(cfg, overrides: dict, overwrite: bool) -> None:
+    """``caer eval``'s ``--json`` and ``--plot`` (``cfg``: its EvalConfig), checked before anything is loaded: never
+    the checkpoint, the split's list file or a file or folder given as --cache, --face-boxes or --pretrained
+    (``overrides``), nor inside one; a picture format matplotlib writes; an existing file only with ``overwrite``."""
+    outputs = [(flag, Path(value)) for flag, value in (("--json", cfg.json), ("--plot", cfg.plot)) if value]
+    inputs = [("the checkpoint", Path(cfg.checkpoint))]
+    if cfg.split not in ("train", "val", "test"):
+        inputs.append(("the split's list", Path(cfg.split)))
+    for name, what in (("cache", "the cache"), ("face_boxes", "the face boxes"), ("pretrained", "the CLIP weights")):
+        if overrides.get(name) and (name != "pretrained" or Path(overrides[name]).exists()):  # else an open_clip tag
+            inputs.append((what, Path(overrides[name])))
+    check_outputs(outputs, inputs, overwrite)
+    if cfg.plot:
+        picture_format("--plot", Path(cfg.plot))
 
 
 def write_atomically(files: dict[Path, str]) -> None:
