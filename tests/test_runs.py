@@ -327,6 +327,33 @@ def test_an_lr_group_of_a_later_stage_is_checked_before_the_first_stage_trains(d
     assert not list((tmp_path / "run").glob("*.pt")) if (tmp_path / "run").exists() else True
 
 
+def test_a_run_given_relative_paths_evaluates_from_any_folder(dataset, zarr_cache, weights, tmp_path, monkeypatch):
+    """The run's config keeps its files as absolute paths; a run without a test list points eval to --split FILE;
+    a cache that is gone is said to be gone before eval turns to raw frames."""
+    work = tmp_path / "work"
+    work.mkdir()
+    for name, source in (("train.txt", dataset.root / "train.txt"), ("val.txt", dataset.root / "val.txt"),
+                         ("tiny.pt", weights)):
+        shutil.copy(source, work / name)
+    shutil.copytree(zarr_cache[0], work / "cache.zarr")
+    monkeypatch.chdir(work)
+    trained = run_cli(["train", "-c", "tiny", "--stage", "2", "--pretrained", "tiny.pt", "--cache", "cache.zarr",
+                       "--train-list", "train.txt", "--val-list", "val.txt", "--root", str(dataset.root),
+                       "--face-boxes", str(dataset.face_boxes), "--run-dir", "run", "--epochs", "1",
+                       "--batch-size", "1", "--workers", "0", "--device", "cpu"])
+    assert trained.exit_code == 0, trained.output
+    monkeypatch.chdir(tmp_path)
+    ckpt = "work/run/stage2-best.pt"
+    assert run_cli(["eval", ckpt, "--split", "val", "--device", "cpu", "--workers", "0"]).exit_code == 0
+    line = error_line(run_cli(["eval", ckpt, "--device", "cpu", "--workers", "0"]))
+    assert_in_output("--test-list is not set (caer eval takes it from the checkpoint's run, which had none: give an "
+                     "annotation file with --split FILE)", line)
+    shutil.rmtree(work / "cache.zarr")
+    moved = run_cli(["eval", ckpt, "--split", "val", "--device", "cpu", "--workers", "0"])
+    assert_in_output(f"note: the run's cache {work / 'cache.zarr'} is not there (give --cache if it moved): "
+                     "evaluating from raw frames", moved.output)
+
+
 class RunsCode:
     """Unpickling this runs a shell command: what a malicious "checkpoint" would do."""
 

@@ -79,6 +79,11 @@ def evaluate(checkpoint: str | Path, split: str = "test", source: EvalSource = E
         overrides = {**(overrides or {}), "test_list": str(split)}
         split = "test"  # read through the test slot of the config
     ckpt, cfg, model, backbone = model_from_checkpoint(checkpoint, overrides)
+    cfg.list_for(split, "caer eval takes it from the checkpoint's run, which had none: give an annotation file with "
+                        "--split FILE")
+    if source == EvalSource.auto and cfg.data.cache and not Path(cfg.data.cache).exists():
+        console.print(f"[yellow]note:[/] the run's cache {cfg.data.cache} is not there (give --cache if it moved): "
+                      "evaluating from raw frames", highlight=False, soft_wrap=True)
     source = pick_source(cfg, ckpt["encoder"]) if source == EvalSource.auto else Source(source)
     device = backbone.device
     cache = open_cache(cfg, source, ckpt["encoder"])

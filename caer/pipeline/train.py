@@ -241,7 +241,7 @@ def setup_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
     model, backbone = build_model(cfg, device, init)
     encoder = init["encoder"] if init is not None else backbone.identity()
     cache = open_cache(cfg, source, encoder)
-    cfg = with_cache_geometry(cfg, cache, auto_decode_device(backbone))
+    cfg = with_cache_geometry(cfg, cache, auto_decode_device(backbone)).with_absolute_paths()
     paths.run_dir.mkdir(parents=True, exist_ok=True)
     model.prepare_stage(stage, cfg.stages.unfreeze_last)
     if stage == 3 and cfg.stages.grad_checkpointing:
