@@ -6,6 +6,7 @@ The same code runs as one process or as several under ``torchrun``.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import random
 
@@ -97,11 +98,14 @@ def init(device: torch.device | None = None) -> tuple[int, int]:
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
+        # rank 0 alone validates and writes checkpoints while the others wait in a collective: give it an hour
+        # (stage 3 on a large validation split), where the NCCL default gives 10 minutes
+        timeout = datetime.timedelta(hours=1)
         if device is not None and device.type == "cuda":
             torch.cuda.set_device(device)
-            dist.init_process_group("nccl", device_id=device)
+            dist.init_process_group("nccl", device_id=device, timeout=timeout)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=timeout)
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 

@@ -354,6 +354,30 @@ def test_a_run_given_relative_paths_evaluates_from_any_folder(dataset, zarr_cach
                      "evaluating from raw frames", moved.output)
 
 
+def test_a_run_started_without_loss_scaling_resumes_where_it_scales(dataset, zarr_cache, weights, tmp_path,
+                                                                   monkeypatch):
+    """A run started on the CPU or a bf16 GPU saves a disabled scaler's empty state; resumed on an fp16 GPU, whose
+    scaler is on, it starts a fresh scale (loading the empty state raised). The CPU's scaler stands in for it."""
+    real = train_module._append_metrics
+
+    def stop(path, record):
+        if record["epoch"] == 1:
+            raise Stop
+        real(path, record)
+
+    monkeypatch.setattr(train_module, "_append_metrics", stop)
+    with pytest.raises(Stop):
+        train_stage(make_config(dataset, zarr_cache[0], weights, tmp_path, epochs_stage2=2, test_list=None), 2,
+                    Console(file=io.StringIO()))
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "stage2-last.pt", weights_only=True)["scaler"] == {}
+    scaler = torch.amp.GradScaler
+    monkeypatch.setattr(train_module.torch.amp, "GradScaler", lambda device, enabled: scaler("cpu", enabled=True))
+    train_stage(make_config(dataset, zarr_cache[0], weights, tmp_path, epochs_stage2=2, test_list=None, resume=True),
+                2, Console(file=io.StringIO()))
+    assert [r["epoch"] for r in records(tmp_path)] == [0, 1]
+
+
 class RunsCode:
     """Unpickling this runs a shell command: what a malicious "checkpoint" would do."""
 

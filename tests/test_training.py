@@ -382,3 +382,20 @@ def test_the_best_epoch_is_chosen_on_the_unrounded_uar():
     assert not train_module.beats_best(lower, best)
     assert train_module.beats_best(higher, best)  # a tie goes to the later epoch
     assert train_module.beats_best(lower, {"valid_uar": 70.0, "epoch": 0})  # a best from an older checkpoint
+
+
+@pytest.mark.parametrize("size, world", [(10, 4), (3, 8), (1, 4), (5, 1)])
+def test_every_rank_gets_the_same_number_of_items_even_with_fewer_clips_than_processes(size, world):
+    """DDP steps all ranks together: a rank with fewer batches would leave the others waiting in a collective."""
+    from caer.data.datasets import EpochSampler
+
+    shares = [list(EpochSampler(size, seed=0, rank=r, world=world)) for r in range(world)]
+    assert {len(share) for share in shares} == {-(-size // world)}
+    assert {i for share in shares for i, _ in share} == set(range(size))  # every clip is in the epoch
+
+
+def test_a_short_last_accumulation_window_is_averaged_over_its_own_steps():
+    # 7 steps with --grad-accum 3: windows of 3, 3 and 1 step
+    assert [train_module.window_size(step, 3, 7) for step in range(7)] == [3, 3, 3, 3, 3, 3, 1]
+    assert [train_module.window_size(step, 1, 4) for step in range(4)] == [1, 1, 1, 1]
+    assert [train_module.window_size(step, 4, 6) for step in range(6)] == [4, 4, 4, 4, 2, 2]

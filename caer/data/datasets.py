@@ -96,7 +96,9 @@ class EpochSampler(Sampler):
         else:
             order = torch.arange(self.size)
         order = order.tolist()
-        order += order[: len(self) * self.world - len(order)]
+        # every rank the same number of items (DDP steps together): the order repeated, even past itself when there
+        # are fewer clips than processes
+        order = (order * -(-len(self) * self.world // len(order)))[: len(self) * self.world]
         return iter([(i, self.epoch) for i in order[self.rank :: self.world]])
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from .. import runtime
 from ..cache import CacheError, FeatureCache
 from ..cache.schema import skipped_source
 from ..config import Decode, RunConfig, Source
@@ -177,10 +178,11 @@ def make_loader(dataset, cfg: RunConfig, train: bool, weighted: bool = False, ra
     sampler = EpochSampler(len(dataset), cfg.run.seed, shuffle=train, weights=weights, rank=rank, world=world)
     workers = cfg.runtime.num_workers()
     on_device = getattr(dataset, "decode_device", None) is not None
+    pin = runtime.resolve_device(cfg.runtime.device).type == "cuda"  # pinned batches copy to the GPU in the background
     # its own generator: workers' seeds are drawn from it, not from the global RNG, which a resumed run would
     # otherwise draw from at another point than an uninterrupted one (the data's randomness has seeds of its own)
     loader = DataLoader(dataset, batch_size=cfg.optim.batch_size, sampler=sampler, num_workers=workers,
-                        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+                        persistent_workers=workers > 0, pin_memory=pin,
                         collate_fn=list if on_device else None,  # on the device: a list of RawPart per batch
                         generator=torch.Generator().manual_seed(cfg.run.seed))
     return DecodingLoader(loader, dataset) if on_device else loader

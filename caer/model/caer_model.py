@@ -111,16 +111,18 @@ class ReferenceTemporalEncoder(nn.Module):
         return x[:, 0]
 
 
-def encode_text_embeddings(clip_model: nn.Module, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def encode_text_embeddings(clip_model: nn.Module, embeddings: torch.Tensor, tokens: torch.Tensor,
+                           length: int | None = None) -> torch.Tensor:
     """open_clip's ``encode_text`` from token embeddings instead of token ids (for learnable prompts).
 
     With CLIP's causal mask and end-of-text pooling, the padding after the last end-of-text token
     cannot change the result, so the sequence is cut there: prompts of ~20 tokens cost ~20, not 77.
+    ``length``: that cut, when the caller knows it (finding it in ``tokens`` on a GPU makes the host wait).
     """
     cast = clip_model.transformer.get_cast_dtype()
     mask = clip_model.attn_mask
     if mask is not None and clip_model.text_pool_type == "argmax":
-        length = int(tokens.argmax(-1).max()) + 1
+        length = length or int(tokens.argmax(-1).max()) + 1
         embeddings, tokens, mask = embeddings[:, :length], tokens[:, :length], mask[:length, :length]
     x = embeddings.to(cast) + clip_model.positional_embedding[: embeddings.shape[1]].to(cast)
     x = clip_model.ln_final(clip_model.transformer(x, attn_mask=mask))
@@ -161,7 +163,9 @@ class PromptLearner(nn.Module):
             if encode is not None and n_ctx + len(encode(text + ending)) + 2 > limit:
                 raise ValueError(f"class {k + 1}'s prompt text is too long: {n_ctx} context vectors + {text!r} "
                                  f"exceed the text encoder's {limit} tokens (shorten it, or lower --contexts-number)")
-        tokens = backbone.tokenizer([f"{placeholder} {text}{ending}" for text in texts]).to(backbone.device)
+        tokens = backbone.tokenizer([f"{placeholder} {text}{ending}" for text in texts])
+        self.length = int(tokens.argmax(-1).max()) + 1  # up to the last end-of-text token (the highest id)
+        tokens = tokens.to(backbone.device)
         with torch.no_grad():
             embedding = model.token_embedding(tokens)
         self.register_buffer("tokens", tokens, persistent=False)
@@ -181,6 +185,7 @@ class PromptLearner(nn.Module):
         self.register_buffer("prefix", torch.zeros(classes, 1, width, device=backbone.device))
         self.register_buffer("suffix", torch.zeros(classes, length - 1 - self.n_ctx, width, device=backbone.device))
         self.name_lens = []
+        self.length = None  # the checkpoint's tokens fill the buffer: found in them at each use
 
     def embeddings(self) -> torch.Tensor:
         ctx = self.ctx if self.ctx.dim() == 3 else self.ctx.expand(len(self.prefix), -1, -1)
@@ -197,7 +202,7 @@ class PromptLearner(nn.Module):
 
     def forward(self, clip_model: nn.Module) -> torch.Tensor:
         # argmax pooling finds the EOS token, which keeps its index whatever the order inside the prompt
-        return F.normalize(encode_text_embeddings(clip_model, self.embeddings(), self.tokens), dim=-1)
+        return F.normalize(encode_text_embeddings(clip_model, self.embeddings(), self.tokens, self.length), dim=-1)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, weight: float, eps: float = 1e-5) -> torch.Tensor:

@@ -6,6 +6,7 @@ Everything here that knows open_clip's internals (transform layout, block names)
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.resources
 import logging
@@ -73,12 +74,18 @@ class Preprocess:
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 [..., 3, S, S] -> normalised float32 on the same device."""
-        mean = torch.tensor(self.mean, device=pixels.device).view(3, 1, 1)
-        std = torch.tensor(self.std, device=pixels.device).view(3, 1, 1)
+        mean, std = _channel_constants(self.mean, self.std, pixels.device)
         return (pixels.float() / 255.0 - mean) / std
 
     def describe(self) -> dict:
         return {"transform": repr(self.pil), "mean": list(self.mean), "std": list(self.std)}
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_constants(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std [3, 1, 1] on ``device``, made once: copying them there at each call would make the host wait
+    for the GPU's queue each time (a copy from pageable memory)."""
+    return (torch.tensor(mean, device=device).view(3, 1, 1), torch.tensor(std, device=device).view(3, 1, 1))
 
 
 @dataclass

@@ -101,6 +101,15 @@ def to_host(feats: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]
     return host, ready
 
 
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` of ``parts``, into pinned memory when they are pinned (the data loader's): a pageable batch
+    would be copied to the GPU synchronously."""
+    if not parts[0].is_pinned():
+        return torch.cat(parts)
+    out = torch.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), dtype=parts[0].dtype, pin_memory=True)
+    return torch.cat(parts, out=out)
+
+
 class _BatchPacker:
     """Packs the images of consecutive clips into full encoder batches and hands back finished clips."""
 
@@ -124,7 +133,7 @@ class _BatchPacker:
         return self._run(self.buffered) if self.buffered else []
 
     def _run(self, n: int) -> list[tuple[dict, torch.Tensor]]:
-        flat = torch.cat(self.buffer) if len(self.buffer) > 1 else self.buffer[0]
+        flat = _joined(self.buffer) if len(self.buffer) > 1 else self.buffer[0]
         batch, rest = flat[:n], flat[n:]
         self.buffer, self.buffered = ([rest] if len(rest) else []), len(rest)
         feats = self.encode(batch)

@@ -58,6 +58,7 @@ from .display import confusion_table, progress_bar
 from .evaluate import evaluate, note_left_out, predict
 
 LOSS_TERMS = ("loss", "cls", "mi", "dc")
+SHOWN_EVERY = 20  # training steps between two reads of the running loss (each makes the host wait for the GPU)
 RANK_SEED_STRIDE = 1000  # rank r of a stage seeds seed + stage + r * this
 # settings a resumed stage may change: where files are, how the run reports, what it runs on; the epoch counts are
 # compared as the stage's own (``_check_resumed_as_set``), and the CLIP weights by their identity (``build_model``)
@@ -291,7 +292,8 @@ def _resume_or_start(s: Stage, last: dict | None) -> None:
     _check_resumed_as_set(s, last["config"])
     s.optimizer.load_state_dict(last["optimizer"])
     s.scheduler.load_state_dict(last["scheduler"])
-    s.scaler.load_state_dict(last["scaler"])
+    if last["scaler"]:  # a disabled scaler (CPU, bf16) saves nothing; resumed on an fp16 GPU, it starts afresh
+        s.scaler.load_state_dict(last["scaler"])
     s.start_epoch, s.best = last["epoch"] + 1, last["best"]
     s.best_train, s.best_confusion = last.get("best_train", s.best_train), last.get("best_confusion")
     if s.rank == 0:
@@ -337,11 +339,18 @@ def _drop_metrics_after(path: Path, stage: int, epoch: int) -> None:
 
 # ------------------------------------------------------------------------------------ one epoch
 
+def window_size(step: int, accum: int, steps: int) -> int:
+    """Steps in the accumulation window of ``step`` (0-based) of an epoch of ``steps``: ``accum``, or fewer in a last
+    window that the epoch cuts short."""
+    return min(accum, steps - step // accum * accum)
+
+
 def _optimizer_step(s: Stage, loss: torch.Tensor, step: int) -> None:
-    """Backward, and an optimiser step at the end of each accumulation window (with clipping)."""
-    accum = s.cfg.optim.grad_accum
-    s.scaler.scale(loss / accum).backward()
-    if (step + 1) % accum == 0 or step + 1 == len(s.train_loader):
+    """Backward, and an optimiser step at the end of each accumulation window (with clipping); each step's loss
+    counts 1 / the window's size, so a short last window makes an update of the same scale."""
+    accum, steps = s.cfg.optim.grad_accum, len(s.train_loader)
+    s.scaler.scale(loss / window_size(step, accum, steps)).backward()
+    if (step + 1) % accum == 0 or step + 1 == steps:
         if s.cfg.optim.grad_clip:
             s.scaler.unscale_(s.optimizer)
             params = [p for g in s.optimizer.param_groups for p in g["params"]]
@@ -361,8 +370,10 @@ def train_one_epoch(s: Stage, epoch: int, progress: Progress) -> tuple[np.ndarra
                         "--iec-base desc keeps the classification loss away from the prompts: nothing trains")
     # an idle step skips DDP, which expects a backward after each forward
     forward = s.step.module if idle and s.world > 1 else s.step
-    sums = dict.fromkeys(LOSS_TERMS, 0.0)
-    labels, preds = [], []
+    # the loss sums, labels and predictions stay on the device, read every SHOWN_EVERY steps: reading them at each
+    # step would make the host wait for the GPU there, and a small cached-feature step is mostly that wait
+    totals = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=s.device)
+    labels, preds, seen = [], [], 0
     task = progress.add_task(f"stage {s.number} epoch {epoch + 1}/{s.epochs}", total=len(s.train_loader), info="")
     s.optimizer.zero_grad(set_to_none=True)
     for step, batch in enumerate(s.train_loader):
@@ -370,23 +381,29 @@ def train_one_epoch(s: Stage, epoch: int, progress: Progress) -> tuple[np.ndarra
         with runtime.autocast(s.device, s.cfg.runtime.use_amp):
             logits, t_desc, t_soft = forward(batch, s.fixed_text)
             terms = s.loss(logits, batch.label, t_desc, t_soft, epoch)
-        if not torch.isfinite(terms.total):
-            raise FloatingPointError(f"stage {s.number} epoch {epoch + 1}: the loss became {terms.total.item()}; "
-                                     "lower the learning rate")
         if not idle:
             _optimizer_step(s, terms.total, step)
-        for name, value in zip(LOSS_TERMS, terms):
-            sums[name] += float(value.detach()) * len(batch.label)
-        labels.append(batch.label.cpu().numpy())
-        preds.append(logits.argmax(1).cpu().numpy())
-        progress.update(task, advance=1, info=f"loss {sums['loss'] / sum(map(len, labels)):.4f}")
+        totals += torch.stack([t.detach().double() for t in terms]) * len(batch.label)
+        labels.append(batch.label)
+        preds.append(logits.detach().argmax(1))
+        seen += len(batch.label)
+        if (step + 1) % SHOWN_EVERY == 0 or step + 1 == len(s.train_loader):
+            _check_finite(s, epoch, totals[0].item())
+            progress.update(task, completed=step + 1, info=f"loss {totals[0].item() / seen:.4f}")
     with warnings.catch_warnings():  # an idle epoch made no optimiser step; the schedule still counts the epoch
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
         s.scheduler.step()
-    shares = runtime.gather((np.concatenate(labels), np.concatenate(preds), sums))
+    sums = dict(zip(LOSS_TERMS, totals.tolist()))
+    shares = runtime.gather((torch.cat(labels).cpu().numpy(), torch.cat(preds).cpu().numpy(), sums))
     cm = confusion_matrix(np.concatenate([x[0] for x in shares]), np.concatenate([x[1] for x in shares]),
                           len(s.cfg.model.classes))
     return cm, {k: sum(x[2][k] for x in shares) for k in LOSS_TERMS}
+
+
+def _check_finite(s: Stage, epoch: int, total: float) -> None:
+    if not np.isfinite(total):
+        raise FloatingPointError(f"stage {s.number} epoch {epoch + 1}: the loss became {total}; lower the learning "
+                                 "rate")
 
 
 def validate(s: Stage, progress: Progress) -> np.ndarray:
