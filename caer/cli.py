@@ -124,7 +124,8 @@ def user_message(err: BaseException) -> str:
 
 
 def friendly_errors(fn):
-    """Turn expected failures (bad data, bad cache, bad flag values, OS faults) into one red message and exit 2."""
+    """Turn expected failures (bad data, bad cache, bad flag values, OS faults, a diverging loss) into one red
+    message and exit 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -133,7 +134,7 @@ def friendly_errors(fn):
 
         try:
             return fn(*args, **kwargs)
-        except (DataError, CacheError, ValueError, OSError) as err:
+        except (DataError, CacheError, ValueError, OSError, FloatingPointError) as err:
             err_console.print(f"[bold red]error:[/] {escape(user_message(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
@@ -160,7 +161,7 @@ def demo(values: dict):
     Examples:
       [cyan]caer demo[/]
       [cyan]caer demo --ablations[/]   (then the full model and six ablations, compared in one table)
-      [cyan]caer demo --model ViT-B-32 --pretrained openai --device auto[/]
+      [cyan]caer demo --model ViT-B-32-quickgelu --pretrained openai --device auto[/]
     """
     from .pipeline.demo import demo as run_demo
 
@@ -405,6 +406,7 @@ def compare(values: dict):
       [cyan]caer compare runs/* --markdown --csv runs.csv[/]
     """
     from .pipeline.compare import check_csv, compare_runs, markdown_table, rich_tables, write_csv
+    from .pipeline.display import print_unfolded
 
     cfg = CompareConfig(**values)
     if cfg.csv:
@@ -413,7 +415,7 @@ def compare(values: dict):
     if cfg.markdown:
         console.print(markdown_table(columns, rows), markup=False, highlight=False, soft_wrap=True)
     else:
-        console.print(*rich_tables(columns, rows))
+        print_unfolded(console, *rich_tables(columns, rows))
     if cfg.csv:
         console.print(f"table: {write_csv(columns, rows, cfg.csv)}", highlight=False, soft_wrap=True)
 

@@ -180,6 +180,23 @@ def test_compare_cli_prints_markdown_and_writes_csv(two_runs, tmp_path):
     assert console.exit_code == 0 and "test recall per class" in console.output
 
 
+def test_compare_on_a_narrow_console_or_in_a_log_folds_no_cell(two_runs, tmp_path, monkeypatch):
+    """Printed to a log (80 columns) with long run names, every row still holds each name and number whole."""
+    import caer.cli
+
+    runs = []
+    for run in two_runs:
+        runs.append(tmp_path / f"{run.name}_with_a_long_descriptive_name_for_the_log")
+        shutil.copytree(run, runs[-1])
+    monkeypatch.setattr(caer.cli, "console", Console(file=io.StringIO(), width=80))
+    assert run_cli(["compare", *map(str, runs)]).exit_code == 0
+    printed = caer.cli.console.file.getvalue().splitlines()
+    columns, rows = compare_runs(runs)
+    for row in rows:
+        line = next(line for line in printed if row[0] in line)  # the run's name whole, on its row's one line
+        assert line.split() == [cell for cell in row[: len(line.split())]]
+
+
 def test_compare_of_a_folder_that_is_not_a_run_is_one_line(tmp_path):
     result = run_cli(["compare", str(tmp_path)])
     assert result.exit_code == 2 and "Traceback" not in result.output

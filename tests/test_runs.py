@@ -378,6 +378,49 @@ def test_a_run_started_without_loss_scaling_resumes_where_it_scales(dataset, zar
     assert [r["epoch"] for r in records(tmp_path)] == [0, 1]
 
 
+def test_a_diverging_loss_is_one_line_naming_the_remedies(dataset, zarr_cache, weights, tmp_path, monkeypatch):
+    from caer.model.losses import CAERLoss
+
+    class Diverging(CAERLoss):
+        def __call__(self, *args, **kwargs):
+            terms = super().__call__(*args, **kwargs)
+            return terms._replace(total=terms.total * float("nan"))
+
+    monkeypatch.setattr(train_module, "CAERLoss", Diverging)
+    result = run_cli(train_args(dataset, zarr_cache[0], weights, tmp_path / "run"))
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert_in_output("error: stage 2 epoch 1: the loss became nan; lower the learning rate (--lr), or clip the "
+                     "gradients (--grad-clip 1.0)", result.output)
+
+
+def test_weights_written_twice_with_one_seed_are_one_file_with_one_digest(tmp_path):
+    """caer knows weights by their file's digest: the same weights, written again or under another name, are the
+    same weights."""
+    from caer.model.encoder import file_sha256
+
+    first, again, other = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "c.pt"
+    for path in (first, again):
+        assert run_cli(["init-weights", str(path)]).exit_code == 0
+    assert run_cli(["init-weights", str(first), "--overwrite"]).exit_code == 0
+    assert run_cli(["init-weights", str(other), "--seed", "1"]).exit_code == 0
+    assert file_sha256(first) == file_sha256(again) != file_sha256(other)
+
+
+def test_a_tag_that_cannot_be_downloaded_is_one_line(monkeypatch, dataset, tmp_path):
+    import open_clip
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Failed to download weights for tag 'openai': <urlopen error [Errno -3] Temporary failure "
+                           "in name resolution>. Please check your connection")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", offline)
+    line = error_line(run_cli(["extract", str(dataset.root / "val.txt"), "--face-boxes", str(dataset.face_boxes),
+                               "--model", "ViT-B-32-quickgelu", "--pretrained", "openai", "-o",
+                               str(tmp_path / "c.zarr"), "--device", "cpu"]))
+    assert_in_output("--pretrained 'openai': the weights could not be downloaded (no internet here?); download them "
+                     "once where there is, or give a local file of them", line)
+
+
 class RunsCode:
     """Unpickling this runs a shell command: what a malicious "checkpoint" would do."""
 

@@ -156,7 +156,13 @@ def load_backbone(name: str = "ViT-B-32", pretrained: str = "openai", device: st
         open_clip.load_checkpoint(model, pretrained, weights_only=not _is_torchscript(pretrained))
         weights = "sha256:" + file_sha256(pretrained)
     else:
-        model, _, transform = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+        try:
+            model, _, transform = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+        except RuntimeError as err:
+            if "download" not in str(err).lower():
+                raise
+            raise ValueError(f"--pretrained {pretrained!r}: the weights could not be downloaded (no internet here?); "
+                             "download them once where there is, or give a local file of them") from None
         weights = pretrained
     model = model.to(device).eval()
     log.info("image encoder: open_clip %s, weights %s, on %s", name, weights, device)
@@ -192,7 +198,8 @@ def save_random_weights(name: str, path: str | Path, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save(model.state_dict(), temp)
+        with open(temp, "wb") as f:  # through a file object: the archive's inner name does not depend on the path's,
+            torch.save(model.state_dict(), f)  # so the same weights always make the same file (and digest)
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)

@@ -169,8 +169,8 @@ def write_csv(columns: list[str], rows: list[list[str]], path: str | Path) -> Pa
 
 
 def rich_tables(columns: list[str], rows: list[list[str]], title: str | None = None) -> list[Table]:
-    """The console form, as two tables that fit a narrow console: the settings with the valid and test pairs, and
-    the test recall per class. Numbers never wrap; a setting too long for the console folds."""
+    """The console form, as two tables: the settings with the valid and test pairs, and the test recall per class
+    (``display.print_unfolded`` prints them whole on any console)."""
     recall = [i for i, c in enumerate(columns) if c.endswith(" recall")]
     main = [i for i in range(len(columns)) if i not in recall]
     tables = [_table([columns[i] for i in main], [[row[i] for i in main] for row in rows], title)]

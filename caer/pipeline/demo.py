@@ -20,6 +20,7 @@ from ..model.encoder import check_weights, save_random_weights
 from ..runtime import resolve_device
 from .annotate import write_video
 from .compare import compare_runs, rich_tables
+from .display import print_unfolded
 from .extract import extract
 from .predict import predict
 from .train import run
@@ -137,5 +138,5 @@ def run_ablations(out: Path, base: dict, console: Console) -> tuple[list[str], l
     finally:
         library.setLevel(level)
     columns, rows = compare_runs(run_dirs)
-    console.print(*rich_tables(columns, rows, title=f"caer compare {out}/*"))
+    print_unfolded(console, *rich_tables(columns, rows, title=f"caer compare {out}/*"))
     return columns, rows

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -28,3 +29,16 @@ def confusion_table(cm: np.ndarray, classes: list[str], title: str, row_share: b
         cells[i] = f"[bold]{cells[i]}[/]"
         t.add_row(name, *cells)
     return t
+
+
+def print_unfolded(console: Console, *tables: Table) -> None:
+    """Print each table at its full width, even past a narrow console's (or a log file's 80 columns): a terminal
+    then wraps the long lines, but no cell is folded, cut or dropped."""
+    for table in tables:
+        needed = Measurement.get(console, console.options.update_width(10_000), table).maximum
+        width = console.width
+        console.width = max(width, needed)
+        try:
+            console.print(table)
+        finally:
+            console.width = width

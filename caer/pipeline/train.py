@@ -403,7 +403,7 @@ def train_one_epoch(s: Stage, epoch: int, progress: Progress) -> tuple[np.ndarra
 def _check_finite(s: Stage, epoch: int, total: float) -> None:
     if not np.isfinite(total):
         raise FloatingPointError(f"stage {s.number} epoch {epoch + 1}: the loss became {total}; lower the learning "
-                                 "rate")
+                                 "rate (--lr), or clip the gradients (--grad-clip 1.0)")
 
 
 def validate(s: Stage, progress: Progress) -> np.ndarray:
