@@ -214,21 +214,15 @@ def test_null_unsets_an_option_that_may_be_unset(tmp_path):
     ("epochs: [3]", "epochs: expected int, got [3]"),
     ("model: {name: ViT}", "model: expected str, got {'name': 'ViT'}"),
     ("classes: [a, [b]]", "classes: expected a list of str, got ['a', ['b']]"),
-])
-def test_a_mapping_or_list_where_a_scalar_is_expected_is_refused(tmp_path, line, fragment):
-    path = tiny_with(tmp_path / "shape.yaml", line)
-    assert_config_refused(path, f"{path}: {fragment}")
-
-
-@pytest.mark.parametrize("line, fragment", [
     ("lr: true", "lr: expected float, got True"),
     ("lr: .nan", "lr: nan is not a finite number"),
     ("temperature: .inf", "temperature: inf is not a finite number"),
     ("adapter_scale: -.inf", "adapter_scale: -inf is not a finite number"),
     ("logit_adj_tau: nan", "logit_adj_tau: nan is not a finite number"),
 ])
-def test_a_float_key_refuses_booleans_and_non_finite_values(tmp_path, line, fragment):
-    path = tiny_with(tmp_path / "float.yaml", line)
+def test_a_value_of_another_shape_or_a_non_finite_float_is_refused(tmp_path, line, fragment):
+    """A mapping or list where a value belongs; a boolean, NaN or infinity for a float."""
+    path = tiny_with(tmp_path / "value.yaml", line)
     assert_config_refused(path, f"{path}: {fragment}")
 
 

@@ -212,6 +212,22 @@ class Stop(Exception):
     pass
 
 
+def stopped_after_one_epoch(cfg, monkeypatch) -> None:
+    """Stage 2 of ``cfg`` until the metrics line of its second epoch fails: a run stopped part-way, whose last
+    checkpoint is its first epoch's."""
+    real = train_module._append_metrics
+
+    def stop(path, record):
+        if record["epoch"] == 1:
+            raise Stop
+        real(path, record)
+
+    monkeypatch.setattr(train_module, "_append_metrics", stop)
+    with pytest.raises(Stop):
+        train_stage(cfg, 2, Console(file=io.StringIO()))
+    monkeypatch.undo()
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_checkpoint_of_train_loads_with_weights_only_and_resumes_exactly(dataset, zarr_cache, weights, tmp_path,
                                                                             monkeypatch, workers):
@@ -223,20 +239,8 @@ def test_a_checkpoint_of_train_loads_with_weights_only_and_resumes_exactly(datas
     ckpt = torch.load(tmp_path / "full" / "stage2-last.pt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["metrics"]["epoch"] == 2 and isinstance(ckpt["best"]["valid_uar"], float)
 
-    # stop after the first epoch (the second one's metrics line fails), then --resume
-    real = train_module._append_metrics
-
-    def stop(path, record):
-        if record["epoch"] == 1:
-            raise Stop
-        real(path, record)
-
-    cut = make_config(dataset, zarr_cache[0], weights, tmp_path / "cut", epochs_stage2=3, test_list=None,
-                      workers=workers)
-    monkeypatch.setattr(train_module, "_append_metrics", stop)
-    with pytest.raises(Stop):
-        train_stage(cut, 2, quiet)
-    monkeypatch.undo()
+    stopped_after_one_epoch(make_config(dataset, zarr_cache[0], weights, tmp_path / "cut", epochs_stage2=3,
+                                        test_list=None, workers=workers), monkeypatch)
     out = io.StringIO()
     train_stage(make_config(dataset, zarr_cache[0], weights, tmp_path / "cut", epochs_stage2=3, test_list=None,
                             resume=True, workers=workers), 2, Console(file=out, width=300))
@@ -292,18 +296,8 @@ def test_resume_refuses_settings_it_would_not_apply_and_a_refused_stage_keeps_th
         dataset, zarr_cache, weights, tmp_path, monkeypatch):
     """The optimiser, schedule and random state of the checkpoint would override a changed --lr or --epochs, which
     config.yaml would then claim; a stage refused at set-up leaves config.yaml as the run's own."""
-    real = train_module._append_metrics
-
-    def stop(path, record):
-        if record["epoch"] == 1:
-            raise Stop
-        real(path, record)
-
-    monkeypatch.setattr(train_module, "_append_metrics", stop)
-    with pytest.raises(Stop):
-        train_stage(make_config(dataset, zarr_cache[0], weights, tmp_path, epochs_stage2=3, test_list=None), 2,
-                    Console(file=io.StringIO()))
-    monkeypatch.undo()
+    stopped_after_one_epoch(make_config(dataset, zarr_cache[0], weights, tmp_path, epochs_stage2=3, test_list=None),
+                            monkeypatch)
     written = (tmp_path / "config.yaml").read_text()
     for change, shown in (({"lr": 0.5}, " -> 0.5: give the values it was started with"), ({"epochs_stage2": 4}, "epochs of stage 2 3 -> 4"),
                           ({"lr_group": ["2.image_encoder=1e-5"]}, "--lr-group 2.image_encoder: stage 2 trains")):
@@ -358,18 +352,8 @@ def test_a_run_started_without_loss_scaling_resumes_where_it_scales(dataset, zar
                                                                    monkeypatch):
     """A run started on the CPU or a bf16 GPU saves a disabled scaler's empty state; resumed on an fp16 GPU, whose
     scaler is on, it starts a fresh scale (loading the empty state raised). The CPU's scaler stands in for it."""
-    real = train_module._append_metrics
-
-    def stop(path, record):
-        if record["epoch"] == 1:
-            raise Stop
-        real(path, record)
-
-    monkeypatch.setattr(train_module, "_append_metrics", stop)
-    with pytest.raises(Stop):
-        train_stage(make_config(dataset, zarr_cache[0], weights, tmp_path, epochs_stage2=2, test_list=None), 2,
-                    Console(file=io.StringIO()))
-    monkeypatch.undo()
+    stopped_after_one_epoch(make_config(dataset, zarr_cache[0], weights, tmp_path, epochs_stage2=2, test_list=None),
+                            monkeypatch)
     assert torch.load(tmp_path / "stage2-last.pt", weights_only=True)["scaler"] == {}
     scaler = torch.amp.GradScaler
     monkeypatch.setattr(train_module.torch.amp, "GradScaler", lambda device, enabled: scaler("cpu", enabled=True))
