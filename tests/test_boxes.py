@@ -230,6 +230,15 @@ def test_an_input_list_is_never_an_output(photo, tmp_path):
     assert all(path.read_text() == "good 1 1\n" for path in lists) and not (tmp_path / "f.json").exists()
 
 
+def test_an_existing_output_is_refused_before_any_clip_is_read(tmp_path):
+    (tmp_path / "list.txt").write_text("missing 4 1\n")
+    out = tmp_path / "face_boxes.json"
+    out.write_text("{}")
+    refused = boxes_cli(tmp_path / "list.txt", out)
+    assert refused.exit_code == 2, refused.output
+    assert_in_output(f"--out {out} already exists: pass --overwrite to replace it", refused.output)
+
+
 def test_a_clip_s_video_or_frame_folder_is_never_an_output(photo, tmp_path):
     (tmp_path / "good").mkdir()
     Image.fromarray(astronaut_window(photo, 0)[0]).save(tmp_path / "good" / "1.png")

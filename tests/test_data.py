@@ -177,6 +177,13 @@ def test_two_box_file_keys_for_one_clip_are_refused_naming_both(tmp_path):
         load_body_boxes(body, tmp_path)
 
 
+def test_a_box_file_is_read_as_json_whatever_its_strings_hold(tmp_path):
+    """JSON strings may hold characters that Python counts as line breaks (U+2028): the file is not split."""
+    path = tmp_path / "faces.json"
+    path.write_text(json.dumps({"clip\u2028a": {"1.jpg": [0, 0, 4, 4]}}, ensure_ascii=False), encoding="utf-8")
+    assert load_face_boxes(path, tmp_path) == {"clip\u2028a": {"1.jpg": (0.0, 0.0, 4.0, 4.0)}}
+
+
 def test_body_box_keys_root_relative_or_root_joined(tmp_path):
     path = tmp_path / "body.json"
     path.write_text(json.dumps({str(tmp_path / "frames/a"): [0, 0, 10, 10], "frames/b": [1, 1, 5, 5]}))

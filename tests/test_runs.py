@@ -307,7 +307,7 @@ def test_resume_refuses_settings_it_would_not_apply_and_a_refused_stage_keeps_th
             train_stage(cfg, 2, Console(file=io.StringIO()))
         assert (tmp_path / "config.yaml").read_text() == written
     resumed = make_config(dataset, zarr_cache[0], weights, tmp_path, epochs_stage2=3, test_list=None, resume=True,
-                          print_confusion="end")  # how it reports may change
+                          print_confusion="end", grad_checkpointing=True, lr_stage1=0.5)  # none changes stage 2
     train_stage(resumed, 2, Console(file=io.StringIO()))
     assert [r["epoch"] for r in records(tmp_path)] == [0, 1, 2]
 
@@ -318,7 +318,7 @@ def test_an_lr_group_of_a_later_stage_is_checked_before_the_first_stage_trains(d
                       lr_group=["3.adaptr=1e-5"])
     with pytest.raises(ValueError, match="--lr-group 3.adaptr: stage 3 trains prompt, adapter"):
         train_module.run(cfg, Console(file=io.StringIO()))
-    assert not list((tmp_path / "run").glob("*.pt")) if (tmp_path / "run").exists() else True
+    assert not list((tmp_path / "run").glob("*.pt"))
 
 
 def test_a_run_given_relative_paths_evaluates_from_any_folder(dataset, zarr_cache, weights, tmp_path, monkeypatch):

@@ -384,7 +384,7 @@ def test_the_best_epoch_is_chosen_on_the_unrounded_uar():
     assert train_module.beats_best(lower, {"valid_uar": 70.0, "epoch": 0})  # a best from an older checkpoint
 
 
-@pytest.mark.parametrize("size, world", [(10, 4), (3, 8), (1, 4), (5, 1)])
+@pytest.mark.parametrize("size, world", [(10, 4), (3, 8), (1, 4), (5, 1), (0, 2)])
 def test_every_rank_gets_the_same_number_of_items_even_with_fewer_clips_than_processes(size, world):
     """DDP steps all ranks together: a rank with fewer batches would leave the others waiting in a collective."""
     from caer.data.datasets import EpochSampler

@@ -98,7 +98,7 @@ class EpochSampler(Sampler):
         order = order.tolist()
         # every rank the same number of items (DDP steps together): the order repeated, even past itself when there
         # are fewer clips than processes
-        order = (order * -(-len(self) * self.world // len(order)))[: len(self) * self.world]
+        order = (order * -(-len(self) * self.world // max(len(order), 1)))[: len(self) * self.world]
         return iter([(i, self.epoch) for i in order[self.rank :: self.world]])
 
 

@@ -77,15 +77,20 @@ def _name_order(path: Path) -> tuple:
     return tuple(int(part) if k % 2 else part for k, part in enumerate(parts)), path.name
 
 
-def read_lines(path: Path) -> list[str]:
-    """A text file's lines (UTF-8, a byte-order mark dropped); a file in another encoding is a DataError naming
-    the file and line."""
+def read_text(path: Path) -> str:
+    """A text file's text (UTF-8, a byte-order mark dropped); a file in another encoding is a DataError naming the
+    file and line."""
     data = path.read_bytes()
     try:
-        return data.decode("utf-8-sig").splitlines()
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 text (byte {data[err.start]:#04x}); save the file as UTF-8") from None
+
+
+def read_lines(path: Path) -> list[str]:
+    """``read_text``'s lines."""
+    return read_text(path).splitlines()
 
 
 def read_annotations(
@@ -217,7 +222,7 @@ def _load_json(path: Path):
     if not path.is_file():
         raise DataError(f"{path}: box file not found")
     try:
-        data = json.loads("\n".join(read_lines(path)))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
     if not isinstance(data, dict):

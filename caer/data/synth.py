@@ -52,6 +52,13 @@ def _frame(rng, s: SynthConfig, background, face_box, object_box, texture, colou
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def check_new_folder(flag: str, out: Path) -> None:
+    """Refuse ``out`` (given as ``flag``) unless it is a new or empty folder."""
+    if out.is_file() or (out.is_dir() and any(out.iterdir())):
+        raise ValueError(f"{flag} {out}: {'a file, not a folder' if out.is_file() else 'folder exists and is not empty'}; "
+                         "choose a new one")
+
+
 def synthesise(s: SynthConfig) -> dict:
     """Write frames, ``train/val/test.txt``, ``face_boxes.json`` and ``body_boxes.json`` under ``s.out``: a new or
     empty folder."""
@@ -62,9 +69,7 @@ def synthesise(s: SynthConfig) -> dict:
     if s.width < 96 or s.height < 96:
         raise ValueError("--width and --height must be at least 96 so that the face crop and the desk object do not overlap")
     out = Path(s.out)
-    if out.is_file() or (out.is_dir() and any(out.iterdir())):  # never mix two datasets in one folder
-        raise ValueError(f"OUT {out}: {'a file, not a folder' if out.is_file() else 'folder exists and is not empty'}; "
-                         "choose a new one")
+    check_new_folder("OUT", out)  # never mix two datasets in one folder
     rng = np.random.default_rng(s.seed)
     labels = np.arange(s.clips) % s.classes
     rng.shuffle(labels)

@@ -209,10 +209,16 @@ def _weighted(pixels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     them to about 2^-22 (TF32 would keep 2^-11, and switching it on is process-wide: other threads' products would
     change with it)."""
     if pixels.device.type != "cuda":
-        return torch.bmm(pixels, weights)
-    whole, high = pixels.half(), weights.half()
-    low = (weights - high.float()).half()
+        return torch.bmm(pixels.float(), weights)
+    whole = pixels.half()
+    high, low = split_weights(weights)
     return torch.bmm(whole, high, out_dtype=torch.float32).add_(torch.bmm(whole, low, out_dtype=torch.float32))
+
+
+def split_weights(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``weights`` as float16 ``(high, low)`` with ``high + low`` equal to them to about 2^-22."""
+    high = weights.half()
+    return high, (weights - high.float()).half()
 
 
 def _windows(frames: torch.Tensor, views: list[tuple[int, ...]], rows_h: int, cols_w: int,
@@ -238,7 +244,7 @@ def render(frames: torch.Tensor, views: list[tuple[int, ...]], size: int) -> tor
     weights_y = _shared([v[5:10] for v in views], size, rows_h, device)  # [N, S, h]
     weights_x = _shared([v[10:15] for v in views], size, cols_w, device)  # [N, S, w]
     n = len(views)
-    pixels = _windows(frames, views, rows_h, cols_w).float().reshape(n, 3 * rows_h, cols_w)
+    pixels = _windows(frames, views, rows_h, cols_w).reshape(n, 3 * rows_h, cols_w)  # uint8: ``_weighted`` converts
     across = _round(_weighted(pixels, weights_x.transpose(1, 2)))  # horizontal pass first, as Pillow: [N, 3 h, S]
     across = across.view(n, 3, rows_h, size).transpose(2, 3).reshape(n, 3 * size, rows_h)  # [N, 3 S(x), h]
     down = _round(_weighted(across, weights_y.transpose(1, 2)))  # [N, 3 S(x), S(y)]

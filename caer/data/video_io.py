@@ -194,7 +194,8 @@ def _scan(path: Path, container, stream) -> tuple[list[tuple[int | None, bool, b
             if orient is None:
                 orient = _first_orientation(stream, packet)
     except av.FFmpegError as err:
-        raise DataError(f"{path}: frame {len(found) + 1}: damaged ({_reason(err)})") from None
+        shown = sum(not hidden for _, _, hidden, _ in found)  # the frames a player shows: no edit-list lead-in
+        raise DataError(f"{path}: frame {shown + 1}: damaged ({_reason(err)})") from None
     return found, packets, orient or Orientation()
 
 

@@ -33,11 +33,11 @@ def build_model(cfg: RunConfig, device: torch.device, checkpoint: dict | None = 
     if cfg.model.class_prompts == ClassPrompts.embedded and checkpoint is None:
         raise ValueError("--class-prompts embedded takes the prompts' token embeddings from a checkpoint (e.g. one "
                          "written by caer import-reference): give one (--init-from), or use --class-prompts text")
+    if checkpoint is not None:
+        check_same_text(cfg, checkpoint)
     whole = checkpoint is not None and carries_clip(checkpoint)
     backbone = load_backbone(cfg.encoder.model, RANDOM_WEIGHTS if whole else cfg.encoder.pretrained, device,
                              cfg.encoder.preprocess)
-    if checkpoint is not None:
-        check_same_text(cfg, checkpoint)
     if checkpoint is not None and not whole:
         check_base_weights(checkpoint, backbone, cfg.encoder.pretrained)
     torch.manual_seed(cfg.run.seed)

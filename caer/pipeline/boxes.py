@@ -92,6 +92,7 @@ def find_boxes(cfg: BoxesConfig, root: str | None = None, workers: int = 0, cons
     console = console or Console()
     if not cfg.annotations:
         raise ValueError("caer boxes needs at least one annotation file")
+    _check_outputs(cfg)  # before reading any clip (indexing videos reads every packet)
     clips, bad = read_clips(cfg.annotations, Path(root or Path(cfg.annotations[0]).parent), skip_bad)
     outputs = _check_outputs(cfg, clips)
     detect = make_detector(cfg.detector, cfg.upsample)  # a wrong name or a missing model file fails here, before any work
@@ -144,7 +145,7 @@ def read_clips(annotations: list[str], root: Path, skip_bad: bool = False) -> tu
     return list(clips.values()), bad
 
 
-def _check_outputs(cfg: BoxesConfig, clips: list[Clip]) -> list[Path]:
+def _check_outputs(cfg: BoxesConfig, clips: list[Clip] = ()) -> list[Path]:
     """The files to write (face boxes, then body boxes if asked for), checked (``report.check_outputs``): neither an
     input list nor a clip's video file, nor inside a clip's frame folder."""
     named = [("--out", Path(cfg.out))] + ([("--body-boxes", Path(cfg.body_boxes))] if cfg.body_boxes else [])

@@ -187,8 +187,7 @@ def _table(columns: list[str], rows: list[list[str]], title: str | None, numbers
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
     for i, c in enumerate(columns):
         number = _is_number(c) or i >= len(columns) - numbers
-        table.add_column(c.replace(" ", "\n").replace("_", "_\n", 1), justify="right" if number else "left",
-                         no_wrap=number, overflow="ellipsis" if number else "fold")
+        table.add_column(c.replace(" ", "\n").replace("_", "_\n", 1), justify="right" if number else "left")
     for row in rows:
         table.add_row(*row)
     return table

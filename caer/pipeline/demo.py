@@ -14,7 +14,7 @@ from rich.table import Table
 
 from ..config import DemoConfig, ExtractConfig, PredictConfig, SynthConfig, from_flat, load_config
 from ..data.raer import list_frames, read_image
-from ..data.synth import synthesise
+from ..data.synth import check_new_folder, synthesise
 from ..data.video import frame_key
 from ..model.encoder import check_weights, save_random_weights
 from ..runtime import resolve_device
@@ -87,9 +87,7 @@ def demo(cfg: DemoConfig, console: Console | None = None) -> dict:
 def check_settings(cfg: DemoConfig, out: Path) -> None:
     """Refuse, before anything is written, a non-empty ``out``, a bad ``--device``, an unknown ``--model``, and
     ``--pretrained`` missing (another model than caer-tiny) or neither a file nor a tag of the model."""
-    if out.is_file() or (out.is_dir() and any(out.iterdir())):
-        raise ValueError(f"--out {out}: {'a file, not a folder' if out.is_file() else 'folder exists and is not empty'}; "
-                         "choose a new one")
+    check_new_folder("--out", out)
     resolve_device(cfg.device)
     check_weights(cfg.model, cfg.pretrained)
     if cfg.pretrained is None and cfg.model != "caer-tiny":

@@ -64,7 +64,8 @@ RANK_SEED_STRIDE = 1000  # rank r of a stage seeds seed + stage + r * this
 # compared as the stage's own (``_check_resumed_as_set``), and the CLIP weights by their identity (``build_model``)
 RESUME_FREE = ("run_dir", "resume", "print_confusion", "tensorboard", "workers", "device", "init_from", "stage",
                "staged_training", "cache_in_memory", "train_list", "val_list", "test_list", "cache", "root",
-               "face_boxes", "body_boxes", "pretrained", "epochs", "epochs_stage1", "epochs_stage2", "epochs_stage3")
+               "face_boxes", "body_boxes", "pretrained", "epochs", "epochs_stage1", "epochs_stage2", "epochs_stage3",
+               "grad_checkpointing")  # (memory for time: the same numbers)
 
 
 @dataclass
@@ -307,7 +308,8 @@ def _check_resumed_as_set(s: Stage, saved: dict) -> None:
     settings that would change what it computes (and would otherwise be recorded without taking effect); where
     files are, how a run reports, and on what it runs may change."""
     now = s.cfg.to_dict()
-    changed = [k for k in now if k in saved and k not in RESUME_FREE and now[k] != saved[k]]
+    others = {f"lr_stage{n}" for n in (1, 2, 3) if n != s.number}  # another stage's rate does not reach this one
+    changed = [k for k in now if k in saved and k not in RESUME_FREE and k not in others and now[k] != saved[k]]
     before = checkpoint_config({"config": saved}).stage_epochs(s.number)
     changed += [f"epochs of stage {s.number}"] * (before != s.epochs)
     if changed:
