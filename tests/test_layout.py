@@ -14,7 +14,7 @@ from pathlib import Path
 import caer
 
 PACKAGE = Path(caer.__file__).parent
-LAYERS = {"config": 0, "runtime": 0, "processes": 0, "cache": 1, "model": 2, "data": 3, "pipeline": 4, "cli": 5}
+LAYERS = {"config": 0, "runtime": 0, "processes": 0, "files": 0, "cache": 1, "model": 2, "data": 3, "pipeline": 4, "cli": 5}
 MAX_FUNCTION_LINES = 80
 
 

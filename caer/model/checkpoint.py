@@ -21,6 +21,7 @@ import torch
 
 from .. import runtime
 from ..config import ClassPrompts, RunConfig, check_config, from_flat, options, replace_options
+from ..files import replaced_atomically
 from .caer_model import CAERModel
 from .encoder import RANDOM_WEIGHTS, CLIPBackbone, load_backbone, weights_digest
 
@@ -213,9 +214,8 @@ def save_checkpoint(checkpoint: dict, path: Path) -> None:
 
     Numpy values become plain numbers and tensors, so that the file loads with ``weights_only=True``.
     """
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(plain(checkpoint), tmp)
-    os.replace(tmp, path)
+    with replaced_atomically(path) as temp:
+        torch.save(plain(checkpoint), temp)
 
 
 def plain(value):

@@ -21,6 +21,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from ..config import Preprocessing
+from ..files import replaced_atomically
 
 CLIP_CONFIG_DIR = Path(str(importlib.resources.files("caer.configs") / "clip"))
 open_clip.add_model_config(CLIP_CONFIG_DIR)  # makes the offline tiny model ("caer-tiny") known by name
@@ -195,14 +196,10 @@ def save_random_weights(name: str, path: str | Path, seed: int = 0) -> Path:
     with _quiet_root_logger():
         model = open_clip.create_model(name, pretrained=None)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temp, "wb") as f:  # through a file object: the archive's inner name does not depend on the path's,
-            torch.save(model.state_dict(), f)  # so the same weights always make the same file (and digest)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    # through a file object: the archive's inner name does not depend on the path's, so the same weights always make
+    # the same file (and digest)
+    with replaced_atomically(path) as temp, open(temp, "wb") as f:
+        torch.save(model.state_dict(), f)
     return path
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from rich.console import Group
 from rich.table import Table
 from sklearn.metrics import precision_recall_fscore_support
 
+from ..files import replaced_atomically
 from ..model.metrics import confusion_matrix, uar, uar_all_classes, war
 from .display import confusion_table
 
@@ -128,13 +130,10 @@ def save_figure(fig, path: Path, dpi: int) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(temp, format=picture_format("picture", path), dpi=dpi)
-        os.replace(temp, path)
+        with replaced_atomically(path) as temp:
+            fig.savefig(temp, format=picture_format("picture", path), dpi=dpi)
     finally:
-        temp.unlink(missing_ok=True)
         plt.close(fig)
     return path
 
@@ -158,19 +157,12 @@ def check_eval_outputs(cfg, overrides: dict, overwrite: bool) -> None:
 def write_atomically(files: dict[Path, str]) -> None:
     """Write each text under a temporary name beside its path, then rename them all: a stopped or failed run leaves
     no half-written file, and the files that were there stay as they were until every new one is complete."""
-    temps = {Path(path): Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp") for path in files}
-    try:
-        for (path, temp), text in zip(temps.items(), files.values()):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(temp, "w") as f:
+    with contextlib.ExitStack() as renames:  # the files are renamed as the stack unwinds, once all are written
+        for path, text in files.items():
+            with open(renames.enter_context(replaced_atomically(path)), "w") as f:
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
-        for path, temp in temps.items():
-            os.replace(temp, path)
-    finally:
-        for temp in temps.values():
-            temp.unlink(missing_ok=True)
 
 
 def check_outputs(outputs: list[tuple[str, Path]], inputs: list[tuple[str, Path]], overwrite: bool) -> None:
