@@ -279,6 +279,19 @@ def test_a_checkpoint_refuses_other_clip_weights_than_it_was_trained_from(datase
                     Console(file=io.StringIO()), ckpt)
 
 
+def test_a_checkpoint_whose_clip_weights_moved_says_to_pass_them(dataset, zarr_cache, weights, tmp_path):
+    moved = tmp_path / "clip.pt"
+    shutil.copy(weights, moved)
+    train_stage(make_config(dataset, zarr_cache[0], moved, tmp_path / "run", test_list=None), 2,
+                Console(file=io.StringIO()))
+    moved.unlink()
+    ckpt = tmp_path / "run" / "stage2-best.pt"
+    line = error_line(run_cli(["eval", str(ckpt), "--split", "val", "--device", "cpu", "--workers", "0"]))
+    assert_in_output(f"{ckpt}: --pretrained '{moved}': not a file and not an open_clip tag", line)
+    assert_in_output("; pass --pretrained with the base weights it was trained from (a file on this machine or an "
+                     "open_clip tag)", line)
+
+
 def test_a_checkpoint_refuses_a_config_with_other_class_texts(dataset, zarr_cache, weights, tmp_path):
     """Its prompts were learned before its class texts, and its sentence embeddings (t_desc) would silently replace
     the config's: --init-from with other descriptions or class names is refused, naming the key."""

@@ -23,7 +23,7 @@ from .. import runtime
 from ..config import ClassPrompts, RunConfig, check_config, from_flat, options, replace_options
 from ..files import replaced_atomically
 from .caer_model import CAERModel
-from .encoder import RANDOM_WEIGHTS, CLIPBackbone, load_backbone, weights_digest
+from .encoder import RANDOM_WEIGHTS, CLIPBackbone, WeightsNotFound, load_backbone, weights_digest
 
 
 def build_model(cfg: RunConfig, device: torch.device, checkpoint: dict | None = None) -> tuple[CAERModel, CLIPBackbone]:
@@ -155,7 +155,7 @@ def model_from_checkpoint(path: str | Path, overrides: dict | None = None,
         model, backbone = build_model(cfg, device or runtime.resolve_device(cfg.runtime.device), ckpt)
     except ValueError as err:
         hint = ("; pass --pretrained with the base weights it was trained from (a file on this machine or an "
-                "open_clip tag)") if "not a file and not an open_clip tag" in str(err) else ""
+                "open_clip tag)") if isinstance(err, WeightsNotFound) else ""
         raise ValueError(f"{path}: {err}{hint}") from None
     return ckpt, cfg, model, backbone
 

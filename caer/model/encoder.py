@@ -174,6 +174,10 @@ def load_backbone(name: str = "ViT-B-32", pretrained: str = "openai", device: st
     return CLIPBackbone(model, open_clip.get_tokenizer(name), pixels, name, weights)
 
 
+class WeightsNotFound(ValueError):
+    """``--pretrained`` names neither a file nor a tag of the model (callers may say where the weights should be)."""
+
+
 def check_weights(name: str, pretrained: str | None = None) -> None:
     """Refuse, before anything is built or written, an unknown open_clip model name, and ``pretrained`` (when given)
     that is neither ``random``, a file nor an open_clip tag of that model: the errors ``load_backbone`` gives."""
@@ -183,7 +187,7 @@ def check_weights(name: str, pretrained: str | None = None) -> None:
         return
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained not in tags:
-        raise ValueError(
+        raise WeightsNotFound(
             f"--pretrained {pretrained!r}: not a file and not an open_clip tag of {name} (tags: {', '.join(tags) or 'none'})"
         )
 
