@@ -390,8 +390,9 @@ def train_one_epoch(s: Stage, epoch: int, progress: Progress) -> tuple[np.ndarra
         preds.append(logits.detach().argmax(1))
         seen += len(batch.label)
         if (step + 1) % SHOWN_EVERY == 0 or step + 1 == len(s.train_loader):
-            _check_finite(s, epoch, totals[0].item())
-            progress.update(task, completed=step + 1, info=f"loss {totals[0].item() / seen:.4f}")
+            loss_sum = totals[0].item()  # the one wait for the GPU in these steps
+            _check_finite(s, epoch, loss_sum)
+            progress.update(task, completed=step + 1, info=f"loss {loss_sum / seen:.4f}")
     with warnings.catch_warnings():  # an idle epoch made no optimiser step; the schedule still counts the epoch
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
         s.scheduler.step()
