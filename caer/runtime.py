@@ -36,10 +36,11 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
-def autocast(device: torch.device, enabled: bool = True):
-    """Autocast to ``amp_dtype`` on CUDA; a no-op elsewhere."""
-    dtype = amp_dtype(device) if enabled else None
-    return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+def autocast(device: torch.device, enabled: bool = True, dtype: torch.dtype | None = None):
+    """Autocast to ``dtype`` (default ``amp_dtype``) on CUDA; a no-op elsewhere."""
+    if device.type != "cuda" or not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype or amp_dtype(device))
 
 
 def no_autocast(device: torch.device):

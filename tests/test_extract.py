@@ -501,3 +501,36 @@ def test_a_clip_listed_in_two_splits_is_refused_before_anything_is_written(tmp_p
     n = len(val.read_text().splitlines())
     assert_in_output(f"{val}:{n}: clip '{first.split()[0]}' is also listed at {train}:1", result.output)
     assert not out.exists()
+
+
+def test_non_finite_features_stop_the_run_naming_the_clip_and_keep_the_others(tmp_path, dataset, weights, monkeypatch):
+    """An encoder that overflows (float16 under autocast on a GPU) must not leave NaN in the cache: the clip is named,
+    the clips finished before it are kept, and a re-run writes the rest."""
+    ids = dataset.video_ids()
+    poisoned = ids[4]
+    frames_before = sum(len(list((dataset.root / v).glob("*.jpg"))) for v in ids[:4])
+    calls = []
+    encode = extract_module.encode_pixels
+
+    def overflowing(backbone, pixels, *a):
+        feats = encode(backbone, pixels, *a)
+        calls.append(len(pixels))
+        return feats.fill_(float("inf")) if len(calls) == frames_before + 1 else feats  # a frame of `poisoned`
+
+    monkeypatch.setattr(extract_module, "encode_pixels", overflowing)
+    out = tmp_path / "cache.zarr"
+    args = extract_args(dataset, out, weights, "--views", "1", "--workers", "0", "--batch-size", "2")
+    result = run_cli(args)
+    assert result.exit_code == 2, result.output
+    assert_in_output(f"{poisoned}: the encoder gave non-finite features", result.output)
+    assert "Traceback" not in result.output
+    partial = FeatureCache.open(out)
+    assert poisoned not in partial.video_ids and set(ids[:4]) <= set(partial.video_ids)
+    for v in partial.video_ids:
+        assert np.isfinite(partial.clip(v)).all(), v
+
+    monkeypatch.setattr(extract_module, "encode_pixels", encode)
+    result = run_cli(args)
+    assert result.exit_code == 0, result.output
+    cache = FeatureCache.open(out)
+    assert sorted(cache.video_ids) == sorted(ids) and np.isfinite(cache.clip(poisoned)).all()

@@ -11,6 +11,7 @@ from concurrent.futures import BrokenExecutor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -79,10 +80,13 @@ class ExtractSummary:
 
 def encode_pixels(backbone: CLIPBackbone, pixels: torch.Tensor, views: int, use_amp: bool) -> torch.Tensor:
     """uint8 images [N, 3, S, S] -> float16 features [N, views, D] on the encoder's device; view 1 is the mirror image.
-    Nothing here waits for the GPU: ``_ClipWriter`` copies finished clips back in the background."""
+    Nothing here waits for the GPU: ``_ClipWriter`` copies finished clips back in the background.
+
+    On CUDA the frozen encoder runs under float16 autocast even where training uses bf16: the features are stored
+    as float16, and bf16's 8-bit mantissa would round them about eight times coarser than the store does."""
     device = backbone.device
     x = backbone.preprocess.normalize(pixels.to(device, non_blocking=True))
-    with torch.no_grad(), runtime.autocast(device, use_amp):
+    with torch.no_grad(), runtime.autocast(device, use_amp, dtype=torch.float16):
         feats = [backbone.model.encode_image(x)]
         if views == 2:
             feats.append(backbone.model.encode_image(x.flip(-1)))
@@ -233,7 +237,17 @@ class _ClipWriter:
                 event.synchronize()
             # features arrive [frames * 2, views, D] in frame-major order -> [2, views, frames, D]; numpy, not torch:
             # a torch call lets go of the GIL, and taking it back can wait for the other threads (ms each)
-            ready.append((video_id, host.numpy().reshape(n, 2, self.views, -1).transpose(1, 2, 0, 3), attrs))
+            feats = host.numpy().reshape(n, 2, self.views, -1).transpose(1, 2, 0, 3)
+            if not np.isfinite(feats).all():
+                self._submit(ready)  # the clips before it are good: keep them
+                raise FloatingPointError(
+                    f"{video_id}: the encoder gave non-finite features ({np.isnan(feats).sum()} NaN, "
+                    f"{np.isinf(feats).sum()} infinite values of {feats.size}); nothing of this clip was written. "
+                    "On a GPU, an activation can overflow float16 under mixed precision: re-run with --no-amp")
+            ready.append((video_id, feats, attrs))
+        self._submit(ready)
+
+    def _submit(self, ready: list[tuple[str, np.ndarray, dict]]) -> None:
         # several clips a task: each task costs this process's GIL a few thread hand-offs, whatever its size
         for i in range(0, len(ready), CLIPS_PER_WRITE_TASK):
             clips = ready[i:i + CLIPS_PER_WRITE_TASK]
