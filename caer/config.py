@@ -212,6 +212,8 @@ def _scalar(kind, value):
         if isinstance(value, bool):  # float(True) is 1.0: "lr: true" is a mistake, not a rate
             raise ValueError
         return float(value)  # YAML reads 1e-5 (no dot) as a string
+    if isinstance(value, bool):  # YAML reads an unquoted yes/no/on/off as a boolean: "True" is not what was meant
+        raise ValueError
     return str(value)
 
 
@@ -237,7 +239,8 @@ def coerce(f: dataclasses.Field, value, where: str):
     except (ValueError, TypeError):
         if isinstance(kind, type) and issubclass(kind, enum.Enum):
             raise ValueError(f"{where}: {value!r} is not {type_name(kind)}") from None
-        raise ValueError(f"{where}: expected {type_name(kind)}, got {value!r}") from None
+        quote = " (YAML reads unquoted yes, no, on, off as booleans: quote the text)" if isinstance(value, bool) else ""
+        raise ValueError(f"{where}: expected {type_name(kind)}, got {value!r}{quote}") from None
     for item in value if isinstance(value, list) else [value]:
         check_range(f, item, where)
     return value

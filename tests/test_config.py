@@ -215,6 +215,8 @@ def test_null_unsets_an_option_that_may_be_unset(tmp_path):
     ("model: {name: ViT}", "model: expected str, got {'name': 'ViT'}"),
     ("classes: [a, [b]]", "classes: expected a list of str, got ['a', ['b']]"),
     ("lr: true", "lr: expected float, got True"),
+    ("run_dir: yes", "run_dir: expected str, got True (YAML reads unquoted yes, no, on, off as booleans"),
+    ("classes: [a, off, c]", "classes: expected a list of str, got ['a', False, 'c']"),
     ("lr: .nan", "lr: nan is not a finite number"),
     ("temperature: .inf", "temperature: inf is not a finite number"),
     ("adapter_scale: -.inf", "adapter_scale: -inf is not a finite number"),
