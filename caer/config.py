@@ -174,6 +174,10 @@ def option_type(f: dataclasses.Field):
     return f.type
 
 
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
 FLAG = "flag"  # the ``where`` of values given as flags: their errors name each by its flag
 
 
@@ -506,6 +510,17 @@ class OptimConfig:
     batch_size: int = option(8, "Clips per batch.", min=1)
     grad_accum: int = option(1, "Accumulate gradients over N batches.", min=1)
     grad_clip: float | None = option(None, "Clip the gradient norm to this value.", min=0)
+
+    def ignored_settings(self) -> list[str]:
+        """Notes on options set to other than their default that the chosen optimiser or schedule does not use."""
+        unused = [] if self.optimizer == Optimizer.sgd else [("momentum", f"--optimizer {self.optimizer.value}")]
+        if self.scheduler != Scheduler.step:
+            unused += [(name, f"--scheduler {self.scheduler.value}") for name in ("step_size", "milestones", "gamma")]
+        elif self.milestones:
+            unused.append(("step_size", "--milestones"))
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        return [f"{flag_label(fields[name])} {getattr(self, name)} has no effect under {mode}" for name, mode in unused
+                if getattr(self, name) != _default(fields[name])]
 
 
 @dataclass

@@ -291,3 +291,20 @@ def test_a_missing_list_says_the_callers_remedy():
         cfg.list_for("test")
     with pytest.raises(ValueError, match=r"--test-list is not set \(pass --split FILE\)"):
         cfg.list_for("test", "pass --split FILE")
+
+
+@pytest.mark.parametrize("given, notes", [
+    ({"optimizer": "adamw", "momentum": 0.5}, ["--momentum 0.5 has no effect under --optimizer adamw"]),
+    ({"scheduler": "cosine", "gamma": 0.5, "milestones": [3]},
+     ["--milestones [3] has no effect under --scheduler cosine", "--gamma 0.5 has no effect under --scheduler cosine"]),
+    ({"scheduler": "step", "milestones": [3], "step_size": 4}, ["--step-size 4 has no effect under --milestones"]),
+    ({"scheduler": "step", "step_size": 4, "gamma": 0.5, "optimizer": "sgd", "momentum": 0.5}, []),
+    ({"optimizer": "adamw", "momentum": 0.9, "scheduler": "cosine", "gamma": 0.1}, []),  # the defaults: nothing set
+])
+def test_settings_that_the_chosen_optimiser_or_schedule_ignore_are_noted(given, notes):
+    assert load_config("tiny", given).optim.ignored_settings() == notes
+
+
+@pytest.mark.parametrize("name", ["tiny", "raer", "clip-caer-reference"])
+def test_the_shipped_configs_set_nothing_they_ignore(name):
+    assert load_config(name).optim.ignored_settings() == []

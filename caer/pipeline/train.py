@@ -569,6 +569,8 @@ def run(cfg: RunConfig, console: Console | None = None) -> list[StageResult]:
     stages = stages_to_run(cfg)
     check_lr_groups(cfg, stages)  # before any stage trains: a typo for stage 3 would otherwise stop the run there
     check_test_in_cache(cfg, stages)
+    for note in cfg.optim.ignored_settings():
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
     init = _starting_checkpoint(cfg, console)
     results: list[StageResult] = []
     for stage in [1, 2, 3] if cfg.stages.staged_training else stages:
