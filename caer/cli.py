@@ -181,9 +181,13 @@ def synth(values: dict):
     """
     from .data.synth import synthesise
 
-    counts = synthesise(SynthConfig(**values))
+    settings = SynthConfig(**values)
+    counts = synthesise(settings)
     console.print(f"wrote {sum(counts.values())} clips to {values['out']} "
                   f"({', '.join(f'{k}: {v}' for k, v in counts.items())})")
+    if settings.clips < 3 * settings.classes:  # each class gives val and test a clip first
+        console.print(f"[yellow]note:[/] with fewer than 3 x --classes clips ({3 * settings.classes}), some classes "
+                      "have no training clip", highlight=False)
 
 
 @app.command("init-weights", rich_help_panel="Data")

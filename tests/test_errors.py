@@ -20,7 +20,7 @@ from PIL import Image
 from caer.cache import FeatureCache
 from caer.cli import user_message
 from caer.data.raer import DataError, list_frames, load_body_boxes, load_face_boxes, read_annotations, read_image
-from conftest import Dataset, assert_fp16_equal, extract_args, run_cli
+from conftest import Dataset, assert_fp16_equal, extract_args, run_cli, squash
 
 
 def error_line(output: str) -> str:
@@ -288,6 +288,16 @@ def test_synth_refuses_a_folder_that_is_not_empty(tmp_path):
     empty.mkdir()
     result = run_cli(["synth", str(empty), "--clips", "11", "--frames", "2"])
     assert result.exit_code == 0 and (empty / "train.txt").is_file(), result.output
+
+
+@pytest.mark.parametrize("clips", [14, 15])
+def test_synth_says_when_a_class_has_no_training_clip(tmp_path, clips):
+    out = tmp_path / "data"
+    result = run_cli(["synth", str(out), "--clips", str(clips), "--classes", "5", "--frames", "2"])
+    assert result.exit_code == 0, result.output
+    train_labels = {line.split()[2] for line in (out / "train.txt").read_text().splitlines()}
+    assert len(train_labels) == (4 if clips == 14 else 5)
+    assert ("someclasseshavenotrainingclip" in squash(result.output)) == (clips == 14), result.output
 
 
 def test_import_reference_help_shows_the_reference_configs_crop_defaults():
