@@ -99,7 +99,7 @@ def init(device: torch.device | None = None) -> tuple[int, int]:
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        # rank 0 alone validates and writes checkpoints while the others wait in a collective: give it an hour
+        # rank 0 alone writes checkpoints and the test report while the others wait in a collective: give it an hour
         # (stage 3 on a large validation split), where the NCCL default gives 10 minutes
         timeout = datetime.timedelta(hours=1)
         if device is not None and device.type == "cuda":
@@ -134,6 +134,13 @@ def local_device(device: torch.device) -> torch.device:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics) of ``module``."""
+    if dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)
 
 
 def gather(obj) -> list:

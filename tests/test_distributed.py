@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from caer.cache import FeatureCache
-from conftest import assert_fp16_equal, extract_args
+from conftest import assert_fp16_equal, extract_args, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -63,6 +64,22 @@ main()
 """
 
 
+COUNTS_VALIDATION_BATCHES = """
+import os, sys
+import caer.pipeline.train as train
+real = train.predict
+def counted(model, loader, *args, **kwargs):
+    stats = repr(float(sum(b.double().sum() for name, b in model.named_buffers() if "running_" in name)))
+    with open(os.environ["VALIDATIONS_LOG"], "a") as log:  # one write a line: two processes printing can interleave
+        log.write(f"rank {os.environ['RANK']} validates {len(loader)} batches with BatchNorm statistics {stats}\\n")
+    return real(model, loader, *args, **kwargs)
+train.predict = counted
+from caer.cli import main
+sys.argv[0] = "caer"
+main()
+"""
+
+
 def _train_stage_2(weights, zarr_cache, dataset, run_dir) -> list[str]:
     return ["train", "-c", "tiny", "--pretrained", str(weights), "--cache", str(zarr_cache[0]),
             "--train-list", str(dataset.root / "train.txt"), "--val-list", str(dataset.root / "val.txt"),
@@ -70,12 +87,25 @@ def _train_stage_2(weights, zarr_cache, dataset, run_dir) -> list[str]:
             "--run-dir", str(run_dir)]
 
 
-def test_ddp_training_on_two_processes(tmp_path, dataset, weights, zarr_cache):
+def test_ddp_training_on_two_processes(tmp_path, dataset, weights, zarr_cache, monkeypatch):
     """`caer train` under torchrun: each rank trains on its share, rank 0 alone records the epochs; each rank draws
     its own dropout masks, and a run stopped part-way resumes to the same epochs as one that was not stopped."""
     run_dir = tmp_path / "run"
-    done = _torchrun(_train_stage_2(weights, zarr_cache, dataset, run_dir))
+    counting = tmp_path / "counts.py"
+    counting.write_text(COUNTS_VALIDATION_BATCHES)
+    monkeypatch.setenv("VALIDATIONS_LOG", str(tmp_path / "validations.log"))
+    done = _torchrun(_train_stage_2(weights, zarr_cache, dataset, run_dir), script=counting)
     assert done.returncode == 0, done.stdout + done.stderr
+    log = (tmp_path / "validations.log").read_text()
+    # each rank validates its share (3 of the 5 val clips, one padded: 2 batches of 2), and the recorded numbers are
+    # those of the whole split: one process evaluating the last checkpoint on it gets them too
+    n_val = sum(1 for line in (dataset.root / "val.txt").read_text().splitlines() if line.strip())
+    share = math.ceil(math.ceil(n_val / 2) / 2)  # clips per rank, then batches of 2
+    validations = re.findall(r"rank (\d) validates (\d+) batches with BatchNorm statistics (\S+)\n", log)
+    assert sorted(v[:2] for v in validations) == sorted([("0", str(share)), ("1", str(share))] * 3), log
+    for rank_1 in (v for v in validations if v[0] == "1"):  # each epoch: rank 0's statistics, not rank 1's own
+        assert rank_1[2] in {v[2] for v in validations if v[0] == "0"}, log
+    assert len({v[2] for v in validations}) == 3, log  # the statistics change from epoch to epoch
     assert "on 2 processes" in done.stdout and done.stdout.count("best valid UAR") == 1
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1, 2]
@@ -86,6 +116,11 @@ def test_ddp_training_on_two_processes(tmp_path, dataset, weights, zarr_cache):
     assert (run_dir / "stage2-best.pt").is_file() and (run_dir / "stage2-last.pt").is_file()
     states = torch.load(run_dir / "stage2-last.pt", weights_only=True)["rng_ranks"]
     assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
+    single = run_cli(["eval", str(run_dir / "stage2-last.pt"), "--split", "val", "--json", str(tmp_path / "val.json")])
+    assert single.exit_code == 0, single.output
+    report = json.loads((tmp_path / "val.json").read_text())
+    assert (report["war"], report["uar"]) == (records[-1]["valid_war"], records[-1]["valid_uar"])
+    assert report["confusion_matrix"] == records[-1]["valid_confusion"]
 
     script = tmp_path / "stops.py"
     script.write_text(STOPS_AFTER_ONE_EPOCH)

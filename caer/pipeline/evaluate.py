@@ -17,7 +17,7 @@ from ..data.loaders import Loader, make_loader, open_cache, split_dataset, with_
 from ..data.tensor_views import auto_decode_device
 from ..model.caer_model import CAERModel
 from ..model.checkpoint import model_from_checkpoint
-from ..runtime import autocast
+from ..runtime import autocast, gather
 from .display import progress_bar
 from .report import Report
 
@@ -25,7 +25,8 @@ from .report import Report
 @torch.no_grad()
 def predict(model: CAERModel, loader: Loader, device: torch.device, use_amp: bool = False,
             progress: Progress | None = None, text=None) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, logits [N, C]) over a loader, in dataset order; ``text``: precomputed text features."""
+    """(labels, logits [N, C]) over a loader, in dataset order; ``text``: precomputed text features. A loader that
+    gives each torchrun rank a share (``EpochSampler`` with ``world`` > 1) gives every rank the whole split."""
     model.eval()
     text = text if text is not None else model.text_features()
     labels, logits, indices = [], [], []
@@ -43,11 +44,13 @@ def predict(model: CAERModel, loader: Loader, device: torch.device, use_amp: boo
         progress.remove_task(task)
     if not indices:
         raise ValueError("no clips to evaluate: the split is empty (or all its clips were left out)")
-    indices = np.concatenate(indices)
-    order = np.argsort(indices)
-    logits = np.concatenate(logits)
+    mine = [np.concatenate(x) for x in (labels, logits, indices)]
+    shares = gather(mine) if getattr(loader.sampler, "world", 1) > 1 else [mine]
+    labels, logits, indices = (np.concatenate([share[i] for share in shares]) for i in range(3))
+    indices, first = np.unique(indices, return_index=True)  # in order; a share's padding repeats some clips
+    labels, logits = labels[first], logits[first]
     check_finite(logits, indices, getattr(loader.dataset, "video_ids", None), use_amp)
-    return np.concatenate(labels)[order], logits[order]
+    return labels, logits
 
 
 def check_finite(logits: np.ndarray, indices: np.ndarray, video_ids: list[str] | None, use_amp: bool) -> None:

@@ -265,7 +265,7 @@ def setup_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
                                        find_unused_parameters=unused)
     s = Stage(cfg, stage, console, device, rank, world, paths, source, model, step, loss, optimizer, scheduler, scaler,
               make_loader(train_set, cfg, True, cfg.loss.use_weighted_sampler, rank, world),
-              make_loader(val_set, cfg, False), encoder, cache, init is not None and carries_clip(init),
+              make_loader(val_set, cfg, False, rank=rank, world=world), encoder, cache, init is not None and carries_clip(init),
               skipped={"train": len(train_set.left_out), "val": len(val_set.left_out)})
     if "prompt" not in STAGE_GROUPS[stage]:  # frozen prompts: text features once per stage, not once per step
         with torch.no_grad():
@@ -410,7 +410,9 @@ def _check_finite(s: Stage, epoch: int, total: float) -> None:
 
 
 def validate(s: Stage, progress: Progress) -> np.ndarray:
-    """The confusion matrix of the validation split."""
+    """The confusion matrix of the validation split; under DDP each rank predicts its share, with rank 0's
+    BatchNorm statistics (each rank's last training step updated its own)."""
+    runtime.broadcast_buffers(s.model)
     labels, logits = predict(s.model, s.val_loader, s.device, s.cfg.runtime.use_amp, progress, s.fixed_text)
     return confusion_matrix(labels, logits.argmax(1), len(s.cfg.model.classes))
 
@@ -506,8 +508,8 @@ def show_stage_end(s: Stage) -> None:
 def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | None = None) -> StageResult:
     """Train one stage; returns where its checkpoints are. ``init_from``: the previous stage's best checkpoint.
 
-    Under ``torchrun`` it trains with DDP: every rank takes its share of each epoch's batches, and rank 0
-    alone validates, writes checkpoints, metrics, curves (and TensorBoard events), and prints.
+    Under ``torchrun`` it trains with DDP: every rank takes its share of each epoch's batches and validation
+    clips, and rank 0 alone writes checkpoints, metrics, curves (and TensorBoard events), and prints.
     """
     s = setup_stage(cfg, stage, console, init_from)
     board = (TensorBoardLog(s.paths.run_dir, stage, s.start_epoch, s.cfg.model.classes)
@@ -525,9 +527,9 @@ def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
             rates = {g["name"]: g["lr"] for g in s.optimizer.param_groups}  # before this epoch's scheduler step
             with progress_bar(s.console) as progress:
                 train_cm, sums = train_one_epoch(s, epoch, progress)
-                val_cm = validate(s, progress) if s.rank == 0 else None
+                val_cm = validate(s, progress)
             random_states = runtime.gather(runtime.rng_state(s.device))
-            if s.rank == 0:  # rank 0 validates and records the epoch
+            if s.rank == 0:  # rank 0 records the epoch
                 record = epoch_record(s, epoch, train_cm, sums, val_cm, time.perf_counter() - start, rates)
                 show_epoch(s, epoch, record, record_epoch(s, epoch, record, random_states))
                 if board is not None:
