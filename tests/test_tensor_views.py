@@ -228,6 +228,42 @@ def test_a_jpeg_the_batched_decoder_refuses_is_decoded_on_the_cpu_and_only_an_un
         decode_frames(frame_parts(*read_frames([photos[0], broken])), [str(photos[0]), str(broken)], "cpu")
 
 
+def test_only_complete_three_component_jpegs_go_to_the_batched_decoder(photos, tmp_path, monkeypatch):
+    """nvJPEG may decode a CMYK or a truncated JPEG without an error where the CPU's decoders convert the first and
+    refuse the second: neither is handed to the batched decoder. Grey, progressive and EXIF-carrying JPEGs pass as
+    they should (grey as RGB too); every image equals PIL's."""
+    import caer.data.tensor_views as tensor_views
+
+    photo = Image.open(photos[0]).convert("RGB")
+    files = {"plain": photos[0], "cmyk": tmp_path / "cmyk.jpg", "grey": tmp_path / "grey.jpg",
+             "progressive": tmp_path / "progressive.jpg", "exif": tmp_path / "exif.jpg"}
+    photo.convert("CMYK").save(files["cmyk"])
+    photo.convert("L").save(files["grey"])
+    photo.save(files["progressive"], progressive=True)
+    exif = Image.Exif()
+    exif[0x010F] = "a camera maker, in an APP1 segment before the frame header"
+    photo.save(files["exif"], exif=exif)
+    batched = []
+    real = tensor_views._decode_jpegs
+    monkeypatch.setattr(tensor_views, "_decode_jpegs", lambda parts, device: batched.extend(map(len, parts)) or
+                        real(parts, device))
+    parts = frame_parts(*read_frames(list(files.values())))
+    images = decode_frames(parts, [str(f) for f in files.values()], "cpu")
+    sizes = dict(zip(files, map(len, parts)))
+    assert sorted(batched) == sorted(sizes[k] for k in ("plain", "progressive", "exif"))
+    for (name, path), image in zip(files.items(), images):
+        assert torch.equal(image, as_tensor(read_image(path))), name
+
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(photos[0].read_bytes()[: photos[0].stat().st_size // 2])
+    batched.clear()
+    with pytest.raises(DataError, match=f"{truncated}: cannot read image"):
+        decode_frames(frame_parts(*read_frames([truncated])), [str(truncated)], "cpu")
+    with pytest.raises(DataError, match=f"{truncated}: cannot read image"):
+        read_image(truncated)  # the PIL path refuses it too
+    assert batched == []
+
+
 def as_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 

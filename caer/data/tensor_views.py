@@ -123,9 +123,35 @@ def _decode_jpegs(parts: list[torch.Tensor], device) -> list[torch.Tensor]:
     return decode_jpeg(parts, mode=ImageReadMode.RGB, device=device)
 
 
+# start-of-frame markers (SOF0..SOF15 but for DHT, JPG and DAC): their segment gives the number of colour components
+FRAME_HEADERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def batch_decodable(part: torch.Tensor) -> bool:
+    """Whether the batched decoder may take this file: a JPEG that ends with its end-of-image marker and declares
+    3 colour components. nvJPEG may decode a truncated file, or a CMYK one, without an error, where libjpeg-turbo
+    (the CPU's decoders) refuses the first and converts the second: those go to the CPU, which decides."""
+    data = part.numpy()
+    if len(data) < 4 or bytes(data[:3]) != JPEG_MAGIC or bytes(data[-2:]) != b"\xff\xd9":
+        return False
+    at = 2
+    while at + 9 < len(data):  # the marker segments up to the frame header
+        if data[at] != 0xFF:
+            return False
+        marker = int(data[at + 1])
+        if marker == 0xFF:  # a fill byte
+            at += 1
+        elif marker in FRAME_HEADERS:
+            return int(data[at + 9]) == 3
+        else:
+            at += 2 + (int(data[at + 2]) << 8 | int(data[at + 3]))
+    return False
+
+
 def decode_frames(parts: list[torch.Tensor], names: list[str], device) -> list[torch.Tensor]:
-    """RGB uint8 [3, H, W] images on ``device``: the JPEGs in one batched ``decode_jpeg`` call, the rest one by one."""
-    jpeg = [i for i, p in enumerate(parts) if bytes(p[:3].tolist()) == JPEG_MAGIC]
+    """RGB uint8 [3, H, W] images on ``device``: the JPEGs in one batched ``decode_jpeg`` call (those it may take:
+    ``batch_decodable``), the rest one by one."""
+    jpeg = [i for i, p in enumerate(parts) if batch_decodable(p)]
     images: list = [None] * len(parts)
     try:
         for i, image in zip(jpeg, _decode_jpegs([parts[i] for i in jpeg], device) if jpeg else []):
@@ -139,7 +165,7 @@ def decode_frames(parts: list[torch.Tensor], names: list[str], device) -> list[t
                     raise
                 images[i] = None  # the CPU decoders below say whether the file is at fault
     for i in range(len(parts)):
-        if images[i] is None:  # not a JPEG, or one nvJPEG (CMYK, damaged but readable) or memory refused: the CPU's
+        if images[i] is None:  # not for the batch, or one it (damaged but readable) or memory refused: the CPU's
             images[i] = to_device(_decode_other(parts[i], names[i]), device)
     return images
 
