@@ -32,10 +32,16 @@ step machine
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 echo "cores: $(nproc)"; lscpu | grep "Model name"
 python3 -c "import torch, torchvision, open_clip, zarr; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'open_clip', open_clip.__version__, 'zarr', zarr.__version__)"
+python3 - <<'PY'  # what the steps import: a missing one is named here, not lost in a step's tail
+import importlib.util
+missing = [m for m in ("xdist", "av", "typer", "rich", "sklearn", "h5py", "PIL") if importlib.util.find_spec(m) is None]
+print("missing modules:", ", ".join(missing) if missing else "none")
+PY
 
 if part extract; then
 step "fidelity: tests/test_tensor_views.py on CUDA"
-timeout 100 python3 -m pytest -p no:cacheprovider -n 0 -q tests/test_tensor_views.py -k "gpu or loader or decode_ahead" 2>&1 | tail -6
+timeout 100 python3 -m pytest -p no:cacheprovider -n 0 -q -rfE --tb=short tests/test_tensor_views.py \
+  -k "gpu or loader or decode_ahead" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -30
 
 (cd bench
 step "decode probe"

@@ -88,7 +88,7 @@ def time_encoder(clip_model: CLIPBackbone, batch_size: int, use_amp: bool, secon
     pixels = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=device)
     x = clip_model.preprocess.normalize(pixels)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with torch.no_grad(), runtime.autocast(device, use_amp):
+    with torch.no_grad(), runtime.autocast(device, use_amp, dtype=torch.float16):  # as extract.encode_pixels
         for _ in range(3 if device.type == "cuda" else 1):  # warm-up
             clip_model.model.encode_image(x)
         sync()

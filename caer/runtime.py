@@ -125,9 +125,15 @@ def to_device(values, device: torch.device | str) -> torch.Tensor:
 
 
 def local_device(device: torch.device) -> torch.device:
-    """Under torchrun, ``cuda`` means this process's own GPU (``LOCAL_RANK``)."""
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    """A CUDA device with its index, made the process's current one: under torchrun, ``cuda`` means this process's
+    own GPU (``LOCAL_RANK``). Current, so that what runs on "the current GPU" (the data loader's pinning thread) does
+    not start a context on GPU 0 in every process; indexed, so that every caller names the GPU alike (torchvision
+    builds its nvJPEG decoder again for each new spelling)."""
+    if device.type != "cuda":
+        return device
+    if device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    torch.cuda.set_device(device)
     return device
 
 

@@ -195,6 +195,24 @@ def test_staged_training_still_skips_a_stage_with_zero_epochs(dataset, zarr_cach
 
 # ------------------------------------------------------------------------------------------ 5. safe checkpoints
 
+@pytest.mark.parametrize("given, local_rank, expected", [
+    ("cuda", None, "cuda:3"),  # a single process: the current GPU, with its index
+    ("cuda", "1", "cuda:1"),  # under torchrun: its own GPU
+    ("cuda:2", "1", "cuda:2"),  # named by the user: as named
+    ("cpu", "1", "cpu"),
+])
+def test_the_device_of_a_process_is_indexed_and_made_current(given, local_rank, expected, monkeypatch):
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    assert runtime.local_device(torch.device(given)) == torch.device(expected)
+    assert made_current == ([] if expected == "cpu" else [torch.device(expected)])
+
+
 def test_rng_state_survives_a_weights_only_round_trip():
     random.seed(1)
     np.random.seed(2)

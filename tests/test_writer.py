@@ -96,6 +96,33 @@ def test_the_parent_records_every_clip_a_process_wrote(tmp_path, monkeypatch):
         assert np.array_equal(cache.clip(clip.video_id), feats.view(3, 2, 1, 8).permute(1, 2, 0, 3).numpy())
 
 
+class CopyInFlight:
+    """A GPU-to-host copy's event that reports the copy unfinished until waited on: the clips queue up, as on CUDA."""
+
+    def query(self) -> bool:
+        return False
+
+    def synchronize(self) -> None:
+        pass
+
+
+def test_after_a_clip_with_non_finite_features_the_queued_clips_are_written_and_the_first_error_stands(tmp_path,
+                                                                                                      monkeypatch):
+    monkeypatch.setattr(extract_module, "to_host", lambda feats: (feats, CopyInFlight()))
+    writer, out, clips = clip_writer(tmp_path / "s.zarr", 0, 4)
+    for i in (1, 2):
+        clips[i][2][0, 0, 0] = float("nan")
+    try:
+        out.put(clips)
+        assert out.in_flight == 4 and not out.pending  # every copy still on its way
+        with pytest.raises(FloatingPointError, match="clips/01: the encoder gave non-finite features"):
+            out._hand_over(wait=True)  # what the next put does once the copies arrive
+        out.close()  # (extract's `finally`): no second error to hide the first; clip 2 is dropped, clip 3 written
+    finally:
+        writer.close()
+    assert sorted(clip_attrs(tmp_path / "s.zarr")) == [store_key(clips[i][0].video_id) for i in (0, 3)]
+
+
 def test_a_failed_write_in_a_process_names_the_path_and_leaves_nothing_running(tmp_path):
     store = tmp_path / "s.zarr"
     writer, out, clips = clip_writer(store, 2, 3)

@@ -205,6 +205,7 @@ class _ClipWriter:
         self.pool = writer.writers(processes)
         self.copies: deque = deque()  # (video id, features on their way to the host, CUDA event or None, frames, attrs)
         self.pending: deque[tuple[Future, int]] = deque()  # (write task, its clips), in order
+        self.failed = False  # a clip's features were not finite
 
     @property
     def in_flight(self) -> int:
@@ -239,6 +240,9 @@ class _ClipWriter:
             # a torch call lets go of the GIL, and taking it back can wait for the other threads (ms each)
             feats = host.numpy().reshape(n, 2, self.views, -1).transpose(1, 2, 0, 3)
             if not np.isfinite(feats).all():
+                if self.failed:  # the first such clip's error is on its way: drop this one quietly
+                    continue
+                self.failed = True
                 self._submit(ready)  # the clips before it are good: keep them
                 raise FloatingPointError(
                     f"{video_id}: the encoder gave non-finite features ({np.isnan(feats).sum()} NaN, "
