@@ -43,6 +43,11 @@ def autocast(device: torch.device, enabled: bool = True, dtype: torch.dtype | No
     return torch.autocast("cuda", dtype=dtype or amp_dtype(device))
 
 
+def amp_note(device: torch.device, enabled: bool) -> str | None:
+    """The notice that ``--use-amp`` changes nothing on this device; None where it does (or is off)."""
+    return f"note: --use-amp has no effect on {device.type}: full precision" if enabled and device.type != "cuda" else None
+
+
 def no_autocast(device: torch.device):
     """Autocast off inside (with ``upcast``: products that must stay in full precision under ``autocast``)."""
     return torch.autocast(device.type, enabled=False)

@@ -26,8 +26,9 @@ from caer.data.loaders import recorded_skips, split_clips
 from caer.model.checkpoint import TRUST_ENV, load_checkpoint, save_checkpoint
 from caer.model.encoder import save_random_weights
 from caer.pipeline import train as train_module
+from caer.pipeline.extract import extract
 from caer.pipeline.train import train_stage
-from conftest import MODEL, assert_in_output, extract_args, run_cli
+from conftest import MODEL, assert_in_output, extract_args, run_cli, settings_for
 
 
 def make_config(dataset, cache, weights, run_dir, **overrides):
@@ -495,9 +496,13 @@ def test_an_older_checkpoint_loads_only_when_trusted(dataset, zarr_cache, weight
     assert type(again["metrics"]["valid_uar"]) is float
 
 
-def test_amp_on_the_cpu_is_a_notice_not_a_silent_no_op(dataset, zarr_cache, weights, tmp_path):
+def test_amp_on_the_cpu_is_a_notice_not_a_silent_no_op(dataset, zarr_cache, weights, clip_model, tmp_path):
     for use_amp in (True, False):
         out = io.StringIO()
         train_stage(make_config(dataset, zarr_cache[0], weights, tmp_path / f"amp-{use_amp}", use_amp=use_amp), 2,
                     Console(file=out, width=300))
+        assert ("note: --use-amp has no effect on cpu" in out.getvalue()) == use_amp
+        out = io.StringIO()
+        extract(settings_for(dataset, tmp_path / f"amp-{use_amp}.zarr", use_amp=use_amp), clip_model,
+                Console(file=out, width=300))
         assert ("note: --use-amp has no effect on cpu" in out.getvalue()) == use_amp

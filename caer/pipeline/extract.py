@@ -419,6 +419,8 @@ def extract(cfg: ExtractConfig, backbone: CLIPBackbone | None = None, console: C
         summary = ExtractSummary(clips_total=len(clips), clips_already_done=len(clips) - len(todo),
                                  clips_repaired=repaired)
         if rank == 0:
+            if note := runtime.amp_note(backbone.device, cfg.runtime.use_amp):
+                console.print(note, highlight=False)
             _warn_about_inputs(cfg, clips, view_maker, root, summary, console)
             if writer.moved_from:
                 console.print(f"[yellow]note:[/] {cfg.out} was cut from frames under {writer.moved_from}, which is "

@@ -519,8 +519,8 @@ def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
                    + (f" on {s.world} processes" if s.world > 1 else ""))
     rates = ", ".join(f"{g['name']} {g['lr']:g}" for g in s.optimizer.param_groups)
     s.console.print(f"learning rates at the start of stage {stage}: {rates}", highlight=False)
-    if s.cfg.runtime.use_amp and s.device.type != "cuda":
-        s.console.print(f"note: --use-amp has no effect on {s.device.type}: full precision", highlight=False)
+    if note := runtime.amp_note(s.device, s.cfg.runtime.use_amp):
+        s.console.print(note, highlight=False)
     try:
         for epoch in range(s.start_epoch, s.epochs):
             start = time.perf_counter()
