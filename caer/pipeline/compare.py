@@ -124,6 +124,9 @@ def compare_runs(run_dirs: list[str | Path]) -> tuple[list[str], list[list[str]]
     if not run_dirs:
         raise ValueError("caer compare needs at least one run directory")
     runs = [read_run(d) for d in run_dirs]
+    for r in runs:  # --staged-training trains every stage: its config's `stage` (unused, the default) would mislead
+        if r.config.get("staged_training"):
+            r.config["stage"] = "1, 2, 3"
     settings = differing_settings([r.config for r in runs])
     classes = list(dict.fromkeys(name for r in runs for name in r.recall))
     names = [Path(d).name for d in run_dirs]
