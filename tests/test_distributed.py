@@ -133,6 +133,47 @@ def test_ddp_training_on_two_processes(tmp_path, dataset, weights, zarr_cache, m
     assert [r | {"seconds": 0} for r in again] == [r | {"seconds": 0} for r in records]
 
 
+COUNTS_GRADIENT_EXCHANGES = """
+import os, sys
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+import caer.pipeline.train as train
+exchanges = []
+def counted(process_group, bucket):
+    exchanges.append(bucket.index())
+    return allreduce_hook(process_group, bucket)
+class Counting(train.DistributedDataParallel):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_comm_hook(None, counted)
+train.DistributedDataParallel = Counting
+from caer.cli import main
+sys.argv[0] = "caer"
+try:
+    main()
+finally:
+    with open(os.environ["EXCHANGES_LOG"], "a") as log:
+        log.write(f"rank {os.environ['RANK']} exchanged gradients {exchanges.count(0)} times\\n")
+"""
+
+
+def test_ddp_averages_gradients_once_per_accumulation_window(tmp_path, dataset, weights, zarr_cache, monkeypatch):
+    """With --grad-accum 2, each rank's 3 steps an epoch (5 clips over 2 processes, batch 1) are 2 windows: the
+    gradients cross processes twice an epoch, not at every backward."""
+    script = tmp_path / "exchanges.py"
+    script.write_text(COUNTS_GRADIENT_EXCHANGES)
+    monkeypatch.setenv("EXCHANGES_LOG", str(tmp_path / "exchanges.log"))
+    args = _train_stage_2(weights, zarr_cache, dataset, tmp_path / "run")
+    args[args.index("--train-list") + 1] = str(dataset.root / "val.txt")  # 5 clips: 3 steps a rank
+    args[args.index("--val-list") + 1] = str(dataset.root / "test.txt")
+    args[args.index("--batch-size") + 1] = "1"
+    done = _torchrun([*args, "--grad-accum", "2"], script=script)
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = (tmp_path / "exchanges.log").read_text()
+    windows = 2 * 3  # 2 an epoch, 3 epochs (9 backward passes)
+    assert sorted(log.splitlines()) == [f"rank {r} exchanged gradients {windows} times" for r in (0, 1)], log
+
+
 def test_ddp_stage_3_with_prompts_that_learn_nothing_during_a_warm_up(tmp_path, dataset, weights, zarr_cache):
     """Under --iec-base desc the prompts get no gradient while MI and DC are in warm-up, though stage 3 trains them:
     DDP is told to expect that, instead of stopping at the next step with 'parameters that were not used'."""

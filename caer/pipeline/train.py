@@ -13,6 +13,7 @@ steps: ``setup_stage`` -> per epoch ``train_one_epoch``, ``validate``, ``record_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import warnings
@@ -347,12 +348,17 @@ def window_size(step: int, accum: int, steps: int) -> int:
     return min(accum, steps - step // accum * accum)
 
 
+def ends_window(step: int, accum: int, steps: int) -> bool:
+    """Whether ``step`` (0-based) is the last of its accumulation window: the one that updates the weights."""
+    return (step + 1) % accum == 0 or step + 1 == steps
+
+
 def _optimizer_step(s: Stage, loss: torch.Tensor, step: int) -> None:
     """Backward, and an optimiser step at the end of each accumulation window (with clipping); each step's loss
     counts 1 / the window's size, so a short last window makes an update of the same scale."""
     accum, steps = s.cfg.optim.grad_accum, len(s.train_loader)
     s.scaler.scale(loss / window_size(step, accum, steps)).backward()
-    if (step + 1) % accum == 0 or step + 1 == steps:
+    if ends_window(step, accum, steps):
         if s.cfg.optim.grad_clip:
             s.scaler.unscale_(s.optimizer)
             params = [p for g in s.optimizer.param_groups for p in g["params"]]
@@ -380,11 +386,15 @@ def train_one_epoch(s: Stage, epoch: int, progress: Progress) -> tuple[np.ndarra
     s.optimizer.zero_grad(set_to_none=True)
     for step, batch in enumerate(s.train_loader):
         batch = batch.to(s.device)
-        with runtime.autocast(s.device, s.cfg.runtime.use_amp):
-            logits, t_desc, t_soft = forward(batch, s.fixed_text)
-            terms = s.loss(logits, batch.label, t_desc, t_soft, epoch)
-        if not idle:
-            _optimizer_step(s, terms.total, step)
+        # DDP averages the gradients over processes at each backward; inside an accumulation window only the last
+        # backward needs that (the sums are the same)
+        local = s.world > 1 and not idle and not ends_window(step, s.cfg.optim.grad_accum, len(s.train_loader))
+        with s.step.no_sync() if local else contextlib.nullcontext():
+            with runtime.autocast(s.device, s.cfg.runtime.use_amp):
+                logits, t_desc, t_soft = forward(batch, s.fixed_text)
+                terms = s.loss(logits, batch.label, t_desc, t_soft, epoch)
+            if not idle:
+                _optimizer_step(s, terms.total, step)
         totals += torch.stack([t.detach().double() for t in terms]) * len(batch.label)
         labels.append(batch.label)
         preds.append(logits.detach().argmax(1))
