@@ -412,3 +412,27 @@ def test_a_store_written_before_the_fps_key_kept_every_frame_and_resumes(tmp_pat
     assert summary.clips_extracted == 0 and summary.clips_already_done == len(dataset.video_ids())
     with pytest.raises(CacheError, match="fps: store has 0.0, this run has 10.0"):
         extract(settings_for(dataset, old, fps=10), clip_model)
+
+
+def test_box_keys_that_name_no_frame_are_refused_or_warned_about_before_any_work(videos, weights, tmp_path):
+    """A video's frames are keyed from 00001: an entry whose keys name none of the clip's frames would leave every
+    face view the whole frame (refused, before the store is made); keys counted from 0 leave one unused (a warning)."""
+    ds = videos.copy(tmp_path / "ds")
+    boxes = json.loads(ds.face_boxes.read_text())
+    shifted, renamed = [clip for clip, entry in boxes.items() if entry][:2]
+    boxes[shifted] = {f"{int(key) - 1:05d}": box for key, box in boxes[shifted].items()}  # counted from 0
+    good = boxes[renamed]
+    boxes[renamed] = {f"frame_{key}.jpg": box for key, box in good.items()}
+    ds.face_boxes.write_text(json.dumps(boxes))
+    out = tmp_path / "c.zarr"
+    result = run_cli(extract_args(ds, out, weights))
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert_in_output(f"error: {ds.face_boxes}: none of the {len(good)} frame keys of {renamed!r} names one of its "
+                     "frames", result.output)
+    assert not out.exists()
+    boxes[renamed] = good
+    ds.face_boxes.write_text(json.dumps(boxes))
+    result = run_cli(extract_args(ds, out, weights))
+    assert result.exit_code == 0, result.output
+    assert_in_output(f"warning: 1 frame keys in {ds.face_boxes} name no frame of their clip (first: '00000' of "
+                     f"{shifted!r})", result.output)

@@ -321,6 +321,14 @@ class ViewMaker:
     def has_face_boxes(self, clip: Clip) -> bool:
         return clip_dir_key(clip.video_id) in self.face_boxes
 
+    def unknown_box_keys(self, clip: Clip) -> tuple[int, list[str]]:
+        """(the number of keys in the clip's face-box entry, those that name none of its frames: a video's
+        ``frame_key`` 1..count, a folder's file names)."""
+        entry = self.face_boxes.get(clip_dir_key(clip.video_id), {})
+        names = ({frame_key(n) for n in range(1, clip.video.count + 1)} if clip.video is not None
+                 else {frame.name for frame in clip.frames})
+        return len(entry), [key for key in entry if key not in names]
+
     def boxes_digest(self, clip: Clip) -> str:
         """SHA-256 of the boxes that shape this clip's views (recorded per clip in the cache)."""
         key = clip_dir_key(clip.video_id)

@@ -377,6 +377,24 @@ def _clips_to_do(writer: CacheWriter, clips: list[Clip], digests: dict[str, str]
     return [c for c in clips if store_key(c.video_id) not in done - damaged], len(damaged)
 
 
+def check_box_keys(clips: list[Clip], view_maker: ViewMaker, box_file: str, console: Console) -> None:
+    """Refuse a face-box entry none of whose keys names a frame of its clip (its boxes would all go unused, and every
+    face view silently be the whole frame); warn once about keys that name no frame (e.g. counted from 0)."""
+    unknown = []
+    for clip in clips:
+        keys, stray = view_maker.unknown_box_keys(clip)
+        if keys and len(stray) == keys:
+            first = clip.frames[0].name if clip.frames else "-"
+            raise DataError(f"{box_file}: none of the {keys} frame keys of {clip.video_id!r} names one of its frames "
+                            f"(its keys: {stray[0]!r}...; its first frame: {first!r}); a video's frames are "
+                            "numbered from 00001, a folder's go by file name")
+        unknown += [(clip.video_id, key) for key in stray]
+    if unknown:
+        console.print(f"[yellow]warning:[/] {len(unknown)} frame keys in {box_file} name no frame of their clip "
+                      f"(first: {unknown[0][1]!r} of {unknown[0][0]!r}); their boxes are not used. A video's frames "
+                      "are numbered from 00001.", highlight=False, soft_wrap=True)
+
+
 def _warn_about_inputs(cfg: ExtractConfig, clips: list[Clip], view_maker: ViewMaker, root: Path,
                        summary: ExtractSummary, console: Console) -> None:
     """One warning each for frame counts that disagree with the lists and for clips without face boxes."""
@@ -412,6 +430,7 @@ def extract(cfg: ExtractConfig, backbone: CLIPBackbone | None = None, console: C
     clips, splits, bad = collect_clips(cfg, root)
     view_maker = ViewMaker.from_config(cfg.crop, root)
     rank, world = runtime.init()
+    check_box_keys(clips, view_maker, cfg.crop.face_boxes, console if rank == 0 else Console(quiet=True))
     writer = open_writer(cfg, backbone, root, rank)
     try:
         digests = {c.video_id: view_maker.boxes_digest(c) for c in clips}
