@@ -350,6 +350,17 @@ def test_cli_refuses_a_cache_of_another_image_encoder(tmp_path, synth, cache, we
     assert "Traceback" not in result.output
     assert not (tmp_path / "run" / "stage2-last.pt").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
 
+    # another model, or a --pretrained tag (perhaps a download), is refused before any weights are loaded
+    for flag, value in (("--pretrained", "openai"), ("--model", "ViT-B-32-quickgelu")):
+        args = cli_train_args(synth, cache, weights, tmp_path / "tag", "--epochs", "1")
+        args = args[:args.index(flag)] + args[args.index(flag) + 2:] if flag in args else args
+        args += [flag, value]
+        result = run_cli(args)
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert_in_output(f"{cache} was extracted with --model caer-tiny and weights sha256:", result.output)
+        assert_in_output("Train with the cache's encoder (--model caer-tiny --pretrained the weights file it was "
+                         "extracted from)", result.output)
+
     # the same flags with the cache's own weights are accepted
     ok = run_cli(cli_train_args(synth, cache, weights, tmp_path / "ok", "--epochs", "1"))
     assert ok.exit_code == 0, ok.output

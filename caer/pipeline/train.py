@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import runtime
-from ..cache import FeatureCache
+from ..cache import CacheError, FeatureCache, stored_fingerprint
 from ..config import IECBase, Optimizer, PrintConfusion, RunConfig, Scheduler, Source, save_config
 from ..data.loaders import (
     Loader,
@@ -221,6 +221,25 @@ def check_test_in_cache(cfg: RunConfig, stages: list[int]) -> None:
     cache holds the test clips (train and val are checked when each stage sets up)."""
     if cfg.data.test_list and cfg.data.cache and cfg.data.source == Source.cache and stages[-1] != 3:
         split_clips(cfg, "test", FeatureCache.open(cfg.data.cache), Source.cache)
+
+
+def check_cache_encoder(cfg: RunConfig, stages: list[int]) -> None:
+    """Refuse a cache made by another encoder than the one ``--model`` and a ``--pretrained`` tag name before any
+    weights are loaded: a tag may be a download, which would be the first thing to fail. (A ``--pretrained`` file
+    is compared by its digest once loaded; a checkpoint to start from brings its own encoder.)"""
+    if not cfg.data.cache or cfg.data.source != Source.cache or stages[0] == 3 or cfg.run.init_from:
+        return
+    stored = stored_fingerprint(cfg.data.cache)
+    if stored is None:  # not a cache: opening it says so
+        return
+    made_by = stored["encoder"]
+    model, pretrained = cfg.encoder.model, cfg.encoder.pretrained
+    if made_by.get("model") != model or (made_by.get("weights") != pretrained and not Path(pretrained).is_file()):
+        weights = made_by.get("weights", "?")
+        hint = "the weights file it was extracted from" if str(weights).startswith("sha256:") else weights
+        raise CacheError(f"{cfg.data.cache} was extracted with --model {made_by.get('model')} and weights {weights}; "
+                         f"this run has --model {model} --pretrained {pretrained}. Train with the cache's encoder "
+                         f"(--model {made_by.get('model')} --pretrained {hint}), or extract a cache for this one")
 
 
 def setup_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | None = None) -> Stage:
@@ -581,6 +600,7 @@ def run(cfg: RunConfig, console: Console | None = None) -> list[StageResult]:
     stages = stages_to_run(cfg)
     check_lr_groups(cfg, stages)  # before any stage trains: a typo for stage 3 would otherwise stop the run there
     check_test_in_cache(cfg, stages)
+    check_cache_encoder(cfg, stages)
     for note in cfg.optim.ignored_settings():
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     init = _starting_checkpoint(cfg, console)
