@@ -3,6 +3,7 @@ logits to float16 precision."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -406,6 +407,23 @@ def test_raw_frames_with_other_boxes_than_the_caches_are_refused(dataset, body_c
     split = next(s for s in ("train", "val", "test") if video_id in (dataset.root / f"{s}.txt").read_text())
     with pytest.raises(CacheError, match=f"the face/body boxes of clip '{video_id}' differ"):
         split_dataset(cfg, split, False, build_model(cfg, torch.device("cpu"))[1].preprocess, cache, "raw")
+
+
+def test_box_files_that_contradict_the_cache_are_refused_before_the_first_stage(dataset, body_cache, weights, tmp_path):
+    """Stages 1 and 2 read only the cache, but a staged run would find out at stage 3: refused up front."""
+    boxes = json.loads(dataset.face_boxes.read_text())
+    video_id = next(v for v, frames in boxes.items() if frames)
+    name = sorted(boxes[video_id])[0]
+    boxes[video_id][name] = [v + 3 for v in boxes[video_id][name]]
+    moved = tmp_path / "moved_boxes.json"
+    moved.write_text(json.dumps(boxes))
+    cfg = make_config(dataset, body_cache, weights, tmp_path / "run", face_boxes=str(moved), stage=2)
+    with pytest.raises(CacheError, match=f"the face/body boxes of clip '{video_id}' differ"):
+        train_module.run(cfg, Console(file=io.StringIO()))
+    assert not (tmp_path / "run").exists()
+    train_module.run(dataclasses.replace(cfg, crop=dataclasses.replace(cfg.crop, face_boxes=str(dataset.face_boxes))),
+                     Console(file=io.StringIO()))  # the cache's own box file is accepted
+    assert (tmp_path / "run" / "stage2-best.pt").is_file()
 
 
 # ------------------------------------------------------------------------------------------ the per-epoch log

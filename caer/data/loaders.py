@@ -57,6 +57,23 @@ def check_boxes_match(cache: FeatureCache, view_maker: ViewMaker, clips: list[Cl
             )
 
 
+def check_box_files_match(cfg: RunConfig) -> None:
+    """Box files given beside a cache must be those it was cut with, for every split of the run: checked before the
+    first stage, though only raw frames (stage 3, ``--source raw``) read them, so that a staged run does not train
+    stages 1 and 2 before finding out."""
+    if not (cfg.data.cache and (cfg.crop.face_boxes or cfg.crop.body_boxes) and Path(cfg.data.cache).exists()):
+        return
+    cache = FeatureCache.open(cfg.data.cache)
+    cfg = with_cache_geometry(cfg, cache)
+    root = cfg.crop.root or str(Path(cfg.list_for("train")).parent)  # as split_dataset reads raw frames
+    view_maker = ViewMaker.from_config(cfg.crop, root)
+    for split in ("train", "val", "test"):
+        if getattr(cfg.data, f"{split}_list"):
+            clips, _ = read_annotations(cfg.list_for(split), root, len(cfg.model.classes), skip_bad=True,
+                                        need_frames=False, fps=cfg.crop.fps)
+            check_boxes_match(cache, view_maker, clips)
+
+
 def recorded_skips(cache: FeatureCache | None) -> set[str]:
     """Video ids that ``caer extract --skip-bad`` left out of ``cache``: its ``skipped_clips`` attribute, or, for a
     store without one, the clips on the annotation lines that its ``skipped`` entries ("file:line: reason") name."""

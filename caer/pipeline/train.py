@@ -32,6 +32,7 @@ from ..cache import CacheError, FeatureCache, stored_fingerprint
 from ..config import IECBase, Optimizer, PrintConfusion, RunConfig, Scheduler, Source, save_config
 from ..data.loaders import (
     Loader,
+    check_box_files_match,
     check_splits_disjoint,
     class_counts,
     make_loader,
@@ -601,6 +602,7 @@ def run(cfg: RunConfig, console: Console | None = None) -> list[StageResult]:
     check_lr_groups(cfg, stages)  # before any stage trains: a typo for stage 3 would otherwise stop the run there
     check_test_in_cache(cfg, stages)
     check_cache_encoder(cfg, stages)
+    check_box_files_match(cfg)
     for note in cfg.optim.ignored_settings():
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     init = _starting_checkpoint(cfg, console)
