@@ -733,6 +733,8 @@ class PredictConfig:
                                   panel="Output")
     overwrite: bool = option(False, "Replace --json and --annotate files that already exist (an input, the "
                              "checkpoint or a box file is never replaced).", panel="Output")
+    skip_bad: bool = option(False, "Skip an input that cannot be read or has no face (listed in the summary "
+                            "and under \"skipped\" in --json) instead of stopping.")
 
 
 # options of `caer predict` declared elsewhere: the run config's (the box files of the inputs, their root, the
@@ -893,6 +895,9 @@ def read_config_file(path: str | Path) -> dict:
     return values
 
 
+STAGE_EPOCHS = ("epochs_stage1", "epochs_stage2", "epochs_stage3")
+
+
 def load_config(path: str | Path | list | tuple | None = None, overrides: dict | None = None) -> RunConfig:
     """Defaults, then the YAML file(s) in order (a later file's keys win), then ``overrides`` (flags that were
     given; None values are ignored). Each file's keys are checked naming that file."""
@@ -903,6 +908,10 @@ def load_config(path: str | Path | list | tuple | None = None, overrides: dict |
         from_flat(RunConfig, mine, where)  # checked on its own, so errors name its file
         values |= mine
         sources |= dict.fromkeys(mine, ("file", where))
+    if overrides and overrides.get("epochs") is not None:  # flags win over files: --epochs over their per-stage counts
+        for key in STAGE_EPOCHS:
+            values.pop(key, None)
+            sources.pop(key, None)
     cfg = from_flat(RunConfig, values, str(resolve_config_path(paths[-1])) if len(paths) == 1 else "config")
     set_sources(cfg, sources)
     if overrides:

@@ -308,3 +308,13 @@ def test_settings_that_the_chosen_optimiser_or_schedule_ignore_are_noted(given, 
 @pytest.mark.parametrize("name", ["tiny", "raer", "clip-caer-reference"])
 def test_the_shipped_configs_set_nothing_they_ignore(name):
     assert load_config(name).optim.ignored_settings() == []
+
+
+@pytest.mark.parametrize("flags, epochs", [
+    ({}, [10, 30, 5]),  # raer.yaml's per-stage counts
+    ({"epochs": 1}, [1, 1, 1]),  # flags win over files: the files' per-stage counts give way to --epochs
+    ({"epochs": 1, "epochs_stage3": 5}, [1, 1, 5]),  # but a stage's own flag still wins over --epochs
+])
+def test_epochs_on_the_command_line_win_over_a_config_files_per_stage_counts(flags, epochs):
+    cfg = load_config("raer", flags)
+    assert [cfg.stage_epochs(stage) for stage in (1, 2, 3)] == epochs
