@@ -123,9 +123,16 @@ def user_message(err: BaseException) -> str:
     return f"{os_error.group(2)}: {os_error.group(1)}" if os_error else text
 
 
+# what a Ctrl-C leaves, by command (the commands that write as they go)
+INTERRUPTED = {
+    "extract": "the clips finished so far are kept; run the same command again to extract the rest",
+    "train": "the epochs finished so far are kept; the same command with --resume goes on from the last one",
+}
+
+
 def friendly_errors(fn):
     """Turn expected failures (bad data, bad cache, bad flag values, OS faults, a diverging loss) into one red
-    message and exit 2."""
+    message and exit 2; a Ctrl-C into one line on what it left, and exit 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -137,6 +144,10 @@ def friendly_errors(fn):
         except (DataError, CacheError, ValueError, OSError, FloatingPointError) as err:
             err_console.print(f"[bold red]error:[/] {escape(user_message(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            left = INTERRUPTED.get(fn.__name__)
+            err_console.print(f"[yellow]interrupted[/]{': ' + left if left else ''}", highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
 
     return wrapper
 

@@ -375,3 +375,27 @@ def test_a_rerun_after_file_too_large_completes_the_store(fmt, too_large, zarr_c
         assert cache.frame_names(v) == full.frame_names(v), v
         assert_fp16_equal(cache.clip(v), full.clip(v).astype(np.float32), v)
     assert sorted(p.name for p in out.parent.iterdir() if not p.name.endswith(".lock")) == [out.name]
+
+
+@pytest.mark.parametrize("command, left", [
+    ("extract", "interrupted: the clips finished so far are kept; run the same command again to extract the rest"),
+    ("train", "interrupted: the epochs finished so far are kept; the same command with --resume goes on"),
+])
+def test_ctrl_c_says_in_one_line_what_it_left(command, left, monkeypatch, dataset, weights, tmp_path):
+    import caer.pipeline.extract
+    import caer.pipeline.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(caer.pipeline.extract, "extract", interrupted)
+    monkeypatch.setattr(caer.pipeline.train, "run", interrupted)
+    args = (extract_args(dataset, tmp_path / "c.zarr", weights) if command == "extract" else
+            ["train", "-c", "tiny", "--train-list", str(dataset.annotations[0]), "--run-dir", str(tmp_path / "run")])
+    result = run_cli(args)
+    assert result.exit_code == 130 and "Traceback" not in result.output, result.output
+    assert left in squash_spaces(result.output), result.output
+
+
+def squash_spaces(text: str) -> str:
+    return " ".join(text.split())
