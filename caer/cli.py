@@ -381,7 +381,7 @@ def predict(values: dict):
     overrides = {k: values.pop(k) for k in PREDICT_OVERRIDES}
     detection = {k: values.pop(k) for k in PREDICT_DETECTION}
     result = run_predict(PredictConfig(**values), overrides, detection, console)
-    console.print(result.table())
+    result.show(console)
     for path in result.written:
         console.print(f"written: {escape(path)}", highlight=False, soft_wrap=True)
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
 import typer
+from PIL import Image
 from rich.console import Console
 from test_boxes import iou, two_faces
 from test_boxes import write_video as write_h264
@@ -25,9 +27,11 @@ from caer.cli import app
 from caer.config import PREDICT_DETECTION, PREDICT_OVERRIDES, PredictConfig, Source, load_config, options
 from caer.data.datasets import sample_indices
 from caer.data.loaders import make_loader, open_cache, split_dataset, with_cache_geometry
-from caer.data.raer import Clip, list_frames, read_annotations, read_image
+from caer.data.raer import Clip, DataError, list_frames, read_annotations, read_image
 from caer.data.video import index_video, iter_clip_images
 from caer.model.checkpoint import build_model, checkpoint_config, load_checkpoint
+from caer.pipeline import annotate
+from caer.pipeline.annotate import ANNOTATE_SUFFIXES, write_video
 from caer.pipeline.evaluate import predict as eval_logits
 from caer.pipeline.predict import make_windows
 from caer.pipeline.train import train_stage
@@ -338,3 +342,107 @@ def test_every_predict_option_has_one_flag():
     command = typer.main.get_command(app).commands["predict"]
     names = [f.name for f, _ in options(PredictConfig)] + list(PREDICT_OVERRIDES) + list(PREDICT_DETECTION)
     assert sorted(p.name for p in command.params if p.name != "help") == sorted(names)
+
+
+# ------------------------------------------------------------------------------------------ a stop part-way, bad inputs, a log
+
+# x264 holds back its first ~40 frames (lookahead), and nothing reaches the file before them: stop after more
+STOP_AFTER = 50
+
+
+@pytest.mark.parametrize("suffix", ANNOTATE_SUFFIXES)
+def test_a_video_stopped_part_way_leaves_no_partial_file_and_keeps_an_earlier_one(tmp_path, suffix):
+    """Ctrl-C after STOP_AFTER frames: nothing at the path, no temporary file beside it, and an earlier copy there
+    as it was; a write that ends gives a readable video in the container of its suffix."""
+    frames = [Image.fromarray(np.full((48, 64, 3), 4 * i, np.uint8)) for i in range(STOP_AFTER + 10)]
+
+    def stopped():
+        yield from ((image, n) for n, image in enumerate(frames[:STOP_AFTER]))
+        raise KeyboardInterrupt
+
+    video = tmp_path / f"labelled{suffix}"
+    with pytest.raises(KeyboardInterrupt):
+        write_video(video, stopped(), Fraction(25))
+    assert list(tmp_path.iterdir()) == []
+    assert write_video(video, ((image, n) for n, image in enumerate(frames)), Fraction(25)) == len(frames)
+    earlier = video.read_bytes()
+    with pytest.raises(KeyboardInterrupt):
+        write_video(video, stopped(), Fraction(25))
+    assert [p.name for p in tmp_path.iterdir()] == [video.name] and video.read_bytes() == earlier
+    assert index_video(video).count == len(frames)
+
+
+def test_a_failed_annotate_with_overwrite_keeps_the_earlier_copy(stage2, dataset, tmp_path, monkeypatch):
+    """caer predict --annotate --overwrite failing part-way through the copy (a frame that cannot be drawn)."""
+    video_id = dataset.video_ids()[0]
+    first = list_frames(dataset.root / video_id)[0]
+    box = next(iter(dataset.boxes()[video_id].values()))
+    video = write_h264(tmp_path / "long.mp4", [np.asarray(read_image(first))] * (STOP_AFTER + 10))
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"long.mp4": {f"{n:05d}": box for n in range(1, STOP_AFTER + 11)}}))
+    labelled = tmp_path / "labelled.mp4"
+    labelled.write_bytes(b"an earlier copy")
+    drawn = []
+
+    def draw(image, people):
+        drawn.append(1)
+        if len(drawn) > STOP_AFTER:
+            raise DataError(f"frame {len(drawn)}: cannot be drawn")
+        return image
+
+    monkeypatch.setattr(annotate, "draw_people", draw)
+    result = predict_cli(stage2, [video], "--face-boxes", str(boxes), "--annotate", str(labelled), "--overwrite")
+    assert result.exit_code == 2 and len(drawn) == STOP_AFTER + 1, result.output
+    assert_in_output(f"frame {STOP_AFTER + 1}: cannot be drawn", result.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["boxes.json", "labelled.mp4", "long.mp4"]
+    assert labelled.read_bytes() == b"an earlier copy"
+
+
+def test_skip_bad_goes_on_without_a_bad_input_and_lists_it(stage2, videos, tmp_path):
+    """Two good videos, a faceless one, a missing one and an empty folder: without --skip-bad the first bad one stops
+    the run (nothing written); with it the good ones are predicted and written, the others listed with their
+    reasons, in the output and the JSON."""
+    ids = videos.video_ids()[:2]
+    good = [shutil.copy(videos.root / v, tmp_path / name) for v, name in zip(ids, ("a.mp4", "b.mp4"))]
+    faceless = write_h264(tmp_path / "faceless.mp4", [np.full((96, 128, 3), 128, np.uint8)] * 3)
+    missing, empty = tmp_path / "missing.mp4", tmp_path / "empty"
+    empty.mkdir()
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"a.mp4": videos.boxes()[ids[0]], "b.mp4": videos.boxes()[ids[1]], "faceless.mp4": {}}))
+    out, labelled = tmp_path / "p.json", tmp_path / "out.mp4"
+    outputs = ["--face-boxes", str(boxes), "--json", str(out), "--annotate", str(labelled)]
+    no_face = f"{faceless}: {boxes} has no face box for any of its 3 frames"
+
+    stopped = predict_cli(stage2, [*good, faceless], *outputs)
+    assert stopped.exit_code == 2, stopped.output
+    assert_in_output(no_face, stopped.output)
+    assert_in_output("(use --skip-bad to go on without it)", stopped.output)
+    assert not out.exists() and not list(tmp_path.glob("out*"))
+
+    result = predict_cli(stage2, [*good, faceless, missing, empty], *outputs, "--skip-bad")
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())
+    assert [entry["input"] for entry in saved["inputs"]] == list(map(str, good))
+    assert len(saved["skipped"]) == 3
+    for line, reason in zip(saved["skipped"], (no_face, f"{missing}: no such video file", f"{empty}: no frames")):
+        assert line.startswith(reason), (line, reason)
+        assert_in_output(f"skipped {line}", result.output)
+    assert sorted(p.name for p in tmp_path.glob("out*")) == ["out-1-a.mp4", "out-2-b.mp4"]
+
+    nothing = predict_cli(stage2, [faceless, missing], "--face-boxes", str(boxes), "--skip-bad")
+    assert nothing.exit_code == 2
+    assert_in_output(f"no input could be predicted; skipped: {no_face}", nothing.output)
+
+
+def test_the_table_prints_whole_on_a_narrow_console(stage2, videos, tmp_path, monkeypatch):
+    """In a log (80 columns) with the note column: each person's row holds the input, label and note whole."""
+    import caer.cli
+
+    video = videos.root / videos.video_ids()[0]
+    monkeypatch.setattr(caer.cli, "console", Console(file=io.StringIO(), width=80))
+    out = tmp_path / "p.json"
+    assert predict_cli(stage2, [video], "--face-boxes", str(videos.face_boxes), "--json", str(out)).exit_code == 0
+    person = json.loads(out.read_text())["inputs"][0]["persons"][0]
+    printed = caer.cli.console.file.getvalue().splitlines()
+    row = next((line for line in printed if video.name in line), "")
+    assert person["label"] in row.split() and "shorter than --window 16: one window" in row, "\n".join(printed)

@@ -18,8 +18,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..data.raer import Box, Clip
 from ..data.video import clip_images, frame_key
+from ..files import replaced_atomically
 
-ANNOTATE_SUFFIXES = (".mp4", ".mkv", ".mov")
+# the container of each suffix we write: named to PyAV, as the temporary file being written has none of these
+CONTAINERS = {".mp4": "mp4", ".mkv": "matroska", ".mov": "mov"}
+ANNOTATE_SUFFIXES = tuple(CONTAINERS)
 FOLDER_RATE = 25  # frames/s of the copy of a frame folder, whose frames carry no times
 # one colour per person (1, 2, ...): high contrast, distinguishable by most colour-blind viewers
 COLOURS = ((255, 190, 0), (0, 200, 255), (255, 90, 160), (120, 230, 80), (200, 130, 255), (255, 255, 255))
@@ -28,12 +31,21 @@ COLOURS = ((255, 190, 0), (0, 200, 255), (255, 90, 160), (120, 230, 80), (200, 1
 def write_video(path: str | Path, images: Iterable[tuple[Image.Image, int]], rate: Fraction,
                 time_base: Fraction | None = None, lossless: bool = False) -> int:
     """Write RGB ``images`` with their presentation times (``pts`` in ``time_base``, default 1 / ``rate``) as a
-    video; returns the number of frames written."""
+    video (.mp4, .mkv or .mov); returns the number of frames written. The file appears at ``path`` only once it is
+    complete: a failure or a Ctrl-C part-way leaves any earlier file there as it was, and no partial one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    time_base = time_base or 1 / Fraction(rate)
+    container = CONTAINERS.get(path.suffix.lower())
+    if container is None:
+        raise ValueError(f"{path}: give a {', '.join(CONTAINERS)} file to write")
+    with replaced_atomically(path) as temp:
+        return _encode(temp, container, images, rate, time_base or 1 / Fraction(rate), lossless)
+
+
+def _encode(path: Path, container: str, images: Iterable[tuple[Image.Image, int]], rate: Fraction,
+            time_base: Fraction, lossless: bool) -> int:
+    """Encode ``images`` into ``path``, a ``container`` file (H.264: see the module's docstring)."""
     written = 0
-    with av.open(str(path), "w") as out:
+    with av.open(str(path), "w", format=container) as out:
         stream = None
         for image, pts in images:
             if stream is None:

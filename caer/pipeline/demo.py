@@ -108,7 +108,7 @@ def predict_on_video(data: Path, out: Path, checkpoint: Path, device: str, conso
     settings = PredictConfig(checkpoint=str(checkpoint), inputs=[str(video)], json=str(out / "predict.json"),
                              annotate=str(out / "labelled.mp4"))
     result = predict(settings, {"face_boxes": str(out / "face_boxes.json"), "device": device}, {}, console)
-    console.print(result.table())
+    result.show(console)
     person = result.as_dict()["inputs"][0]["persons"][0]
     classes = result.predictor.classes
     return (f"{video}: {person['label']} (p {max(person['probabilities']):.2f}; true class {classes[int(label) - 1]}); "

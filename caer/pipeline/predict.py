@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
@@ -34,7 +35,7 @@ from ..model.checkpoint import model_from_checkpoint
 from ..model.encoder import Preprocess
 from ..runtime import autocast
 from .annotate import ANNOTATE_SUFFIXES, write_annotated
-from .display import progress_bar
+from .display import print_unfolded, progress_bar
 from .report import check_outputs, write_atomically
 
 FRAMES_PER_CHUNK = 32  # frames decoded, cut (for every person) and encoded together
@@ -324,6 +325,7 @@ class PredictResult:
     settings: PredictConfig
     faces: Faces
     inputs: list[InputResult]
+    skipped: list[str] = field(default_factory=list)  # with --skip-bad: "input: reason" of each input left out
     written: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -332,7 +334,13 @@ class PredictResult:
                 "stride": s.stride, "num_frames": p.segments, "all_faces": s.all_faces, "faces": self.faces.describe(),
                 "geometry": {"margin": crop.margin, "crop_body": crop.crop_body, "frame_stride": crop.frame_stride,
                              "fps": crop.fps, "decode": str(crop.decode)},
-                "inputs": [r.as_dict(p.classes) for r in self.inputs]}
+                "inputs": [r.as_dict(p.classes) for r in self.inputs], "skipped": self.skipped}
+
+    def show(self, console: Console) -> None:
+        """Print the table, whole on any console (a log's 80 columns would cut its cells), and each skipped input."""
+        print_unfolded(console, self.table())
+        for line in self.skipped:
+            console.print(f"[yellow]skipped[/] {escape(line)}", highlight=False, soft_wrap=True)
 
     def table(self) -> Table:
         """One row per person of each input: the frames they cover, windows, clip-level label and its probability."""
@@ -436,22 +444,51 @@ def predict(cfg: PredictConfig, overrides: dict | None = None, detection: dict |
     faces = Faces.from_options(overrides, detection)
     run_options = {k: overrides.get(k) for k in ("pretrained", "device")}
     predictor = load_predictor(cfg.checkpoint, run_options)
-    clips = [open_input(path, predictor.crop.fps) for path in cfg.inputs]
-    with progress_bar(console) as progress:
-        task = progress.add_task("inputs", total=len(clips), info="")
-        results = []
-        for clip in clips:
-            progress.update(task, info=Path(clip.video_id).name)
-            results.append(predict_input(predictor, clip, faces, cfg, progress))
-            progress.advance(task)
-    result = PredictResult(cfg.checkpoint, predictor, cfg, faces, results)
+    done, skipped = predict_inputs(predictor, faces, cfg, console)
+    result = PredictResult(cfg.checkpoint, predictor, cfg, faces, [one for _, one in done], skipped)
     if cfg.json:
         write_atomically({Path(cfg.json): json.dumps(result.as_dict(), indent=1)})
         result.written.append(cfg.json)
-    for path, one in zip(annotated, results):
-        write_annotated(path, one.clip, one.frames, _labels(one, predictor.classes))
-        result.written.append(str(path))
+    for k, one in done if annotated else ():
+        write_annotated(annotated[k], one.clip, one.frames, _labels(one, predictor.classes))
+        result.written.append(str(annotated[k]))
     return result
+
+
+def predict_inputs(p: Predictor, faces: Faces, cfg: PredictConfig,
+                   console: Console) -> tuple[list[tuple[int, InputResult]], list[str]]:
+    """(position in ``cfg.inputs``, result) of each input predicted, and with --skip-bad the inputs left out, each
+    with its reason (in input order). Every input is opened first: a missing one stops the run before any frame is
+    encoded."""
+    opened, skipped = [], {}
+    for k, path in enumerate(cfg.inputs):
+        try:
+            opened.append((k, open_input(path, p.crop.fps)))
+        except DataError as err:
+            skipped[k] = bad_input(cfg, path, err)
+    done = []
+    with progress_bar(console) as progress:
+        task = progress.add_task("inputs", total=len(opened), info="")
+        for k, clip in opened:
+            progress.update(task, info=Path(clip.video_id).name)
+            try:
+                done.append((k, predict_input(p, clip, faces, cfg, progress)))
+            except DataError as err:
+                skipped[k] = bad_input(cfg, clip.video_id, err)
+            progress.advance(task)
+    reasons = [skipped[k] for k in sorted(skipped)]
+    if not done:
+        raise DataError(f"no input could be predicted; skipped: {'; '.join(reasons)}")
+    return done, reasons
+
+
+def bad_input(cfg: PredictConfig, path: str, err: DataError) -> str:
+    """With --skip-bad, the line that lists a skipped input: "input: reason"; else the error, which stops the run
+    (saying how to go on without the input, when there are others)."""
+    if not cfg.skip_bad:
+        hint = " (use --skip-bad to go on without it)" if len(cfg.inputs) > 1 else ""
+        raise DataError(f"{err}{hint}") from err
+    return str(err) if str(err).startswith(f"{path}:") else f"{path}: {err}"
 
 
 def _labels(result: InputResult, classes: list[str]) -> list[dict[int, tuple[Box, str]]]:
