@@ -547,6 +547,8 @@ class RunDirConfig:
     init_from: str | None = option(None, "Checkpoint a single stage starts from.",
                                    shown="stage{N-1}-best.pt of the run dir, if there")
     resume: bool = option(False, "Continue a stopped run from its last checkpoint.")
+    overwrite: bool = option(False, "Train a stage that --run-dir already holds records of, replacing them (the other "
+                             "stages' files stay).")
     seed: int = option(0, "Random seed (data order, sampled frames, init).", min=0)
     print_confusion: PrintConfusion = option(PrintConfusion.every, "When to print the valid confusion matrix: every "
                                              "epoch, when the best epoch improves, or at the end of the stage.")

@@ -301,6 +301,29 @@ def test_a_fresh_run_replaces_the_stage_records_of_an_earlier_run_in_the_same_di
     assert [(r["stage"], r["epoch"]) for r in read_metrics(run_dir)] == [(2, 0), (2, 1)]
 
 
+def test_a_run_dir_that_holds_a_stage_is_not_trained_over_without_resume_or_overwrite(tmp_path, synth, cache, weights):
+    """The second `caer train` of a stage into the same run dir would replace the first one's best checkpoint without
+    a word: refused, naming --resume and --overwrite. The next stage into it (stage N starts from stage N-1's best)
+    is not refused."""
+    run_dir = tmp_path / "run"
+    first = run_cli(cli_train_args(synth, cache, weights, run_dir, "--epochs", "1"))
+    assert first.exit_code == 0, first.output
+    best = (run_dir / "stage2-best.pt").read_bytes()
+    again = run_cli(cli_train_args(synth, cache, weights, run_dir, "--epochs", "1"))
+    assert again.exit_code == 2 and "Traceback" not in again.output, again.output
+    assert_in_output(f"--run-dir {run_dir} already holds stage 2 of an earlier run: --resume to go on with it, "
+                     "--overwrite to replace it", again.output)
+    assert (run_dir / "stage2-best.pt").read_bytes() == best
+    replaced = run_cli(cli_train_args(synth, cache, weights, run_dir, "--epochs", "2", "--overwrite"))
+    assert replaced.exit_code == 0, replaced.output
+    assert [(r["stage"], r["epoch"]) for r in read_metrics(run_dir)] == [(2, 0), (2, 1)]
+    args = cli_train_args(synth, cache, weights, run_dir, "--epochs", "1")
+    args[args.index("--stage") + 1] = "3"
+    next_stage = run_cli(args)
+    assert next_stage.exit_code == 0, next_stage.output
+    assert_in_output(f"stage 3 starts from {run_dir / 'stage2-best.pt'}", next_stage.output)
+
+
 # ------------------------------------------------------------------------------------ the CLI
 
 @pytest.fixture

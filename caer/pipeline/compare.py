@@ -24,7 +24,7 @@ from .curves import read_metrics
 from .report import check_outputs, write_atomically
 
 # settings that say where a run writes or how it reports, not what it computes: never a column
-IGNORED = ("run_dir", "resume", "print_confusion", "tensorboard", "workers")
+IGNORED = ("run_dir", "resume", "overwrite", "print_confusion", "tensorboard", "workers")
 # the result columns; "last stage", not "stage", which names a setting (the stage a run trains)
 RESULTS = ("last stage", "best epoch", "valid WAR", "valid UAR", "test WAR", "test UAR")
 BLANK = ""

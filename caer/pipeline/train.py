@@ -64,7 +64,7 @@ SHOWN_EVERY = 20  # training steps between two reads of the running loss (each m
 RANK_SEED_STRIDE = 1000  # rank r of a stage seeds seed + stage + r * this
 # settings a resumed stage may change: where files are, how the run reports, what it runs on; the epoch counts are
 # compared as the stage's own (``_check_resumed_as_set``), and the CLIP weights by their identity (``build_model``)
-RESUME_FREE = ("run_dir", "resume", "print_confusion", "tensorboard", "workers", "device", "init_from", "stage",
+RESUME_FREE = ("run_dir", "resume", "overwrite", "print_confusion", "tensorboard", "workers", "device", "init_from", "stage",
                "staged_training", "cache_in_memory", "train_list", "val_list", "test_list", "cache", "root",
                "face_boxes", "body_boxes", "pretrained", "epochs", "epochs_stage1", "epochs_stage2", "epochs_stage3",
                "grad_checkpointing")  # (memory for time: the same numbers)
@@ -222,6 +222,21 @@ def check_test_in_cache(cfg: RunConfig, stages: list[int]) -> None:
     cache holds the test clips (train and val are checked when each stage sets up)."""
     if cfg.data.test_list and cfg.data.cache and cfg.data.source == Source.cache and stages[-1] != 3:
         split_clips(cfg, "test", FeatureCache.open(cfg.data.cache), Source.cache)
+
+
+def check_run_dir_free(cfg: RunConfig, stages: list[int]) -> None:
+    """Refuse to train a stage whose checkpoints or metrics the run dir already holds, unless --resume (go on with
+    them) or --overwrite (replace them): a second run would silently replace the first one's best checkpoint, and
+    leave its later stages' files beside the new ones."""
+    if cfg.run.resume or cfg.run.overwrite:
+        return
+    run_dir = Path(cfg.run.run_dir)
+    metrics = RunPaths(run_dir, 1).metrics
+    recorded = {int(r["stage"]) for r in read_metrics(metrics)} if metrics.is_file() else set()
+    taken = [n for n in stages if n in recorded or RunPaths(run_dir, n).last.exists() or RunPaths(run_dir, n).best.exists()]
+    if taken:
+        raise ValueError(f"--run-dir {run_dir} already holds stage {', '.join(map(str, taken))} of an earlier run: "
+                         "--resume to go on with it, --overwrite to replace it, or choose another --run-dir")
 
 
 def check_cache_encoder(cfg: RunConfig, stages: list[int]) -> None:
@@ -602,6 +617,7 @@ def run(cfg: RunConfig, console: Console | None = None) -> list[StageResult]:
     check_lr_groups(cfg, stages)  # before any stage trains: a typo for stage 3 would otherwise stop the run there
     check_test_in_cache(cfg, stages)
     check_cache_encoder(cfg, stages)
+    check_run_dir_free(cfg, stages)
     check_box_files_match(cfg)
     for note in cfg.optim.ignored_settings():
         console.print(f"[yellow]note:[/] {note}", highlight=False)
