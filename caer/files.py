@@ -1,4 +1,5 @@
-"""Writing a file so that a stop or a failure part-way never leaves a half-written one."""
+"""Files: writing one so that a stop or a failure part-way never leaves it half-written; saying why one cannot be
+read."""
 
 from __future__ import annotations
 
@@ -20,3 +21,11 @@ def replaced_atomically(path: str | Path) -> Iterator[Path]:
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
+
+
+def missing(path: str | Path, what: str) -> str:
+    """Why ``path`` cannot be read as ``what`` (e.g. "annotation file"): it is a folder, or it does not exist."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{path}: a folder, not {'an' if what[0] in 'aeiou' else 'a'} {what}"
+    return f"{path}: {what} not found"

@@ -24,6 +24,7 @@ from caer.data.raer import (
     read_annotations,
     read_image,
 )
+from caer.model.checkpoint import load_checkpoint
 from caer.model.encoder import Preprocess
 
 
@@ -93,6 +94,19 @@ def test_duplicate_clip_and_missing_file(small_root, second):
         read_annotations(ann, None, num_classes=5)
     with pytest.raises(DataError, match="nothere.txt: annotation file not found"):
         read_annotations(small_root / "nothere.txt", None, num_classes=5)
+
+
+def test_a_folder_or_a_video_where_an_annotation_file_belongs_is_called_that(small_root):
+    with pytest.raises(DataError, match=f"{small_root}: a folder, not an annotation file"):
+        read_annotations(small_root, None, num_classes=5)
+    video = small_root / "clip.mp4"
+    video.write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    with pytest.raises(DataError, match=f"{video}: a video, not an annotation file"):
+        read_annotations(video, None, num_classes=5)
+    with pytest.raises(DataError, match=f"{small_root}: a folder, not a box file"):
+        load_face_boxes(small_root, small_root)
+    with pytest.raises(FileNotFoundError, match=f"{small_root}: a folder, not a checkpoint"):
+        load_checkpoint(small_root)
 
 
 def test_a_clip_in_two_splits_is_refused_naming_both_places(small_root):

@@ -20,6 +20,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from ..config import CropConfig
+from ..files import missing
 from .errors import DataError
 from .video_io import VIDEO_SUFFIXES, VideoIndex, frame_key, frames_at_rate, index_video, is_video
 
@@ -106,7 +107,10 @@ def read_annotations(
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: annotation file not found")
+        raise DataError(missing(path, "annotation file"))
+    if is_video(path):
+        raise DataError(f"{path}: a video, not an annotation file (a text file of lines '<clip> <frames> <label>', "
+                        "each clip a video file or a frame folder)")
     root = Path(root) if root is not None else path.parent
     clips: list[Clip] = []
     bad: list[BadClip] = []
@@ -220,7 +224,7 @@ def _check_box(value, where: str) -> Box:
 
 def _load_json(path: Path):
     if not path.is_file():
-        raise DataError(f"{path}: box file not found")
+        raise DataError(missing(path, "box file"))
     try:
         data = json.loads(read_text(path))
     except json.JSONDecodeError as err:

@@ -21,7 +21,7 @@ import torch
 
 from .. import runtime
 from ..config import ClassPrompts, RunConfig, check_config, from_flat, options, replace_options
-from ..files import replaced_atomically
+from ..files import missing, replaced_atomically
 from .caer_model import CAERModel
 from .encoder import RANDOM_WEIGHTS, CLIPBackbone, WeightsNotFound, load_backbone, weights_digest
 
@@ -96,7 +96,7 @@ def safe_load(path: Path, allowed: list | tuple = (), remedy: str = "Re-create i
     ``torch.serialization.safe_globals`` takes them); a file that needs full unpickling is refused, saying
     ``remedy``, unless ``CAER_TRUST_CHECKPOINTS=1``. Every failure is one ValueError naming the file."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
+        raise FileNotFoundError(missing(path, "checkpoint") if path.is_dir() else f"{path}: no such checkpoint")
     if not _looks_like_torch_save(path):  # else torch's pickle reader would call it unsafe, and suggest trusting it
         raise ValueError(f"{path}: not a checkpoint (neither a torch.save zip file nor a pickle)")
     try:

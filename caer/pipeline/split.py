@@ -22,6 +22,7 @@ from rich.table import Table
 
 from ..config import SplitConfig
 from ..data.raer import Clip, DataError, read_annotations, read_lines
+from ..files import missing
 from .report import check_outputs, write_atomically
 
 
@@ -123,7 +124,7 @@ def _check_outputs(source: Path, outputs: list[Path], overwrite: bool) -> list[P
     """The two lists to write; one that is the input, the other output, a folder, or (without --overwrite) an
     existing file is refused."""
     if not source.is_file():
-        raise DataError(f"{source}: annotation file not found")
+        raise DataError(missing(source, "annotation file"))
     check_outputs(list(zip(("--train-out", "--val-out"), outputs)), [("the input list", source)], overwrite)
     return outputs
 
