@@ -212,6 +212,18 @@ def test_skip_bad_leaves_out_clips_with_bad_input_and_keeps_the_others(photo, tm
     assert_in_output("│ clips │ 1 │", done.output)  # the clips with boxes: the damaged one is counted once, as skipped
 
 
+def test_the_summary_names_the_clips_where_no_face_was_found(photo, tmp_path):
+    for name in ("face", "blank"):
+        (tmp_path / name).mkdir()
+        for n in range(1, 3):
+            image = astronaut_window(photo, 2 * n)[0] if name == "face" else np.full((96, 128, 3), 90, np.uint8)
+            Image.fromarray(image).save(tmp_path / name / f"{n}.png")
+    (tmp_path / "list.txt").write_text("blank 2 1\nface 2 1\n")
+    done = boxes_cli(tmp_path / "list.txt", tmp_path / "boxes.json")
+    assert done.exit_code == 0, done.output
+    assert_in_output("clips with no face at all │ 1 (first: blank)", done.output)
+
+
 def test_an_input_list_is_never_an_output(photo, tmp_path):
     (tmp_path / "good").mkdir()
     Image.fromarray(astronaut_window(photo, 0)[0]).save(tmp_path / "good" / "1.png")

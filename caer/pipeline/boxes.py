@@ -38,7 +38,7 @@ class BoxesSummary:
     frames: int = 0
     frames_detected: int = 0  # frames where the detector found the clip's person
     frames_filled: int = 0  # frames whose box was interpolated across a short gap
-    clips_without_face: int = 0
+    faceless: list[str] = field(default_factory=list)  # the clips where no face was found at all
     faces: int = 0  # every face found, the clip's person or not
     most_faces: int = 0  # in one frame
     tracks: int = 0
@@ -50,13 +50,14 @@ class BoxesSummary:
     def frames_without_face(self) -> int:
         return self.frames - self.frames_detected - self.frames_filled
 
-    def add(self, person: PersonBoxes, detections: list[np.ndarray]) -> None:
+    def add(self, video_id: str, person: PersonBoxes, detections: list[np.ndarray]) -> None:
         self.frames += len(detections)
         self.faces += sum(len(d) for d in detections)
         self.most_faces = max([self.most_faces, *map(len, detections)])
         self.frames_detected += person.detected
         self.frames_filled += len(person.faces) - person.detected
-        self.clips_without_face += not person.faces
+        if not person.faces:
+            self.faceless.append(video_id)
         self.tracks += person.tracks
 
     def table(self) -> Table:
@@ -65,7 +66,8 @@ class BoxesSummary:
         t.add_row("clips", str(self.clips))
         if self.skipped:
             t.add_row("clips skipped (bad input)", str(len(self.skipped)))
-        t.add_row("clips with no face at all", str(self.clips_without_face))
+        first = f" (first: {', '.join(self.faceless[:3])}{', ...' if len(self.faceless) > 3 else ''})"
+        t.add_row("clips with no face at all", f"{len(self.faceless)}{first if self.faceless else ''}")
         t.add_row("frames", str(self.frames))
         t.add_row("frames with the person's face found", _share(self.frames_detected, self.frames))
         t.add_row("frames with a box filled in a short gap", _share(self.frames_filled, self.frames))
@@ -124,7 +126,7 @@ def find_boxes(cfg: BoxesConfig, root: str | None = None, workers: int = 0, cons
             person = clip_person(detections, width, height, cfg.min_iou, cfg.max_gap)
             faces[clip.video_id] = {keys[f]: _pixels(box) for f, box in person.faces.items()}
             bodies[clip.video_id] = _pixels(person.body)
-            summary.add(person, detections)
+            summary.add(clip.video_id, person, detections)
     summary.seconds, summary.clips = time.perf_counter() - start, len(faces)  # the clips with boxes
     written = dict(zip(outputs, (faces, bodies)))  # the body boxes only when --body-boxes named a file
     write_atomically({path: json.dumps(boxes) for path, boxes in written.items()})
