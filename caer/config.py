@@ -697,7 +697,8 @@ class BoxesConfig:
     """``caer boxes``: face (and body) boxes for clips that have none; ``--root`` and ``--workers`` are RunConfig's."""
 
     PANEL = "Output"
-    annotations: list[str] = option(help="Annotation files whose clips (frame folders or videos) get boxes.",
+    annotations: list[str] = option(help="Annotation files whose clips (frame folders or videos) get boxes, or "
+                                    "videos and frame folders themselves (keyed by their path from --root).",
                                     factory=list, argument=True)
     out: str = option(None, "Face boxes JSON to write.", flags=("--out", "-o"))
     body_boxes: str | None = option(None, "Also write each clip's body box (for --crop-body), derived from its "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -104,6 +105,34 @@ def test_boxes_follows_the_face_through_a_video_made_from_a_photograph(photo, tm
                                              body_boxes=str(tmp_path / "body.json"), crop_body=True), tmp_path)
     assert all(views.frame_boxes(clip, frame)[0] is not None for frame in clip.frames)
     assert load_body_boxes(tmp_path / "body.json", tmp_path)["astronaut.mp4"] == tuple(body)
+
+
+def test_videos_and_frame_folders_given_themselves_get_boxes_keyed_from_the_root(photo, tmp_path):
+    """New videos have no list and no label: given as inputs, each is a clip keyed by its path from --root (the first
+    input's folder): the keys caer predict --face-boxes looks up beside the box file."""
+    new = tmp_path / "new"
+    (new / "f").mkdir(parents=True)
+    frames, faces = zip(*(astronaut_window(photo, 2 * i) for i in range(4)))
+    write_video(new / "a.mp4", list(frames))
+    for n, frame in enumerate(frames, start=1):
+        Image.fromarray(frame).save(new / "f" / f"{n}.png")
+    out = new / "boxes.json"
+    missing = new / "gone.mp4"
+    stopped = run_cli(["boxes", str(new / "a.mp4"), str(new / "f"), str(missing), "-o", str(out), "--workers", "0"])
+    assert stopped.exit_code == 2 and not out.exists(), stopped.output
+    assert_in_output(f"video file {missing} does not exist", stopped.output)
+    done = run_cli(["boxes", str(new / "a.mp4"), str(new / "f"), str(missing), "-o", str(out), "--workers", "0",
+                    "--skip-bad"])
+    assert done.exit_code == 0, done.output
+    boxes = json.loads(out.read_text())
+    assert sorted(boxes) == ["a.mp4", "f"]
+    assert sorted(boxes["a.mp4"]) == [f"{n:05d}" for n in range(1, 5)] and sorted(boxes["f"]) == ["1.png", "2.png",
+                                                                                                 "3.png", "4.png"]
+    assert all(iou(boxes["a.mp4"][f"{n:05d}"], face) > 0.6 for n, face in enumerate(faces, start=1))
+    other = shutil.copytree(new / "f", tmp_path / "other")
+    outside = run_cli(["boxes", str(new / "a.mp4"), str(other), "-o", str(tmp_path / "b.json"), "--workers", "0"])
+    assert outside.exit_code == 2, outside.output
+    assert_in_output(f"{other} is not under --root {new}", outside.output)
 
 
 def two_faces(photo: np.ndarray, shift: int, hide_astronaut: bool, hide_grace: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -155,25 +155,27 @@ def _parse_line(line: str, where: str, root: Path, num_classes: int, need_frames
         raise DataError(f"label {label} is outside 1..{num_classes} (labels are 1-based)")
     if Path(video_id).is_absolute() or ".." in Path(video_id).parts:
         raise DataError(f"clip path {video_id!r} must be relative to the dataset root and stay inside it")
-    frames: list[Path] = []
-    video = None
-    if need_frames and is_video(root / video_id):
-        video_file = root / video_id
-        if not video_file.is_file():
-            raise DataError(f"video file {video_file} does not exist")
-        video = index_video(video_file)
-        frames = [video_file / frame_key(n) for n in frames_at_rate(video, fps)]
-    elif need_frames:
-        clip_dir = root / video_id
-        if clip_dir.is_file():
-            raise DataError(f"{clip_dir} is a file, neither a clip directory nor a video (video files end in "
-                            f"{', '.join(VIDEO_SUFFIXES)})")
-        if not clip_dir.is_dir():
-            raise DataError(f"clip directory {clip_dir} does not exist")
-        frames = list_frames(clip_dir)
-        if not frames:
-            raise DataError(f"clip directory {clip_dir} holds no image files")
+    frames, video = clip_frames(root / video_id, fps) if need_frames else ([], None)
     return Clip(video_id, label - 1, tuple(frames), where, listed, video)
+
+
+def clip_frames(path: Path, fps: float = 0.0) -> tuple[list[Path], VideoIndex | None]:
+    """The frames of a clip (a video file: ``<video>/<frame_key>`` of those ``fps`` picks, and its index; a frame
+    folder: its image files, and None); a DataError says what is wrong with ``path``."""
+    if is_video(path):
+        if not path.is_file():
+            raise DataError(f"video file {path} does not exist")
+        video = index_video(path)
+        return [path / frame_key(n) for n in frames_at_rate(video, fps)], video
+    if path.is_file():
+        raise DataError(f"{path} is a file, neither a clip directory nor a video (video files end in "
+                        f"{', '.join(VIDEO_SUFFIXES)})")
+    if not path.is_dir():
+        raise DataError(f"clip directory {path} does not exist")
+    frames = list_frames(path)
+    if not frames:
+        raise DataError(f"clip directory {path} holds no image files")
+    return frames, None
 
 
 def check_disjoint(splits: list[list[Clip]]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import sys
 import time
 from collections import deque
@@ -25,8 +26,8 @@ from rich.table import Table
 from ..config import BoxesConfig
 from ..data.errors import DataError
 from ..data.faces import PersonBoxes, clip_person, detect_in_worker, detector_pool, make_detector
-from ..data.raer import Box, Clip, read_annotations
-from ..data.video import iter_clip_images
+from ..data.raer import Box, Clip, clip_frames, read_annotations
+from ..data.video import is_video, iter_clip_images
 from .display import progress_bar
 from .report import check_outputs, write_atomically
 
@@ -134,24 +135,49 @@ def find_boxes(cfg: BoxesConfig, root: str | None = None, workers: int = 0, cons
     return summary
 
 
-def read_clips(annotations: list[str], root: Path, skip_bad: bool = False) -> tuple[list[Clip], list[str]]:
-    """Every clip of the annotation files, once (a clip listed in two files needs its boxes once), and, with
-    ``skip_bad``, the clips left out for bad input (else that is an error)."""
+def read_clips(inputs: list[str], root: Path, skip_bad: bool = False) -> tuple[list[Clip], list[str]]:
+    """Every clip of the inputs, once (a clip listed in two files needs its boxes once): an annotation file's clips,
+    or a video file or frame folder given itself, keyed by its path from ``root``; and, with ``skip_bad``, the clips
+    left out for bad input (else that is an error)."""
     clips: dict[str, Clip] = {}
     bad: list[str] = []
-    for path in annotations:  # any label will do: boxes ignore labels
-        found, skipped = read_annotations(path, root, num_classes=sys.maxsize, skip_bad=skip_bad)
+    for path in inputs:
+        if is_clip(path):
+            found, skipped = _given_clip(Path(path), root, skip_bad)
+        else:  # any label will do: boxes ignore labels
+            found, skipped = read_annotations(path, root, num_classes=sys.maxsize, skip_bad=skip_bad)
         bad += [str(b) for b in skipped]
         for clip in found:
             clips.setdefault(clip.video_id, clip)
     return list(clips.values()), bad
 
 
+def is_clip(path: str) -> bool:
+    """Whether an input of ``caer boxes`` is a clip itself (a video file or a folder), not an annotation file."""
+    return is_video(path) or Path(path).is_dir()
+
+
+def _given_clip(path: Path, root: Path, skip_bad: bool) -> tuple[list[Clip], list[str]]:
+    """A video file or frame folder given as an input: ([its clip], []), or with ``skip_bad`` ([], [why it is bad])."""
+    key = Path(os.path.relpath(path.absolute(), root.absolute()))
+    if ".." in key.parts:
+        raise DataError(f"{path} is not under --root {root}, which the box file's keys start from: give a --root "
+                        "that holds every input")
+    try:
+        frames, video = clip_frames(path)
+    except DataError as err:
+        if not skip_bad:
+            raise
+        return [], [f"{path}: {err}"]
+    return [Clip(key.as_posix(), 0, tuple(frames), str(path), len(frames), video)], []
+
+
 def _check_outputs(cfg: BoxesConfig, clips: list[Clip] = ()) -> list[Path]:
     """The files to write (face boxes, then body boxes if asked for), checked (``report.check_outputs``): neither an
     input list nor a clip's video file, nor inside a clip's frame folder."""
     named = [("--out", Path(cfg.out))] + ([("--body-boxes", Path(cfg.body_boxes))] if cfg.body_boxes else [])
-    inputs = [("the input list", Path(path)) for path in cfg.annotations]
+    inputs = [(f"the input {'video' if is_video(path) else 'frame folder' if is_clip(path) else 'list'}", Path(path))
+              for path in cfg.annotations]
     inputs += [(f"the clip {clip.video_id}'s {'video' if clip.video else 'frame folder'}",
                 clip.video.path if clip.video else clip.frames[0].parent) for clip in clips if clip.frames]
     check_outputs(named, inputs, cfg.overwrite)
