@@ -85,6 +85,16 @@ def test_a_test_split_missing_from_the_cache_is_refused_before_the_first_epoch(d
         train_module.check_test_in_cache(cfg, [1, 2])
 
 
+def test_a_stage_refused_at_set_up_leaves_no_empty_run_folder(dataset, zarr_cache, weights, tmp_path):
+    val_list = tmp_path / "val.txt"
+    val_list.write_text("frames/val/never_extracted 4 2\n")
+    run_dir = tmp_path / "run"
+    result = run_cli(train_args(dataset, zarr_cache[0], weights, run_dir, "--val-list", str(val_list)))
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert_in_output(f"1 clip(s) of {val_list} are not in the cache", result.output)
+    assert not run_dir.exists()
+
+
 # ------------------------------------------------------------------------------------------ 2. skipped clips
 
 def corrupt_middle_frame(root: Path, video_id: str) -> None:

@@ -280,7 +280,6 @@ def setup_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
     encoder = init["encoder"] if init is not None else backbone.identity()
     cache = open_cache(cfg, source, encoder)
     cfg = with_cache_geometry(cfg, cache, auto_decode_device(backbone)).with_absolute_paths()
-    paths.run_dir.mkdir(parents=True, exist_ok=True)
     model.prepare_stage(stage, cfg.stages.unfreeze_last)
     if stage == 3 and cfg.stages.grad_checkpointing:
         model.clip.visual.set_grad_checkpointing(True)
@@ -306,6 +305,7 @@ def setup_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
     if "prompt" not in STAGE_GROUPS[stage]:  # frozen prompts: text features once per stage, not once per step
         with torch.no_grad():
             s.fixed_text = tuple(t.detach() for t in model.text_features())
+    paths.run_dir.mkdir(parents=True, exist_ok=True)  # only now: a stage refused at set-up leaves no empty folder
     _resume_or_start(s, init if resume else None)
     if rank == 0:  # only now: a stage refused at set-up leaves the run's config.yaml as it was
         save_config(cfg, paths.run_dir / "config.yaml")
