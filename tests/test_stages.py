@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -395,13 +396,19 @@ def test_a_flag_that_contradicts_the_caches_geometry_is_refused(flag, value, fra
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
-def test_raw_frames_with_other_boxes_than_the_caches_are_refused(dataset, body_cache, weights, tmp_path):
+def moved_box(dataset, tmp_path) -> tuple[str, Path]:
+    """(a clip, a copy of the dataset's face boxes with one box of that clip moved by 3 px)."""
     boxes = json.loads(dataset.face_boxes.read_text())
     video_id = next(v for v, frames in boxes.items() if frames)
     name = sorted(boxes[video_id])[0]
     boxes[video_id][name] = [v + 3 for v in boxes[video_id][name]]
     moved = tmp_path / "moved_boxes.json"
     moved.write_text(json.dumps(boxes))
+    return video_id, moved
+
+
+def test_raw_frames_with_other_boxes_than_the_caches_are_refused(dataset, body_cache, weights, tmp_path):
+    video_id, moved = moved_box(dataset, tmp_path)
     cfg = make_config(dataset, body_cache, weights, tmp_path / "run", face_boxes=str(moved))
     cache = FeatureCache.open(body_cache)
     split = next(s for s in ("train", "val", "test") if video_id in (dataset.root / f"{s}.txt").read_text())
@@ -411,12 +418,7 @@ def test_raw_frames_with_other_boxes_than_the_caches_are_refused(dataset, body_c
 
 def test_box_files_that_contradict_the_cache_are_refused_before_the_first_stage(dataset, body_cache, weights, tmp_path):
     """Stages 1 and 2 read only the cache, but a staged run would find out at stage 3: refused up front."""
-    boxes = json.loads(dataset.face_boxes.read_text())
-    video_id = next(v for v, frames in boxes.items() if frames)
-    name = sorted(boxes[video_id])[0]
-    boxes[video_id][name] = [v + 3 for v in boxes[video_id][name]]
-    moved = tmp_path / "moved_boxes.json"
-    moved.write_text(json.dumps(boxes))
+    video_id, moved = moved_box(dataset, tmp_path)
     cfg = make_config(dataset, body_cache, weights, tmp_path / "run", face_boxes=str(moved), stage=2)
     with pytest.raises(CacheError, match=f"the face/body boxes of clip '{video_id}' differ"):
         train_module.run(cfg, Console(file=io.StringIO()))
