@@ -267,3 +267,20 @@ def test_metrics_refuse_class_indices_outside_the_label_set_and_empty_input():
     cm = confusion_matrix(np.array(labels), np.array(preds), 5)
     assert war(cm) == pytest.approx(100 * accuracy_score(labels, preds))
     assert uar(cm) == pytest.approx(100 * balanced_accuracy_score(labels, preds))
+
+
+def test_demo_epochs_are_stage_2s_only(tmp_path, monkeypatch):
+    """--epochs of caer demo is the stage-2 count (its help); stages 1 and 3 keep configs/tiny.yaml's."""
+    import caer.pipeline.demo as demo_module
+
+    tiny = load_config("tiny")
+    seen = []
+
+    def stop_at_training(cfg, console=None):
+        seen.append([cfg.stage_epochs(stage) for stage in (1, 2, 3)])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo_module, "run", stop_at_training)
+    with pytest.raises(KeyboardInterrupt):
+        demo(DemoConfig(out=str(tmp_path / "demo"), epochs=7), Console(file=io.StringIO()))
+    assert seen == [[tiny.stage_epochs(1), 7, tiny.stage_epochs(3)]]

@@ -60,7 +60,7 @@ def demo(cfg: DemoConfig, console: Console | None = None) -> dict:
 
     console.rule("3/5 caer train --staged-training")
     base = shared | {"cache": str(cache), "train_list": annotations[0], "val_list": annotations[1],
-                     "test_list": annotations[2], "staged_training": True, "epochs": cfg.epochs}
+                     "test_list": annotations[2], "staged_training": True, "epochs_stage2": cfg.epochs}
     results = run(load_config("tiny", base | {"run_dir": str(out / "run")}), console)
 
     console.rule("4/5 caer predict on a video")
