@@ -123,6 +123,22 @@ def test_after_a_clip_with_non_finite_features_the_queued_clips_are_written_and_
     assert sorted(clip_attrs(tmp_path / "s.zarr")) == [store_key(clips[i][0].video_id) for i in (0, 3)]
 
 
+@pytest.mark.parametrize("processes", [0, 2])
+def test_non_finite_features_found_when_closing_keep_the_clips_before_them(tmp_path, monkeypatch, processes):
+    """On CUDA the last clips' copies are still on their way when extraction ends: close() hands them over, and a
+    bad one among them must not cancel the writes of the good ones before it."""
+    monkeypatch.setattr(extract_module, "to_host", lambda feats: (feats, CopyInFlight()))
+    writer, out, clips = clip_writer(tmp_path / "s.zarr", processes, 12)
+    clips[-1][2][0, 0, 0] = float("nan")
+    try:
+        out.put(clips)
+        with pytest.raises(FloatingPointError, match="clips/11: the encoder gave non-finite features"):
+            out.close()
+    finally:
+        writer.close()
+    assert sorted(clip_attrs(tmp_path / "s.zarr")) == sorted(store_key(c.video_id) for c, _, _ in clips[:-1])
+
+
 def test_a_failed_write_in_a_process_names_the_path_and_leaves_nothing_running(tmp_path):
     store = tmp_path / "s.zarr"
     writer, out, clips = clip_writer(store, 2, 3)

@@ -277,9 +277,11 @@ class _ClipWriter:
         """Wait for every write, re-raising the first failure (the writes not started by then are dropped: their
         clips are not done)."""
         try:
-            self._hand_over(wait=True)
-            while self.pending:
-                self._collect()
+            try:
+                self._hand_over(wait=True)
+            finally:  # the good clips handed over before a clip with non-finite features are written too
+                while self.pending:
+                    self._collect()
         finally:
             self.pool.shutdown(cancel_futures=True)
 
