@@ -415,8 +415,8 @@ def test_a_diverging_loss_is_one_line_naming_the_remedies(dataset, zarr_cache, w
     monkeypatch.setattr(train_module, "CAERLoss", Diverging)
     result = run_cli(train_args(dataset, zarr_cache[0], weights, tmp_path / "run"))
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
-    assert_in_output("error: stage 2 epoch 1: the loss became nan; lower the learning rate (--lr), or clip the "
-                     "gradients (--grad-clip 1.0)", result.output)
+    assert_in_output("error: stage 2 epoch 1: the loss became nan; train the stage again with --overwrite and a "
+                     "lower learning rate (--lr), or clipped gradients (--grad-clip 1.0)", result.output)
 
 
 def test_weights_written_twice_with_one_seed_are_one_file_with_one_digest(tmp_path):

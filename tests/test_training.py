@@ -374,10 +374,11 @@ def test_cli_refuses_a_cache_of_another_image_encoder(tmp_path, synth, cache, we
     assert not (tmp_path / "run" / "stage2-last.pt").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
 
     # another model, or a --pretrained tag (perhaps a download), is refused before any weights are loaded
-    for flag, value in (("--pretrained", "openai"), ("--model", "ViT-B-32-quickgelu")):
+    for changed in ({"--model": "ViT-B-32-quickgelu", "--pretrained": "openai"}, {"--model": "ViT-B-32-quickgelu"}):
         args = cli_train_args(synth, cache, weights, tmp_path / "tag", "--epochs", "1")
-        args = args[:args.index(flag)] + args[args.index(flag) + 2:] if flag in args else args
-        args += [flag, value]
+        for flag, value in changed.items():
+            args = args[:args.index(flag)] + args[args.index(flag) + 2:] if flag in args else args
+            args += [flag, value]
         result = run_cli(args)
         assert result.exit_code == 2 and "Traceback" not in result.output, result.output
         assert_in_output(f"{cache} was extracted with --model caer-tiny and weights sha256:", result.output)
@@ -433,3 +434,17 @@ def test_a_short_last_accumulation_window_is_averaged_over_its_own_steps():
     assert [train_module.window_size(step, 3, 7) for step in range(7)] == [3, 3, 3, 3, 3, 3, 1]
     assert [train_module.window_size(step, 1, 4) for step in range(4)] == [1, 1, 1, 1]
     assert [train_module.window_size(step, 4, 6) for step in range(6)] == [4, 4, 4, 4, 2, 2]
+
+
+def test_overwrite_notes_the_later_stages_it_leaves_and_refuses_resume_beside_it(tmp_path, synth, cache, weights):
+    run_dir = tmp_path / "run"
+    for stage in ("2", "3"):
+        args = cli_train_args(synth, cache, weights, run_dir, "--epochs", "1")
+        args[args.index("--stage") + 1] = stage
+        assert run_cli(args).exit_code == 0
+    again = run_cli(cli_train_args(synth, cache, weights, run_dir, "--epochs", "1", "--overwrite"))
+    assert again.exit_code == 0, again.output
+    assert_in_output(f"note: {run_dir} keeps the earlier run's stage 3 (checkpoints, metrics): it does not follow "
+                     "from the stages trained now", again.output)
+    both = run_cli(cli_train_args(synth, cache, weights, run_dir, "--epochs", "1", "--overwrite", "--resume"))
+    assert both.exit_code == 2 and "give one of them" in both.output, both.output

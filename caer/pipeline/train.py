@@ -53,6 +53,7 @@ from ..model.checkpoint import (
     model_state,
     save_checkpoint,
 )
+from ..model.encoder import check_weights
 from ..model.losses import CAERLoss
 from ..model.metrics import confusion_matrix, uar, war
 from .curves import TensorBoardLog, check_tensorboard, read_metrics, write_curves
@@ -224,19 +225,28 @@ def check_test_in_cache(cfg: RunConfig, stages: list[int]) -> None:
         split_clips(cfg, "test", FeatureCache.open(cfg.data.cache), Source.cache)
 
 
-def check_run_dir_free(cfg: RunConfig, stages: list[int]) -> None:
+def check_run_dir_free(cfg: RunConfig, stages: list[int], console: Console) -> None:
     """Refuse to train a stage whose checkpoints or metrics the run dir already holds, unless --resume (go on with
-    them) or --overwrite (replace them): a second run would silently replace the first one's best checkpoint, and
-    leave its later stages' files beside the new ones."""
-    if cfg.run.resume or cfg.run.overwrite:
-        return
+    them) or --overwrite (replace them): a second run would silently replace the first one's best checkpoint. With
+    --overwrite, note the later stages' files that stay: they no longer follow from the stages trained now."""
+    if cfg.run.resume and cfg.run.overwrite:
+        raise ValueError("--resume goes on with the run in --run-dir, --overwrite replaces it: give one of them")
     run_dir = Path(cfg.run.run_dir)
     metrics = RunPaths(run_dir, 1).metrics
     recorded = {int(r["stage"]) for r in read_metrics(metrics)} if metrics.is_file() else set()
-    taken = [n for n in stages if n in recorded or RunPaths(run_dir, n).last.exists() or RunPaths(run_dir, n).best.exists()]
-    if taken:
+
+    def held(n: int) -> bool:
+        return n in recorded or RunPaths(run_dir, n).last.exists() or RunPaths(run_dir, n).best.exists()
+
+    taken = [n for n in stages if held(n)]
+    if taken and not (cfg.run.resume or cfg.run.overwrite):
         raise ValueError(f"--run-dir {run_dir} already holds stage {', '.join(map(str, taken))} of an earlier run: "
                          "--resume to go on with it, --overwrite to replace it, or choose another --run-dir")
+    later = [n for n in range(max(stages) + 1, 4) if held(n)]
+    if cfg.run.overwrite and taken and later:
+        console.print(f"[yellow]note:[/] {run_dir} keeps the earlier run's stage {', '.join(map(str, later))} "
+                      "(checkpoints, metrics): it does not follow from the stages trained now", highlight=False,
+                      soft_wrap=True)
 
 
 def check_cache_encoder(cfg: RunConfig, stages: list[int]) -> None:
@@ -248,6 +258,7 @@ def check_cache_encoder(cfg: RunConfig, stages: list[int]) -> None:
     stored = stored_fingerprint(cfg.data.cache)
     if stored is None:  # not a cache: opening it says so
         return
+    check_weights(cfg.encoder.model, cfg.encoder.pretrained)  # a mistyped file is that, not another encoder
     made_by = stored["encoder"]
     model, pretrained = cfg.encoder.model, cfg.encoder.pretrained
     if made_by.get("model") != model or (made_by.get("weights") != pretrained and not Path(pretrained).is_file()):
@@ -450,8 +461,8 @@ def train_one_epoch(s: Stage, epoch: int, progress: Progress) -> tuple[np.ndarra
 
 def _check_finite(s: Stage, epoch: int, total: float) -> None:
     if not np.isfinite(total):
-        raise FloatingPointError(f"stage {s.number} epoch {epoch + 1}: the loss became {total}; lower the learning "
-                                 "rate (--lr), or clip the gradients (--grad-clip 1.0)")
+        raise FloatingPointError(f"stage {s.number} epoch {epoch + 1}: the loss became {total}; train the stage again "
+                                 "with --overwrite and a lower learning rate (--lr), or clipped gradients (--grad-clip 1.0)")
 
 
 def validate(s: Stage, progress: Progress) -> np.ndarray:
@@ -611,13 +622,15 @@ def _starting_checkpoint(cfg: RunConfig, console: Console) -> Path | None:
 def run(cfg: RunConfig, console: Console | None = None) -> list[StageResult]:
     """``caer train``: one stage, or 1 -> 2 -> 3 with ``--staged-training``, each from the last one's best."""
     console = console or Console()
+    if runtime.rank() != 0:  # under torchrun, rank 0 prints
+        console = Console(quiet=True)
     if cfg.run.tensorboard:
         check_tensorboard()
     stages = stages_to_run(cfg)
     check_lr_groups(cfg, stages)  # before any stage trains: a typo for stage 3 would otherwise stop the run there
     check_test_in_cache(cfg, stages)
     check_cache_encoder(cfg, stages)
-    check_run_dir_free(cfg, stages)
+    check_run_dir_free(cfg, stages, console)
     check_box_files_match(cfg)
     for note in cfg.optim.ignored_settings():
         console.print(f"[yellow]note:[/] {note}", highlight=False)
