@@ -38,6 +38,7 @@ from .config import (
     SplitConfig,
     SynthConfig,
     VerifyConfig,
+    default_of,
     from_flat,
     option_type,
     options,
@@ -69,7 +70,7 @@ def flag_parameter(f: dataclasses.Field, panel: str, optional: bool, shown: str 
     """The Typer parameter of one declared option. ``optional``: None when not given, so that a config
     file's value (or the declared default) stands; ``--help`` shows the declared default, or ``shown``."""
     meta, kind = f.metadata, option_type(f)
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    default = default_of(f)
     text = escape(meta["help"])
     if meta["argument"]:
         return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,

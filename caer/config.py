@@ -174,7 +174,8 @@ def option_type(f: dataclasses.Field):
     return f.type
 
 
-def _default(f: dataclasses.Field):
+def default_of(f: dataclasses.Field):
+    """An option's declared default (its factory's value for a list)."""
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
@@ -243,7 +244,9 @@ def coerce(f: dataclasses.Field, value, where: str):
     except (ValueError, TypeError):
         if isinstance(kind, type) and issubclass(kind, enum.Enum):
             raise ValueError(f"{where}: {value!r} is not {type_name(kind)}") from None
-        quote = " (YAML reads unquoted yes, no, on, off as booleans: quote the text)" if isinstance(value, bool) else ""
+        text = kind is str or typing.get_args(kind) == (str,)
+        booleans = any(isinstance(v, bool) for v in (value if isinstance(value, list) else [value]))
+        quote = " (YAML reads unquoted yes, no, on, off as booleans: quote the text)" if text and booleans else ""
         raise ValueError(f"{where}: expected {type_name(kind)}, got {value!r}{quote}") from None
     for item in value if isinstance(value, list) else [value]:
         check_range(f, item, where)
@@ -520,7 +523,7 @@ class OptimConfig:
             unused.append(("step_size", "--milestones"))
         fields = {f.name: f for f in dataclasses.fields(self)}
         return [f"{flag_label(fields[name])} {getattr(self, name)} has no effect under {mode}" for name, mode in unused
-                if getattr(self, name) != _default(fields[name])]
+                if getattr(self, name) != default_of(fields[name])]
 
 
 @dataclass
@@ -941,4 +944,6 @@ def check_config(cfg: RunConfig) -> None:
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write a run's settings, less --overwrite: a run started from this file should not replace another silently."""
+    settings = {k: v for k, v in cfg.to_dict().items() if k != "overwrite"}
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))

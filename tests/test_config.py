@@ -216,16 +216,18 @@ def test_null_unsets_an_option_that_may_be_unset(tmp_path):
     ("classes: [a, [b]]", "classes: expected a list of str, got ['a', ['b']]"),
     ("lr: true", "lr: expected float, got True"),
     ("run_dir: yes", "run_dir: expected str, got True (YAML reads unquoted yes, no, on, off as booleans"),
-    ("classes: [a, off, c]", "classes: expected a list of str, got ['a', False, 'c']"),
+    ("classes: [a, off, c]", "classes: expected a list of str, got ['a', False, 'c'] (YAML reads unquoted yes"),
     ("lr: .nan", "lr: nan is not a finite number"),
     ("temperature: .inf", "temperature: inf is not a finite number"),
     ("adapter_scale: -.inf", "adapter_scale: -inf is not a finite number"),
     ("logit_adj_tau: nan", "logit_adj_tau: nan is not a finite number"),
 ])
 def test_a_value_of_another_shape_or_a_non_finite_float_is_refused(tmp_path, line, fragment):
-    """A mapping or list where a value belongs; a boolean, NaN or infinity for a float."""
+    """A mapping or list where a value belongs; a boolean, NaN or infinity for a float; a boolean for a text (the
+    hint to quote it only there)."""
     path = tiny_with(tmp_path / "value.yaml", line)
     assert_config_refused(path, f"{path}: {fragment}")
+    assert ("quote the text" in str(pytest.raises(ValueError, load_config, path).value)) == ("YAML reads" in fragment)
 
 
 @pytest.mark.parametrize("args, fragment", [

@@ -121,14 +121,15 @@ def test_compare_shows_the_one_differing_setting_and_each_runs_numbers(two_runs)
 def test_compare_names_the_stages_of_a_staged_run_not_its_unused_stage_setting(two_runs, tmp_path):
     import shutil
 
-    runs = {"staged": {"staged_training": True}, "stage3": {"stage": 3}}
+    runs = {"staged": {"staged_training": True}, "stage3": {"stage": 3},
+            "no_stage_3": {"staged_training": True, "epochs_stage3": 0}}
     for name, changes in runs.items():
         shutil.copytree(two_runs[0], tmp_path / name)
         config = yaml.safe_load((tmp_path / name / "config.yaml").read_text())
         (tmp_path / name / "config.yaml").write_text(yaml.safe_dump(config | changes, sort_keys=False))
     columns, rows = compare_runs([tmp_path / name for name in runs])
     stage = columns.index("stage")
-    assert [row[stage] for row in rows] == ["1, 2, 3", "3"]
+    assert [row[stage] for row in rows] == ["1, 2, 3", "3", "1, 2"]
 
 
 def test_compare_leaves_the_test_columns_blank_without_a_test_report(two_runs, tmp_path):

@@ -230,8 +230,8 @@ def test_a_jpeg_the_batched_decoder_refuses_is_decoded_on_the_cpu_and_only_an_un
 
 def test_only_complete_three_component_jpegs_go_to_the_batched_decoder(photos, tmp_path, monkeypatch):
     """nvJPEG may decode a CMYK or a truncated JPEG without an error where the CPU's decoders convert the first and
-    refuse the second: neither is handed to the batched decoder. Grey, progressive and EXIF-carrying JPEGs pass as
-    they should (grey as RGB too); every image equals PIL's."""
+    refuse the second: neither is handed to the batched decoder, nor is a grey one (not 3 components). Progressive
+    and EXIF-carrying JPEGs go to it; every image equals PIL's (grey as RGB)."""
     import caer.data.tensor_views as tensor_views
 
     photo = Image.open(photos[0]).convert("RGB")

@@ -100,6 +100,12 @@ def differing_settings(configs: list[dict]) -> list[str]:
     return [k for k in keys if k not in IGNORED and len({repr(c.get(k, missing)) for c in configs}) > 1]
 
 
+def staged_epochs(config: dict, stage: int) -> int:
+    """A saved run config's epochs of ``stage`` (``RunConfig.stage_epochs`` on the plain dict)."""
+    own = config.get(f"epochs_stage{stage}")
+    return int(config.get("epochs", 0) if own is None else own)
+
+
 def _setting(value) -> str:
     if value is None:
         return "-"
@@ -124,9 +130,9 @@ def compare_runs(run_dirs: list[str | Path]) -> tuple[list[str], list[list[str]]
     if not run_dirs:
         raise ValueError("caer compare needs at least one run directory")
     runs = [read_run(d) for d in run_dirs]
-    for r in runs:  # --staged-training trains every stage: its config's `stage` (unused, the default) would mislead
+    for r in runs:  # --staged-training trains its stages of 1 epoch or more: its `stage` (unused) would mislead
         if r.config.get("staged_training"):
-            r.config["stage"] = "1, 2, 3"
+            r.config["stage"] = ", ".join(str(n) for n in (1, 2, 3) if staged_epochs(r.config, n) > 0)
     settings = differing_settings([r.config for r in runs])
     classes = list(dict.fromkeys(name for r in runs for name in r.recall))
     names = [Path(d).name for d in run_dirs]
