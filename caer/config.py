@@ -944,6 +944,7 @@ def check_config(cfg: RunConfig) -> None:
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
-    """Write a run's settings, less --overwrite: a run started from this file should not replace another silently."""
-    settings = {k: v for k, v in cfg.to_dict().items() if k != "overwrite"}
+    """Write a run's settings, with --overwrite off: a run started from this file should not replace another
+    silently."""
+    settings = cfg.to_dict() | {"overwrite": False}
     path.write_text(yaml.safe_dump(settings, sort_keys=False))
