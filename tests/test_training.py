@@ -449,3 +449,20 @@ def test_overwrite_notes_the_later_stages_it_leaves_and_refuses_resume_beside_it
                      "from the stages trained now", again.output)
     both = run_cli(cli_train_args(synth, cache, weights, run_dir, "--epochs", "1", "--overwrite", "--resume"))
     assert both.exit_code == 2 and "give one of them" in both.output, both.output
+
+
+def test_metrics_record_the_uar_over_every_class_beside_the_uar_over_the_classes_present(tmp_path, synth, cache,
+                                                                                          weights):
+    """With a class absent from the val list the two definitions differ: the seed code's scores it 0."""
+    val = tmp_path / "val.txt"
+    lines = (synth.root / "val.txt").read_text().splitlines()
+    val.write_text("\n".join(line for line in lines if line.split()[2] != lines[0].split()[2]) + "\n")
+    args = cli_train_args(synth, cache, weights, tmp_path / "run", "--epochs", "1")
+    args[args.index("--val-list") + 1] = str(val)
+    assert run_cli(args).exit_code == 0
+    record = read_metrics(tmp_path / "run")[-1]
+    cm = np.asarray(record["valid_confusion"], dtype=float)
+    recall = np.divide(np.diag(cm), cm.sum(1), out=np.zeros(len(cm)), where=cm.sum(1) > 0)
+    assert record["valid_uar_all_classes"] == round(100 * recall.mean(), 2)
+    present = cm.sum(1) > 0
+    assert not present.all() and record["valid_uar"] == round(100 * recall[present].mean(), 2)

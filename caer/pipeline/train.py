@@ -55,7 +55,7 @@ from ..model.checkpoint import (
 )
 from ..model.encoder import check_weights
 from ..model.losses import CAERLoss
-from ..model.metrics import confusion_matrix, uar, war
+from ..model.metrics import confusion_matrix, uar, uar_all_classes, war
 from .curves import TensorBoardLog, check_tensorboard, read_metrics, write_curves
 from .display import confusion_table, progress_bar
 from .evaluate import evaluate, note_left_out, predict
@@ -483,6 +483,7 @@ def epoch_record(s: Stage, epoch: int, train_cm: np.ndarray, sums: dict, val_cm:
         "losses": {k: v / n_train for k, v in sums.items()}, "w_mi": w_mi, "w_dc": w_dc, "train_clips": n_train,
         "train_war": round(war(train_cm), 2), "train_uar": round(uar(train_cm), 2),
         "valid_war": round(war(val_cm), 2), "valid_uar": round(uar(val_cm), 2),
+        "valid_uar_all_classes": round(uar_all_classes(val_cm), 2),  # a class absent from val scores 0 (the seed code's)
         "valid_confusion": val_cm.tolist(), "skipped_clips": dict(s.skipped), "seconds": round(seconds, 3),
     }
 
