@@ -248,13 +248,19 @@ def test_margin_and_clipping(box, margin, expected):
         (10, 100, 40, 140),  # wholly below
         (128, 10, 160, 40),  # touches the right edge from outside: no area after clipping
         (-30, 10, 0, 40),  # touches the left edge from outside
-        (50, 50, 50, 60),  # zero width
-        (60, 50, 40, 70),  # right < left
     ],
 )
 def test_box_without_area_in_the_image_is_an_error(box):
     with pytest.raises(DataError, match=r"^face box of x/0001\.jpg: box .* has no area inside the 128x96 image"):
         clip_box(box, 128, 96, 20, "face box of x/0001.jpg")
+
+
+@pytest.mark.parametrize("box", [(50, 50, 50, 60), (60, 50, 40, 70), (10, 40, 30, 20)])
+def test_an_empty_or_inverted_box_is_called_that(box):
+    """Zero width, right < left, bottom < top: not a box at all, whatever the image (a swapped pair of coordinates
+    is the likely mistake)."""
+    with pytest.raises(DataError, match=r"^here: box .* is not \[x1, y1, x2, y2\] with x1 < x2 and y1 < y2"):
+        clip_box(box, 128, 96, 20, "here")
 
 
 @pytest.mark.parametrize("box", [(127.8, 10, 140, 40), (10, -20, 40, 0.3)])

@@ -245,12 +245,15 @@ def test_clear_errors(stage2, videos, tmp_path):
     empty.mkdir()
     gray = write_h264(tmp_path / "gray.mp4", [np.full((96, 128, 3), 128, np.uint8)] * 3)
     cases = [
-        ([stage2, empty], [], "empty: no frames"),
+        ([stage2, empty], [], "empty holds no image files"),
+        ([stage2, tmp_path / "gone"], [], "clip directory " + str(tmp_path / "gone") + " does not exist"),
+        ([stage2, video.parent], [], f"holds no image files; it holds videos: give each as a clip (e.g. {video.parent}/"),
         ([tmp_path / "missing.pt", video], [], "missing.pt: no such checkpoint"),
-        ([stage2, tmp_path / "nothing.mp4"], [], "nothing.mp4: no such video file"),
+        ([stage2, tmp_path / "nothing.mp4"], [], f"video file {tmp_path / 'nothing.mp4'} does not exist"),
         ([stage2, gray], [], "found no face in its 3 frames; give its boxes with --face-boxes, or try another --detector"),
         ([stage2, gray], ["--all-faces", "--detector", "haar"], "--detector haar found no face"),
-        ([stage2, gray], ["--face-boxes", str(videos.face_boxes)], "no entry for"),
+        ([stage2, gray], ["--face-boxes", str(videos.face_boxes)], f"no entry for {gray} (looked up as {str(gray)!r}: "
+         f"keys are clip paths relative to --root {videos.root}"),
         ([stage2, video], ["--face-boxes", str(videos.face_boxes), "--detector", "hog"], "not both"),
         ([stage2, video], ["--annotate", str(tmp_path / "x.gif")], "--annotate"),
         ([stage2, video], ["--pretrained", str(tmp_path / "gone.pt")], "pass --pretrained"),
@@ -424,7 +427,8 @@ def test_skip_bad_goes_on_without_a_bad_input_and_lists_it(stage2, videos, tmp_p
     saved = json.loads(out.read_text())
     assert [entry["input"] for entry in saved["inputs"]] == list(map(str, good))
     assert len(saved["skipped"]) == 3
-    for line, reason in zip(saved["skipped"], (no_face, f"{missing}: no such video file", f"{empty}: no frames")):
+    for line, reason in zip(saved["skipped"], (no_face, f"{missing}: video file {missing} does not exist",
+                                                         f"{empty}: clip directory {empty} holds no image files")):
         assert line.startswith(reason), (line, reason)
         assert_in_output(f"skipped {line}", result.output)
     assert sorted(p.name for p in tmp_path.glob("out*")) == ["out-1-a.mp4", "out-2-b.mp4"]

@@ -174,7 +174,9 @@ def clip_frames(path: Path, fps: float = 0.0) -> tuple[list[Path], VideoIndex | 
         raise DataError(f"clip directory {path} does not exist")
     frames = list_frames(path)
     if not frames:
-        raise DataError(f"clip directory {path} holds no image files")
+        videos = sorted(p.name for p in path.iterdir() if is_video(p))
+        hint = f"; it holds videos: give each as a clip (e.g. {path / videos[0]})" if videos else ""
+        raise DataError(f"clip directory {path} holds no image files{hint}")
     return frames, None
 
 
@@ -274,6 +276,8 @@ def clip_box(box: Box, width: int, height: int, margin: float, where: str) -> tu
     image, or has no area once clipped, is an error naming ``where``.
     """
     left, top, right, bottom = box
+    if right <= left or bottom <= top:
+        raise DataError(f"{where}: box {list(box)} is not [x1, y1, x2, y2] with x1 < x2 and y1 < y2")
     grown = (max(0, round(left - margin)), max(0, round(top - margin)),
              min(width, round(right + margin)), min(height, round(bottom + margin)))
     # checked before and after rounding: a box outside the image can round to one pixel on its edge, and one inside

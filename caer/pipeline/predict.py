@@ -27,9 +27,9 @@ from rich.table import Table
 from ..config import BoxesConfig, CropConfig, Decode, PredictConfig, from_flat
 from ..data.datasets import sample_indices
 from ..data.faces import body_box, choose_person, make_detector, person_boxes, track_faces
-from ..data.raer import IMAGE_SUFFIXES, Box, Clip, DataError, ViewMaker, clip_dir_key, list_frames, load_body_boxes, load_face_boxes
+from ..data.raer import Box, Clip, DataError, ViewMaker, clip_dir_key, clip_frames, load_body_boxes, load_face_boxes
 from ..data.tensor_views import TensorViews, auto_decode_device
-from ..data.video import VIDEO_SUFFIXES, clip_images, frame_key, frame_number, frames_at_rate, index_video, is_video
+from ..data.video import clip_images, frame_number
 from ..model.caer_model import CAERModel
 from ..model.checkpoint import model_from_checkpoint
 from ..model.encoder import Preprocess
@@ -74,20 +74,9 @@ def load_predictor(path: str, overrides: dict) -> Predictor:
 # ------------------------------------------------------------------------------------------ inputs and faces
 
 def open_input(path: str, fps: float) -> Clip:
-    """An input as a clip: a video file (its frames at ``fps``, 0: all) or a frame folder; one clear line if it has
-    no frames or is neither."""
-    p = Path(path)
-    if is_video(p):
-        if not p.is_file():
-            raise DataError(f"{p}: no such video file")
-        index = index_video(p)
-        return Clip(path, 0, tuple(p / frame_key(n) for n in frames_at_rate(index, fps)), path, video=index)
-    if not p.is_dir():
-        raise DataError(f"{p}: neither a video file ({' '.join(VIDEO_SUFFIXES)}) nor a frame folder")
-    frames = list_frames(p)
-    if not frames:
-        raise DataError(f"{p}: no frames (the folder holds no {' '.join(sorted(IMAGE_SUFFIXES))} files)")
-    return Clip(path, 0, tuple(frames), path)
+    """An input as a clip: a video file (its frames at ``fps``, 0: all) or a frame folder (``raer.clip_frames``)."""
+    frames, video = clip_frames(Path(path), fps)
+    return Clip(path, 0, tuple(frames), path, video=video)
 
 
 @dataclass
@@ -151,7 +140,8 @@ class Faces:
             if candidate in self.boxes:
                 return candidate
         example = next(iter(self.boxes), None)
-        raise DataError(f"{self.box_file}: no entry for {path} (keys are clip paths relative to --root {self.root}"
+        raise DataError(f"{self.box_file}: no entry for {path} (looked up as {relative!r}: keys are clip paths relative "
+                        f"to --root {self.root}"
                         f"{f', e.g. {example!r}' if example else ''}); give --root, or find its boxes with "
                         "--detector instead")
 
