@@ -128,6 +128,7 @@ def user_message(err: BaseException) -> str:
 INTERRUPTED = {
     "extract": "the clips finished so far are kept; run the same command again to extract the rest",
     "train": "the epochs finished so far are kept; the same command with --resume goes on from the last one",
+    "boxes": "nothing was written (the box files are written once every clip is done)",
 }
 
 

@@ -380,8 +380,10 @@ def test_a_rerun_after_file_too_large_completes_the_store(fmt, too_large, zarr_c
 @pytest.mark.parametrize("command, left", [
     ("extract", "interrupted: the clips finished so far are kept; run the same command again to extract the rest"),
     ("train", "interrupted: the epochs finished so far are kept; the same command with --resume goes on"),
+    ("boxes", "interrupted: nothing was written (the box files are written once every clip is done)"),
 ])
 def test_ctrl_c_says_in_one_line_what_it_left(command, left, monkeypatch, dataset, weights, tmp_path):
+    import caer.pipeline.boxes
     import caer.pipeline.extract
     import caer.pipeline.train
 
@@ -390,8 +392,10 @@ def test_ctrl_c_says_in_one_line_what_it_left(command, left, monkeypatch, datase
 
     monkeypatch.setattr(caer.pipeline.extract, "extract", interrupted)
     monkeypatch.setattr(caer.pipeline.train, "run", interrupted)
-    args = (extract_args(dataset, tmp_path / "c.zarr", weights) if command == "extract" else
-            ["train", "-c", "tiny", "--train-list", str(dataset.annotations[0]), "--run-dir", str(tmp_path / "run")])
+    monkeypatch.setattr(caer.pipeline.boxes, "find_boxes", interrupted)
+    args = {"extract": extract_args(dataset, tmp_path / "c.zarr", weights),
+            "train": ["train", "-c", "tiny", "--train-list", str(dataset.annotations[0]), "--run-dir", str(tmp_path / "r")],
+            "boxes": ["boxes", str(dataset.annotations[0]), "-o", str(tmp_path / "b.json")]}[command]
     result = run_cli(args)
     assert result.exit_code == 130 and "Traceback" not in result.output, result.output
     assert squash(left) in squash(result.output), result.output
