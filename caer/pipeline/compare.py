@@ -19,7 +19,7 @@ import yaml
 from rich import box
 from rich.table import Table
 
-from ..config import RunConfig, options
+from ..config import RunConfig, from_flat, options
 from .curves import read_metrics
 from .report import check_outputs, write_atomically
 
@@ -100,12 +100,6 @@ def differing_settings(configs: list[dict]) -> list[str]:
     return [k for k in keys if k not in IGNORED and len({repr(c.get(k, missing)) for c in configs}) > 1]
 
 
-def staged_epochs(config: dict, stage: int) -> int:
-    """A saved run config's epochs of ``stage`` (``RunConfig.stage_epochs`` on the plain dict)."""
-    own = config.get(f"epochs_stage{stage}")
-    return int(config.get("epochs", 0) if own is None else own)
-
-
 def _setting(value) -> str:
     if value is None:
         return "-"
@@ -132,7 +126,9 @@ def compare_runs(run_dirs: list[str | Path]) -> tuple[list[str], list[list[str]]
     runs = [read_run(d) for d in run_dirs]
     for r in runs:  # --staged-training trains its stages of 1 epoch or more: its `stage` (unused) would mislead
         if r.config.get("staged_training"):
-            r.config["stage"] = ", ".join(str(n) for n in (1, 2, 3) if staged_epochs(r.config, n) > 0)
+            declared = {f.name for f, _ in options(RunConfig)}  # (an older caer's keys are left out)
+            settings = from_flat(RunConfig, {k: v for k, v in r.config.items() if k in declared}, "config.yaml")
+            r.config["stage"] = ", ".join(str(n) for n in (1, 2, 3) if settings.stage_epochs(n) > 0)
     settings = differing_settings([r.config for r in runs])
     classes = list(dict.fromkeys(name for r in runs for name in r.recall))
     names = [Path(d).name for d in run_dirs]

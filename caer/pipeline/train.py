@@ -399,12 +399,11 @@ def ends_window(step: int, accum: int, steps: int) -> bool:
     return (step + 1) % accum == 0 or step + 1 == steps
 
 
-def _optimizer_step(s: Stage, loss: torch.Tensor, step: int) -> None:
+def _optimizer_step(s: Stage, loss: torch.Tensor, step: int, last_of_window: bool) -> None:
     """Backward, and an optimiser step at the end of each accumulation window (with clipping); each step's loss
     counts 1 / the window's size, so a short last window makes an update of the same scale."""
-    accum, steps = s.cfg.optim.grad_accum, len(s.train_loader)
-    s.scaler.scale(loss / window_size(step, accum, steps)).backward()
-    if ends_window(step, accum, steps):
+    s.scaler.scale(loss / window_size(step, s.cfg.optim.grad_accum, len(s.train_loader))).backward()
+    if last_of_window:
         if s.cfg.optim.grad_clip:
             s.scaler.unscale_(s.optimizer)
             params = [p for g in s.optimizer.param_groups for p in g["params"]]
@@ -434,13 +433,14 @@ def train_one_epoch(s: Stage, epoch: int, progress: Progress) -> tuple[np.ndarra
         batch = batch.to(s.device)
         # DDP averages the gradients over processes at each backward; inside an accumulation window only the last
         # backward needs that (the sums are the same)
-        local = s.world > 1 and not idle and not ends_window(step, s.cfg.optim.grad_accum, len(s.train_loader))
+        last_of_window = ends_window(step, s.cfg.optim.grad_accum, len(s.train_loader))
+        local = s.world > 1 and not idle and not last_of_window
         with s.step.no_sync() if local else contextlib.nullcontext():
             with runtime.autocast(s.device, s.cfg.runtime.use_amp):
                 logits, t_desc, t_soft = forward(batch, s.fixed_text)
                 terms = s.loss(logits, batch.label, t_desc, t_soft, epoch)
             if not idle:
-                _optimizer_step(s, terms.total, step)
+                _optimizer_step(s, terms.total, step, last_of_window)
         totals += torch.stack([t.detach().double() for t in terms]) * len(batch.label)
         labels.append(batch.label)
         preds.append(logits.detach().argmax(1))
