@@ -215,8 +215,8 @@ def init_weights(values: dict):
     """
     from pathlib import Path
 
+    from .files import check_outputs
     from .model.encoder import save_random_weights
-    from .pipeline.report import check_outputs
 
     cfg = InitWeightsConfig(**values)
     check_outputs([("OUT", Path(cfg.out))], [], cfg.overwrite)

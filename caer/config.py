@@ -686,6 +686,7 @@ class ImportReferenceConfig:
     PANEL = "Options"
     source: str = option(None, "The official CLIP-CAER checkpoint (a .pth saved by its main.py).", argument=True)
     out: str = option(None, "caer checkpoint to write (.pt).", flags=("--out", "-o"))
+    overwrite: bool = option(False, "Replace an existing --out file (never the official checkpoint).")
 
 
 # run-config options that `caer import-reference` writes into the converted checkpoint's config (the rest is

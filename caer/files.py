@@ -1,5 +1,5 @@
-"""Files: writing one so that a stop or a failure part-way never leaves it half-written; saying why one cannot be
-read."""
+"""Files: writing one so that a stop or a failure part-way never leaves it half-written; checking a command's outputs
+before any work; saying why one cannot be read."""
 
 from __future__ import annotations
 
@@ -29,3 +29,43 @@ def missing(path: str | Path, what: str) -> str:
     if path.is_dir():
         return f"{path}: a folder, not {'an' if what[0] in 'aeiou' else 'a'} {what}"
     return f"{path}: {what} not found"
+
+
+def write_atomically(files: dict[Path, str]) -> None:
+    """Write each text under a temporary name beside its path, then rename them all: a stopped or failed run leaves
+    no half-written file, and the files that were there stay as they were until every new one is complete."""
+    with contextlib.ExitStack() as renames:  # the files are renamed as the stack unwinds, once all are written
+        for path, text in files.items():
+            with open(renames.enter_context(replaced_atomically(path)), "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+
+
+def check_outputs(outputs: list[tuple[str, Path]], inputs: list[tuple[str, Path]], overwrite: bool) -> None:
+    """Refuse, before any work, an output (flag, path) that is one of the inputs (what it is, path) or inside an
+    input folder (whatever --overwrite says), names the same file as another output, is a folder or lies under a
+    file, or already exists (without ``overwrite``). Every command that writes files checks them here."""
+    written: dict[Path, str] = {}
+    for flag, path in outputs:
+        for what, source in inputs:
+            same = _same_file(path, source)
+            if same or (source.is_dir() and source.resolve() in path.resolve().parents):
+                raise ValueError(f"{flag} {path} {'is' if same else 'lies inside'} {what} {source}: write the output "
+                                 "elsewhere")
+        if path.resolve() in written:
+            raise ValueError(f"{written[path.resolve()]} and {flag} name the same file, {path}")
+        written[path.resolve()] = flag
+        if path.is_dir():
+            raise ValueError(f"{flag} {path} is a folder: give the file to write")
+        blocker = next((parent for parent in path.parents if parent.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise ValueError(f"{flag} {path}: {blocker} is a file, not a folder")
+        if path.exists() and not overwrite:
+            raise ValueError(f"{flag} {path} already exists: pass --overwrite to replace it")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file or folder (through links, too)."""
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+

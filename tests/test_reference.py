@@ -447,3 +447,17 @@ def test_an_imported_checkpoint_fine_tunes_with_its_embedded_prompts(dataset, we
     # the text tower is the imported file's, not --pretrained's: the fine-tuned checkpoint keeps it
     text = [k for k in before if k.startswith("clip.") and not k.startswith("clip.visual.")]
     assert text and all(torch.equal(before[k], after[k]) for k in text)
+
+
+def test_the_output_is_checked_before_the_official_file_is_read(tmp_path):
+    """-o naming the official file itself, or a file that exists, is refused (no checkpoint is read or written)."""
+    official = tmp_path / "CLIP-CAER.pth"
+    official.write_bytes(b"not read")
+    result = run_cli(["import-reference", str(official), "-o", str(official)])
+    assert result.exit_code == 2 and official.read_bytes() == b"not read"
+    assert_in_output("is the official checkpoint", result.output)
+    existing = tmp_path / "clip-caer.pt"
+    existing.write_bytes(b"kept")
+    result = run_cli(["import-reference", str(official), "-o", str(existing)])
+    assert result.exit_code == 2 and existing.read_bytes() == b"kept"
+    assert_in_output("already exists: pass --overwrite", result.output)

@@ -28,8 +28,8 @@ from ..data.errors import DataError
 from ..data.faces import PersonBoxes, clip_person, detect_in_worker, detector_pool, make_detector
 from ..data.raer import Box, Clip, clip_frames, read_annotations
 from ..data.video import is_video, iter_clip_images
+from ..files import check_outputs, write_atomically
 from .display import progress_bar
-from .report import check_outputs, write_atomically
 
 
 @dataclass
@@ -173,7 +173,7 @@ def _given_clip(path: Path, root: Path, skip_bad: bool) -> tuple[list[Clip], lis
 
 
 def _check_outputs(cfg: BoxesConfig, clips: list[Clip] = ()) -> list[Path]:
-    """The files to write (face boxes, then body boxes if asked for), checked (``report.check_outputs``): neither an
+    """The files to write (face boxes, then body boxes if asked for), checked (``files.check_outputs``): neither an
     input list nor a clip's video file, nor inside a clip's frame folder."""
     named = [("--out", Path(cfg.out))] + ([("--body-boxes", Path(cfg.body_boxes))] if cfg.body_boxes else [])
     inputs = [(f"the input {'video' if is_video(path) else 'frame folder' if is_clip(path) else 'list'}", Path(path))

@@ -20,8 +20,8 @@ from rich import box
 from rich.table import Table
 
 from ..config import RunConfig, from_flat, options
+from ..files import check_outputs, write_atomically
 from .curves import read_metrics
-from .report import check_outputs, write_atomically
 
 # settings that say where a run writes or how it reports, not what it computes: never a column
 IGNORED = ("run_dir", "resume", "overwrite", "print_confusion", "tensorboard", "workers")
@@ -158,7 +158,7 @@ def _is_number(column: str) -> bool:
 
 
 def check_csv(path: str | Path, run_dirs: list[str | Path], overwrite: bool) -> None:
-    """``--csv``, checked before any run is read (``report.check_outputs``): never inside a compared run directory
+    """``--csv``, checked before any run is read (``files.check_outputs``): never inside a compared run directory
     (which holds the files read, and belongs to caer train), never a folder; an existing file only with ``overwrite``."""
     check_outputs([("--csv", Path(path))], [("the run directory", Path(d)) for d in run_dirs], overwrite)
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import check_outputs, confusion_figure, picture_format, save_figure
+from ..files import check_outputs
+from .figures import confusion_figure, picture_format, pyplot, save_figure
 
 # one row of panels per kind of series (the series' prefix): (prefix, panel title, y label)
 PANELS = (("accuracy", "WAR / UAR", "%"), ("loss", "loss terms", "loss"), ("weight", "MI / DC weights", "weight"),
@@ -100,12 +101,9 @@ def _draw_panel(ax, prefix: str, stage: dict) -> None:
 
 def plot_curves(data: dict[int, dict], path: Path, title: str = "training curves") -> Path:
     """Draw ``curve_data`` into a PNG: one column per stage, one row per panel (``PANELS``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    plt = pyplot()
     stages = sorted(data)
     fig, axes = plt.subplots(len(PANELS), max(1, len(stages)), figsize=(4.2 * max(1, len(stages)), 9.6),
                              squeeze=False)
@@ -130,7 +128,7 @@ def plot_curves(data: dict[int, dict], path: Path, title: str = "training curves
 def write_curves(run_dir: str | Path, out: str | Path | None = None, overwrite: bool = False) -> Path:
     """``caer plot``: the curves of a run directory's ``metrics.jsonl`` into ``out`` (default RUN_DIR/curves.png,
     which is redrawn as caer train does; any other existing file only with ``overwrite``). ``out`` is checked
-    (``report.check_outputs``) before anything is read: never the metrics file, and a picture format."""
+    (``files.check_outputs``) before anything is read: never the metrics file, and a picture format."""
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():

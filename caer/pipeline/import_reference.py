@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..config import ImportReferenceConfig, RunConfig
+from ..files import check_outputs
 from ..model.checkpoint import save_checkpoint
 from ..model.reference import COMPUTED, Imported, Official, convert, read_official, reference_config
 from .display import progress_bar
@@ -18,6 +19,7 @@ def import_reference(cfg: ImportReferenceConfig, overrides: dict | None = None, 
     ``overrides`` (``IMPORT_OVERRIDES``: data lists, root, boxes, crops) go into its run config. Its summary table."""
     console = console or Console()
     out = Path(cfg.out)
+    check_outputs([("--out", out)], [("the official checkpoint", Path(cfg.source))], cfg.overwrite)
     with progress_bar(console) as progress:
         task = progress.add_task("reading the official checkpoint", total=3, info=cfg.source)
         official = read_official(cfg.source)
@@ -25,7 +27,6 @@ def import_reference(cfg: ImportReferenceConfig, overrides: dict | None = None, 
         run_cfg = reference_config(official, overrides)
         imported = convert(official, run_cfg)
         progress.update(task, advance=1, description="writing", info=str(out))
-        out.parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(imported.checkpoint, out)
         progress.advance(task)
     return summary(official, imported, run_cfg, out)

@@ -30,13 +30,13 @@ from ..data.faces import body_box, choose_person, make_detector, person_boxes, t
 from ..data.raer import Box, Clip, DataError, ViewMaker, clip_dir_key, clip_frames, load_body_boxes, load_face_boxes
 from ..data.tensor_views import TensorViews, auto_decode_device
 from ..data.video import clip_images, frame_number
+from ..files import check_outputs, write_atomically
 from ..model.caer_model import CAERModel
 from ..model.checkpoint import model_from_checkpoint
 from ..model.encoder import Preprocess
 from ..runtime import autocast
 from .annotate import ANNOTATE_SUFFIXES, write_annotated
 from .display import print_unfolded, progress_bar
-from .report import check_outputs, write_atomically
 
 FRAMES_PER_CHUNK = 32  # frames decoded, cut (for every person) and encoded together
 WINDOWS_PER_BATCH = 256  # windows through the temporal model at once

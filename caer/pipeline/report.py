@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,9 +11,10 @@ from rich.console import Group
 from rich.table import Table
 from sklearn.metrics import precision_recall_fscore_support
 
-from ..files import replaced_atomically
+from ..files import check_outputs, write_atomically
 from ..model.metrics import confusion_matrix, uar, uar_all_classes, war
 from .display import confusion_table
+from .figures import confusion_figure, picture_format, save_figure
 
 
 @dataclass
@@ -87,55 +86,7 @@ class Report:
         save_figure(fig, path, dpi=120)
 
 
-def confusion_figure(cm: np.ndarray, classes: list[str], title: str):
-    """A matplotlib figure (Agg) of the row-normalised confusion matrix, rows = true class, with each cell's share and count."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    n = len(classes)
-    fig, ax = plt.subplots(figsize=(1.3 * n + 2.5, 1.1 * n + 2))
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), classes, rotation=35, ha="right")
-    ax.set_yticks(range(n), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, f"{100 * norm[i, j]:.0f}%\n({cm[i, j]})", ha="center", va="center", fontsize=9,
-                    color="white" if norm[i, j] > 0.5 else "black")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    return fig
-
-
-def picture_format(flag: str, path: Path) -> str:
-    """The matplotlib format a picture path names by its suffix (``png``, ``pdf``, ``svg``, ...); refused when
-    matplotlib writes no such format, or the name has no suffix (matplotlib would add ``.png`` to it)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    fmt = Path(path).suffix[1:].lower()
-    if fmt not in FigureCanvasAgg.get_supported_filetypes():
-        what = f"'.{fmt}' is not a picture format matplotlib writes" if fmt else "no suffix to name its format"
-        raise ValueError(f"{flag} {path}: {what} (use .png, .pdf, .svg, ...)")
-    return fmt
-
-
-def save_figure(fig, path: Path, dpi: int) -> Path:
-    """Write a matplotlib figure in its suffix's format under a temporary name beside ``path``, then rename it (as
-    ``write_atomically``); closes the figure."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    try:
-        with replaced_atomically(path) as temp:
-            fig.savefig(temp, format=picture_format("picture", path), dpi=dpi)
-    finally:
-        plt.close(fig)
-    return path
 
 
 def check_eval_outputs(cfg, overrides: dict, overwrite: bool) -> None:
@@ -154,40 +105,3 @@ def check_eval_outputs(cfg, overrides: dict, overwrite: bool) -> None:
         picture_format("--plot", Path(cfg.plot))
 
 
-def write_atomically(files: dict[Path, str]) -> None:
-    """Write each text under a temporary name beside its path, then rename them all: a stopped or failed run leaves
-    no half-written file, and the files that were there stay as they were until every new one is complete."""
-    with contextlib.ExitStack() as renames:  # the files are renamed as the stack unwinds, once all are written
-        for path, text in files.items():
-            with open(renames.enter_context(replaced_atomically(path)), "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-
-
-def check_outputs(outputs: list[tuple[str, Path]], inputs: list[tuple[str, Path]], overwrite: bool) -> None:
-    """Refuse, before any work, an output (flag, path) that is one of the inputs (what it is, path) or inside an
-    input folder (whatever --overwrite says), names the same file as another output, is a folder or lies under a
-    file, or already exists (without ``overwrite``). Every command that writes files checks them here."""
-    written: dict[Path, str] = {}
-    for flag, path in outputs:
-        for what, source in inputs:
-            same = _same_file(path, source)
-            if same or (source.is_dir() and source.resolve() in path.resolve().parents):
-                raise ValueError(f"{flag} {path} {'is' if same else 'lies inside'} {what} {source}: write the output "
-                                 "elsewhere")
-        if path.resolve() in written:
-            raise ValueError(f"{written[path.resolve()]} and {flag} name the same file, {path}")
-        written[path.resolve()] = flag
-        if path.is_dir():
-            raise ValueError(f"{flag} {path} is a folder: give the file to write")
-        blocker = next((parent for parent in path.parents if parent.exists()), None)
-        if blocker is not None and not blocker.is_dir():
-            raise ValueError(f"{flag} {path}: {blocker} is a file, not a folder")
-        if path.exists() and not overwrite:
-            raise ValueError(f"{flag} {path} already exists: pass --overwrite to replace it")
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    """Whether two paths name one file or folder (through links, too)."""
-    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))

@@ -22,8 +22,7 @@ from rich.table import Table
 
 from ..config import SplitConfig
 from ..data.raer import Clip, DataError, read_annotations, read_lines
-from ..files import missing
-from .report import check_outputs, write_atomically
+from ..files import check_outputs, missing, write_atomically
 
 
 @dataclass
