@@ -630,9 +630,21 @@ class RunConfig:
             raise ValueError(f"--{split}-list is not set ({remedy})")
         return path
 
+    def dataset_root(self, split: str) -> str:
+        """The folder the clips' paths are relative to: --root, else the training list's folder (the first list
+        caer extract is given), else ``split``'s own list's; one root for every split, as the cache has."""
+        return self.crop.root or str(Path(self.data.train_list or self.list_for(split)).parent)
+
     def to_dict(self) -> dict:
         return to_flat(self)
 
+
+
+def from_saved(values: dict, where: str) -> RunConfig:
+    """The run config a checkpoint or ``config.yaml`` saved; keys this version no longer declares are dropped, so
+    older runs still load."""
+    declared = {f.name for f, _ in options(RunConfig)}
+    return from_flat(RunConfig, {k: v for k, v in values.items() if k in declared}, where)
 
 # ------------------------------------------------------------------------------------------ other commands
 

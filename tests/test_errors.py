@@ -399,3 +399,13 @@ def test_ctrl_c_says_in_one_line_what_it_left(command, left, monkeypatch, datase
     result = run_cli(args)
     assert result.exit_code == 130 and "Traceback" not in result.output, result.output
     assert squash(left) in squash(result.output), result.output
+
+
+def test_compare_reads_a_run_config_as_config_files_are_read(tmp_path):
+    """A config.yaml with a key given twice, or one that is not a mapping, is one error line naming it."""
+    twice, listed = tmp_path / "twice", tmp_path / "listed"
+    twice.mkdir(), listed.mkdir()
+    (twice / "config.yaml").write_text("lr: 0.1\nlr: 0.2\n")
+    (listed / "config.yaml").write_text("- lr\n")
+    assert_stops(run_cli(["compare", str(twice)]), f"{twice / 'config.yaml'}: line 2: 'lr' is given twice")
+    assert_stops(run_cli(["compare", str(listed)]), f"{listed / 'config.yaml'}: expected a mapping")

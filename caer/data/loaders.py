@@ -65,7 +65,7 @@ def check_box_files_match(cfg: RunConfig) -> None:
         return
     cache = FeatureCache.open(cfg.data.cache)
     cfg = with_cache_geometry(cfg, cache)
-    root = cfg.crop.root or str(Path(cfg.list_for("train")).parent)  # as split_dataset reads raw frames
+    root = cfg.dataset_root("train")
     view_maker = ViewMaker.from_config(cfg.crop, root)
     for split in ("train", "val", "test"):
         if getattr(cfg.data, f"{split}_list"):
@@ -130,7 +130,6 @@ def split_dataset(cfg: RunConfig, split: str, train: bool, preprocess: Preproces
     ``device``: the model's; with ``--decode tensor`` on CUDA, raw frames are decoded and cut there (``make_loader``).
     """
     cfg = with_cache_geometry(cfg, cache)
-    list_path = cfg.list_for(split)
     segments, seed = cfg.model.num_frames, cfg.run.seed
     if source == Source.cache:
         clips, left_out = split_clips(cfg, split, cache, source)
@@ -140,8 +139,7 @@ def split_dataset(cfg: RunConfig, split: str, train: bool, preprocess: Preproces
         return dataset
     if not cfg.crop.face_boxes:
         raise ValueError("--source raw needs --face-boxes (or a cache that records them)")
-    # one root for every split, as caer extract has: the first list's folder (the training list's, when set)
-    root = cfg.crop.root or str(Path(cfg.data.train_list or list_path).parent)
+    root = cfg.dataset_root(split)
     clips, left_out = split_clips(cfg, split, cache, source, root)
     view_maker = ViewMaker.from_config(cfg.crop, root)
     if cache is not None:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .. import runtime
-from ..config import ClassPrompts, RunConfig, check_config, from_flat, options, replace_options
+from ..config import ClassPrompts, RunConfig, check_config, from_saved, replace_options
 from ..files import missing, replaced_atomically
 from .caer_model import CAERModel
 from .encoder import RANDOM_WEIGHTS, CLIPBackbone, WeightsNotFound, load_backbone, weights_digest
@@ -133,12 +133,8 @@ def _load_trusted(path: Path):
 
 
 def checkpoint_config(ckpt: dict, overrides: dict | None = None) -> RunConfig:
-    """The run config saved in a checkpoint, with ``overrides`` (None values ignored).
-
-    Keys that this version no longer declares are dropped, so older checkpoints still load.
-    """
-    known = {f.name for f, _ in options(RunConfig)}
-    cfg = from_flat(RunConfig, {k: v for k, v in ckpt["config"].items() if k in known}, "checkpoint config")
+    """The run config saved in a checkpoint (``config.from_saved``), with ``overrides`` (None values ignored)."""
+    cfg = from_saved(ckpt["config"], "checkpoint config")
     if overrides:
         cfg = replace_options(cfg, overrides)
     check_config(cfg)

@@ -32,11 +32,9 @@ RANDOM_WEIGHTS = "random"  # --pretrained value: random init with a fixed seed (
 
 
 def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
+    """The SHA-256 of a file's bytes, as hex (weights files are identified by it)."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @dataclass

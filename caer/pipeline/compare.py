@@ -15,11 +15,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from rich import box
 from rich.table import Table
 
-from ..config import RunConfig, from_flat, options
+from ..config import RunConfig, from_saved, options, read_yaml
 from ..files import check_outputs, write_atomically
 from .curves import read_metrics
 
@@ -52,7 +51,10 @@ def read_run(run_dir: str | Path) -> RunSummary:
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise ValueError(f"{run_dir}: no config.yaml (is it a caer train run directory?)")
-    summary = RunSummary(run_dir, yaml.safe_load(config_file.read_text()) or {})
+    saved = read_yaml(config_file) or {}
+    if not isinstance(saved, dict):
+        raise ValueError(f"{config_file}: expected a mapping of option names to values")
+    summary = RunSummary(run_dir, saved)
     metrics = run_dir / "metrics.jsonl"
     records = read_metrics(metrics) if metrics.is_file() else []
     if records:
@@ -126,8 +128,7 @@ def compare_runs(run_dirs: list[str | Path]) -> tuple[list[str], list[list[str]]
     runs = [read_run(d) for d in run_dirs]
     for r in runs:  # --staged-training trains its stages of 1 epoch or more: its `stage` (unused) would mislead
         if r.config.get("staged_training"):
-            declared = {f.name for f, _ in options(RunConfig)}  # (an older caer's keys are left out)
-            settings = from_flat(RunConfig, {k: v for k, v in r.config.items() if k in declared}, "config.yaml")
+            settings = from_saved(r.config, f"{r.path / 'config.yaml'}")
             r.config["stage"] = ", ".join(str(n) for n in (1, 2, 3) if settings.stage_epochs(n) > 0)
     settings = differing_settings([r.config for r in runs])
     classes = list(dict.fromkeys(name for r in runs for name in r.recall))

@@ -644,7 +644,7 @@ def run(cfg: RunConfig, console: Console | None = None) -> list[StageResult]:
         result = train_stage(cfg, stage, console, init_from=init)
         results.append(result)
         init = result.best_path
-    if results and cfg.data.test_list and runtime.init()[0] == 0:
+    if results and cfg.data.test_list and runtime.rank() == 0:
         write_test_report(results[-1].best_path, cfg, console)
     return results
 
