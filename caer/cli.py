@@ -412,7 +412,8 @@ def plot(values: dict):
 def compare(values: dict):
     """One table of several runs: the settings that differ, best epoch, valid and test WAR/UAR, per-class test recall.
 
-    Never columns: settings that say only where a run writes or how it reports (run_dir, resume, workers, print_confusion, tensorboard).
+    Never columns: settings that say only where a run writes or how it reports (run_dir, resume, overwrite, workers,
+    print_confusion, tensorboard).
 
     Test columns are blank for a run without test_report.json, or whose report is not of the best epoch of the
     stage shown (the test note column says why). --csv is never inside a compared run directory, and replaces an

@@ -3,6 +3,8 @@ declaration, and both are checked against the same choices and ranges."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import typer
 import yaml
@@ -320,3 +322,19 @@ def test_the_shipped_configs_set_nothing_they_ignore(name):
 def test_epochs_on_the_command_line_win_over_a_config_files_per_stage_counts(flags, epochs):
     cfg = load_config("raer", flags)
     assert [cfg.stage_epochs(stage) for stage in (1, 2, 3)] == epochs
+
+
+def test_lists_of_option_names_name_declared_options():
+    """The tuples that give options a role name declared options (a misspelt name would silently do nothing), and
+    caer compare's help lists the settings it never shows."""
+    from caer.cli import compare
+    from caer.config import IMPORT_OVERRIDES, PREDICT_DETECTION, PREDICT_OVERRIDES, STAGE_EPOCHS, BoxesConfig
+    from caer.pipeline.compare import IGNORED
+    from caer.pipeline.train import RESUME_FREE
+
+    run_options = set(option_names(RunConfig))
+    for names in (EVAL_OVERRIDES, IMPORT_OVERRIDES, PREDICT_OVERRIDES, STAGE_EPOCHS, RESUME_FREE, IGNORED):
+        assert set(names) <= run_options, set(names) - run_options
+    assert set(PREDICT_DETECTION) <= set(option_names(BoxesConfig))
+    listed = re.search(r"how it reports \(([^)]*)\)", " ".join(compare.__doc__.split())).group(1)
+    assert sorted(listed.split(", ")) == sorted(IGNORED)
