@@ -8,6 +8,12 @@ Measures, with the same model, device, batch size and autocast:
 and prints both and their ratios. The goal is a ratio of at least 0.85: decoding, cropping and
 writing should hide behind the encoder. Model loading and warm-up are outside both timings.
 
+(b) is a steady-state rate: the encoder images of the 2nd to the last encoder batch over the time from the first
+batch's end to the last one's (CUDA events on a GPU). The start-up before the first batch (workers and writers
+spawning, the store opening, the first clips decoding) and the tail after the last (writers closing, the store's
+summary) are printed apart, with the end-to-end rate. The loader prefetches 4 clips a worker during the start-up,
+so the run should hold many more batches than that (--clips, --frames, --repeat, a smaller --batch-size).
+
 Not a test: run it by hand, e.g.
 
     .venv/bin/python bench/extract.py                                   # ViT-B-32, random weights
@@ -17,7 +23,8 @@ Not a test: run it by hand, e.g.
     .venv/bin/python bench/extract.py --device cuda --decode tensor --writer-processes 0   # the writer thread instead
     .venv/bin/python bench/extract.py --device cuda --decode tensor --frames-per-decode 16 128 512   # nvJPEG call sizes
 
-Images are counted as the encoder sees them: 2 per frame (face, context) times --views.
+Images are counted as the encoder sees them: frames x 2 streams (face, context) x --views; bench/gpu_check.py counts
+and times them the same way (timed_extract).
 """
 
 from __future__ import annotations
@@ -105,67 +112,127 @@ def time_encoder(clip_model: CLIPBackbone, batch_size: int, use_amp: bool, secon
     return n * batch_size / elapsed, n
 
 
-def time_extraction(args, settings, decode: str, clip_model: CLIPBackbone, enc_ips: float, annotations, tmp: Path,
-                    quiet) -> dict:
-    """One timed `caer extract` with one decode path (plus --diagnose's variants): its numbers, printed and returned."""
-    suffix = ".h5" if args.format == "h5" else ".zarr"
-    out = tmp / f"bench-{decode}-{extract_module.FRAMES_PER_DECODE}{suffix}"  # one store per decode path and call size
-    # time spent in the device step (H2D copy, normalise, encode: on CUDA only the launches, since the features come
-    # back asynchronously), and, with --decode tensor on a GPU, in the decode-ahead thread's decoding and cutting
-    spent = {"encode": 0.0, "decode": 0.0}
-    encode_pixels, decode_on_device = extract_module.encode_pixels, extract_module.decode_on_device
+class BatchClock:
+    """Patches extract's device steps for one run: the end of every encoder batch and its encoder images
+    (frames x 2 streams x views), and the time the main thread spends in them. On CUDA the ends are CUDA events,
+    as the encoder runs asynchronously; on the CPU, the host clock."""
 
-    def timed(fn, key):
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.images: list[int] = []
+        self.ends: list = []
+        self.spent = {"encode": 0.0, "decode": 0.0}
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def between(self, a, b) -> float:
+        return a.elapsed_time(b) / 1e3 if self.cuda else b - a
+
+    def timed(self, fn, key: str):
         def run(*a, **kw):
             start = time.perf_counter()
             try:
                 return fn(*a, **kw)
             finally:
-                spent[key] += time.perf_counter() - start
+                self.spent[key] += time.perf_counter() - start
         return run
 
-    extract_module.encode_pixels = timed(encode_pixels, "encode")
-    extract_module.decode_on_device = timed(decode_on_device, "decode")
+    def __enter__(self):
+        self.patched = extract_module.encode_pixels, extract_module.decode_on_device
+        encode = self.timed(self.patched[0], "encode")
+
+        def encode_and_mark(backbone, pixels, views, use_amp):
+            feats = encode(backbone, pixels, views, use_amp)
+            self.images.append(len(pixels) * views)  # pixels: the face and context images of the batch's frames
+            self.ends.append(self.mark())
+            return feats
+
+        extract_module.encode_pixels = encode_and_mark
+        extract_module.decode_on_device = self.timed(self.patched[1], "decode")
+        self.start = self.mark()
+        return self
+
+    def __exit__(self, *exc):
+        self.end = self.mark()
+        if self.cuda:
+            torch.cuda.synchronize()
+        extract_module.encode_pixels, extract_module.decode_on_device = self.patched
+
+    def result(self) -> dict:
+        """Seconds and encoder images: start-up (to the first batch's end), steady (first to last end), tail."""
+        wall = self.between(self.start, self.end)
+        ends = self.ends or [self.end]
+        startup, steady = self.between(self.start, ends[0]), self.between(ends[0], ends[-1])
+        steady_images = sum(self.images[1:])
+        return {"images": sum(self.images), "batches": len(self.images), "seconds": wall, "startup_seconds": startup,
+                "steady_seconds": steady, "steady_images": steady_images, "tail_seconds": wall - startup - steady,
+                "images_per_s": steady_images / steady if steady > 0 else float("nan"),
+                "end_to_end_images_per_s": sum(self.images) / wall,
+                "device_step_seconds": self.spent["encode"], "decode_seconds": self.spent["decode"]}
+
+
+def timed_extract(cfg: ExtractConfig, clip_model: CLIPBackbone, console) -> dict:
+    """One `caer extract` with ``clip_model``: its summary and BatchClock's timings (images/s = steady state)."""
+    with writers_skip_this_script(), BatchClock(clip_model.device) as clock:
+        summary = extract(cfg, clip_model, console)
+    return clock.result() | {"summary": summary}
+
+
+def rate_line(r: dict) -> str:
+    """The steady-state rate, then start-up, tail and end to end, in words."""
+    return (f"{r['images_per_s']:,.1f} images/s steady ({r['steady_images']} images after the first of {r['batches']} "
+            f"encoder batches, in {r['steady_seconds']:.1f} s); start-up {r['startup_seconds']:.1f} s to the first batch, tail "
+            f"{r['tail_seconds']:.1f} s; end to end {r['images']} images in {r['seconds']:.1f} s = "
+            f"{r['end_to_end_images_per_s']:,.1f} images/s")
+
+
+def time_extraction(args, settings, decode: str, clip_model: CLIPBackbone, enc_ips: float, annotations, tmp: Path,
+                    quiet) -> dict:
+    """One timed `caer extract` with one decode path (plus --diagnose's variants): its numbers, printed and returned."""
+    suffix = ".h5" if args.format == "h5" else ".zarr"
+    out = tmp / f"bench-{decode}-{extract_module.FRAMES_PER_DECODE}{suffix}"  # one store per decode path and call size
     profiler = None
     if args.profile:
         import cProfile
 
         profiler = cProfile.Profile()
         profiler.enable()
-    start = time.perf_counter()
-    try:
-        summary = extract(settings(annotations, out, decode), clip_model, quiet)
-    finally:
-        extract_module.encode_pixels, extract_module.decode_on_device = encode_pixels, decode_on_device
-    wall = time.perf_counter() - start
+    r = timed_extract(settings(annotations, out, decode), clip_model, quiet)
     if profiler:
         profiler.disable()
+    summary, wall = r.pop("summary"), r["seconds"]
     resolved = FeatureCache.open(out).fingerprint["decode"]
-
-    images = summary.frames * 2 * args.views
-    ext_ips = images / wall
-    print(f"caer extract --decode {decode} ({resolved}): {ext_ips:,.1f} images/s ({summary.clips_extracted} clips, "
-          f"{summary.frames} frames, {images} images in {wall:.1f} s; {summary.frames_without_face} frames without a "
-          f"face box; workers {args.workers}, batch {args.batch_size}, views {args.views}, {args.width}x{args.height} "
-          "JPEGs)")
-    print(f"  main thread in the device step (copy in, normalise, encode; on CUDA the launches only): {spent['encode']:.1f} s "
-          f"({100 * spent['encode'] / wall:.0f}%); the bare encoder would need {images / enc_ips:.1f} s")
-    if spent["decode"]:
-        print(f"  decode-ahead thread decoding and cutting on the device (overlaps the encoder): {spent['decode']:.1f} s "
-              f"({100 * spent['decode'] / wall:.0f}%)")
-    ratio = ext_ips / enc_ips
-    print(f"ratio extract / encoder: {ratio:.3f} ({'meets' if ratio >= 0.85 else 'misses'} the 0.85 goal)", flush=True)
+    print(f"caer extract --decode {decode} ({resolved}): {rate_line(r)}")
+    print(f"  {summary.clips_extracted} clips, {summary.frames} frames x 2 streams x {args.views} views; "
+          f"{summary.frames_without_face} frames without a face box; workers {args.workers}, batch {args.batch_size}, "
+          f"{args.width}x{args.height} JPEGs")
+    print(f"  main thread in the device step (copy in, normalise, encode; on CUDA the launches only): "
+          f"{r['device_step_seconds']:.1f} s ({100 * r['device_step_seconds'] / wall:.0f}%); the bare encoder would "
+          f"need {r['images'] / enc_ips:.1f} s")
+    if r["decode_seconds"]:
+        print(f"  decode-ahead thread decoding and cutting on the device (overlaps the encoder): "
+              f"{r['decode_seconds']:.1f} s ({100 * r['decode_seconds'] / wall:.0f}%)")
+    ratio = r["images_per_s"] / enc_ips
+    print(f"ratio extract / encoder, steady state: {ratio:.3f} ({'meets' if ratio >= 0.85 else 'misses'} the 0.85 goal); "
+          f"end to end: {r['end_to_end_images_per_s'] / enc_ips:.3f}", flush=True)
     if profiler:
         import pstats
 
         pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(25)
-    diagnostics = diagnose(args, settings, decode, clip_model, images, tmp, quiet) if args.diagnose else {}
-    return {"decode": resolved, "extract_images_per_s": ext_ips, "ratio": ratio, "frames": summary.frames,
-            "extract_seconds": wall, "device_step_seconds": spent["encode"], "decode_seconds": spent["decode"],
+    diagnostics = diagnose(args, settings, decode, clip_model, tmp, quiet) if args.diagnose else {}
+    return {"decode": resolved, "extract_images_per_s": r["images_per_s"], "ratio": ratio, "frames": summary.frames,
+            "extract_seconds": wall, **{k: r[k] for k in ("images", "startup_seconds", "steady_seconds", "tail_seconds",
+                                                          "end_to_end_images_per_s", "device_step_seconds",
+                                                          "decode_seconds")},
             "diagnostics": diagnostics}
 
 
-def diagnose(args, settings, decode: str, clip_model: CLIPBackbone, images: int, tmp: Path, quiet) -> dict:
+def diagnose(args, settings, decode: str, clip_model: CLIPBackbone, tmp: Path, quiet) -> dict:
     """Where the time goes: the same extraction with parts switched off (their features are not kept)."""
     suffix = ".h5" if args.format == "h5" else ".zarr"
     annotations = [tmp / "all.txt"]
@@ -187,15 +254,13 @@ def diagnose(args, settings, decode: str, clip_model: CLIPBackbone, images: int,
         if fake_encode:
             extract_module.encode_pixels = fake_encode
         try:
-            start = time.perf_counter()
             out = tmp / f"diag{i}-{decode}-{extract_module.FRAMES_PER_DECODE}{suffix}"
-            extract(settings(annotations, out, decode), clip_model, quiet)
-            seconds = time.perf_counter() - start
+            r = timed_extract(settings(annotations, out, decode), clip_model, quiet)
         finally:
             extract_module.write_clips, extract_module.encode_pixels = write, encode_pixels
             extract_module.WRITER_PROCESSES = processes
-        diagnostics[name] = images / seconds
-        print(f"  {name}: {images / seconds:,.1f} images/s ({seconds:.1f} s)", flush=True)
+        diagnostics[name] = r["images_per_s"]
+        print(f"  {name}: {rate_line(r)}", flush=True)
     return diagnostics
 
 
@@ -276,9 +341,11 @@ def main(argv=None) -> None:
                     result = time_extraction(args, settings, decode, clip_model, enc_ips, annotations, tmp, quiet)
                     name = result["decode"] + (f", {n} frames a decode call" if len(sizes) > 1 else "")
                     results[name if len(sizes) > 1 else decode] = result | {"name": name, "frames_per_decode": n}
-        print("\n| decode | caer extract images/s | bare encoder images/s | ratio |\n|---|---:|---:|---:|")
+        print("\n| decode | caer extract images/s, steady | bare encoder images/s | ratio | start-up s | end to end "
+              "images/s |\n|---|---:|---:|---:|---:|---:|")
         for r in results.values():
-            print(f"| {r['name']} | {r['extract_images_per_s']:,.1f} | {enc_ips:,.1f} | {r['ratio']:.3f} |")
+            print(f"| {r['name']} | {r['extract_images_per_s']:,.1f} | {enc_ips:,.1f} | {r['ratio']:.3f} | "
+                  f"{r['startup_seconds']:.1f} | {r['end_to_end_images_per_s']:,.1f} |")
         if args.json:
             first = next(iter(results.values()))
             args.json.write_text(json.dumps({
@@ -286,8 +353,9 @@ def main(argv=None) -> None:
                 "workers": args.workers, "views": args.views, "frame_size": [args.width, args.height],
                 "encoder_images_per_s": enc_ips,
                 "writer_processes": extract_module.WRITER_PROCESSES.get(device.type, 0),
-                **{k: first[k] for k in ("extract_images_per_s", "ratio", "frames", "extract_seconds",
-                                         "device_step_seconds", "diagnostics")},
+                **{k: first[k] for k in ("extract_images_per_s", "ratio", "frames", "images", "extract_seconds",
+                                         "startup_seconds", "end_to_end_images_per_s", "device_step_seconds",
+                                         "diagnostics")},
                 "by_decode": results,
             }, indent=1))
     finally:
