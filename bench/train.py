@@ -47,7 +47,9 @@ from caer.config import ExtractConfig, SynthConfig, from_flat, load_config
 from caer.data.synth import synthesise
 from caer.model.encoder import load_backbone
 from caer.pipeline import train as train_module
+from caer.pipeline.curves import read_metrics
 from caer.pipeline.extract import extract
+from caer.pipeline.run_dir import RunDir
 
 GOALS = {1: 20.0, 2: 100.0}
 TRAINS = {1: "prompt context vectors", 2: "adapter, temporal encoders, fusion", 3: "everything, image encoder included"}
@@ -97,7 +99,7 @@ def time_epoch(args, tmp: Path, data: Path, cache: Path, stage: int, source: str
         start = time.perf_counter()
         train_module.train_stage(cfg, stage, console)
         wall = time.perf_counter() - start
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_metrics(RunDir(run_dir).metrics)
     assert len(records) == len(val.seconds) == epochs, (len(records), len(val.seconds))
     seconds = [r["seconds"] for r in records]
     return {"stage": stage, "source": source, "decode": decode, "seconds": seconds[-1], "valid_seconds": val.seconds[-1],

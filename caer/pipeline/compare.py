@@ -21,6 +21,7 @@ from rich.table import Table
 from ..config import RunConfig, from_saved, options, read_yaml
 from ..files import check_outputs, write_atomically
 from .curves import read_metrics
+from .run_dir import RunDir
 
 # settings that say where a run writes or how it reports, not what it computes: never a column
 IGNORED = ("run_dir", "resume", "overwrite", "print_confusion", "tensorboard", "workers")
@@ -47,15 +48,15 @@ class RunSummary:
 
 def read_run(run_dir: str | Path) -> RunSummary:
     """The config, best valid pair and test report of a run directory (test fields None without a report)."""
-    run_dir = Path(run_dir)
-    config_file = run_dir / "config.yaml"
+    run = RunDir(run_dir)
+    run_dir, config_file = run.path, run.config
     if not config_file.is_file():
         raise ValueError(f"{run_dir}: no config.yaml (is it a caer train run directory?)")
     saved = read_yaml(config_file) or {}
     if not isinstance(saved, dict):
         raise ValueError(f"{config_file}: expected a mapping of option names to values")
     summary = RunSummary(run_dir, saved)
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run.metrics
     records = read_metrics(metrics) if metrics.is_file() else []
     if records:
         last_stage = max(int(r["stage"]) for r in records)
@@ -64,7 +65,7 @@ def read_run(run_dir: str | Path) -> RunSummary:
         if last.get("best_epoch", -1) >= 0:
             summary.best_epoch = last["best_epoch"] + 1
             summary.valid_war, summary.valid_uar = last["best_war"], last["best_uar"]
-    report = run_dir / "test_report.json"
+    report = run.test_report
     if report.is_file():
         test = json.loads(report.read_text())
         summary.test_note = report_mismatch(test, summary)

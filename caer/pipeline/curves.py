@@ -15,6 +15,7 @@ import numpy as np
 
 from ..files import check_outputs
 from .figures import confusion_figure, picture_format, pyplot, save_figure
+from .run_dir import RunDir
 
 # one row of panels per kind of series (the series' prefix): (prefix, panel title, y label)
 PANELS = (("accuracy", "WAR / UAR", "%"), ("loss", "loss terms", "loss"), ("weight", "MI / DC weights", "weight"),
@@ -129,11 +130,11 @@ def write_curves(run_dir: str | Path, out: str | Path | None = None, overwrite: 
     """``caer plot``: the curves of a run directory's ``metrics.jsonl`` into ``out`` (default RUN_DIR/curves.png,
     which is redrawn as caer train does; any other existing file only with ``overwrite``). ``out`` is checked
     (``files.check_outputs``) before anything is read: never the metrics file, and a picture format."""
-    run_dir = Path(run_dir)
-    metrics = run_dir / "metrics.jsonl"
+    run = RunDir(run_dir)
+    run_dir, metrics = run.path, run.metrics
     if not metrics.is_file():
         raise ValueError(f"{run_dir}: no metrics.jsonl (is it a caer train run directory?)")
-    default = run_dir / "curves.png"
+    default = run.curves
     path = Path(out) if out else default
     check_outputs([("--out", path)], [("the run's metrics", metrics)], overwrite or path.resolve() == default.resolve())
     picture_format("--out", path)
@@ -158,11 +159,11 @@ class TensorBoardLog:
     step = 1-based epoch) and the valid confusion matrix as an image. Events of epochs at or after the one
     the stage starts from (a fresh start, or a resume) are purged, as ``metrics.jsonl`` drops their lines."""
 
-    def __init__(self, run_dir: str | Path, stage: int, start_epoch: int, classes: list[str]):
+    def __init__(self, run_dir: RunDir, stage: int, start_epoch: int, classes: list[str]):
         check_tensorboard()
         from torch.utils.tensorboard import SummaryWriter
 
-        self.path = Path(run_dir) / "tensorboard" / f"stage{stage}"
+        self.path = run_dir.tensorboard(stage)
         self.classes = classes
         self.writer = SummaryWriter(str(self.path), purge_step=start_epoch + 1)
 

@@ -23,6 +23,7 @@ from .compare import compare_runs, rich_tables
 from .display import print_unfolded
 from .extract import extract
 from .predict import predict
+from .run_dir import RunDir
 from .train import run
 
 # configs/ablations/<name>.yaml, each applied on top of configs/tiny.yaml by `caer demo --ablations`
@@ -61,22 +62,23 @@ def demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     console.rule("3/5 caer train --staged-training")
     base = shared | {"cache": str(cache), "train_list": annotations[0], "val_list": annotations[1],
                      "test_list": annotations[2], "staged_training": True, "epochs_stage2": cfg.epochs}
-    results = run(load_config("tiny", base | {"run_dir": str(out / "run")}), console)
+    run_dir = RunDir(out / "run")
+    results = run(load_config("tiny", base | {"run_dir": str(run_dir.path)}), console)
 
     console.rule("4/5 caer predict on a video")
     predicted = predict_on_video(data, out / "video", results[-1].best_path, cfg.device, console)
 
     console.rule("5/5 results")
-    report = json.loads((out / "run" / "test_report.json").read_text())
+    report = json.loads(run_dir.test_report.read_text())
     table = Table(title=f"caer demo finished in {time.perf_counter() - start:.0f} s", show_header=False)
     table.add_row("test WAR / UAR", f"{report['war']:.2f} / {report['uar']:.2f} (chance UAR {100 / len(report['classes']):.0f})")
     for r in results:
         table.add_row(f"stage {r.stage} best checkpoint", f"{r.best_path} (valid UAR {r.best['valid_uar']:.2f})")
     table.add_row("dataset", str(data))
     table.add_row("feature cache", str(cache))
-    table.add_row("metrics per epoch", str(out / "run" / "metrics.jsonl"))
-    table.add_row("test report", f"{out / 'run' / 'test_report.json'}, {out / 'run' / 'test_confusion.png'}")
-    table.add_row("training curves", str(out / "run" / "curves.png"))
+    table.add_row("metrics per epoch", str(run_dir.metrics))
+    table.add_row("test report", f"{run_dir.test_report}, {run_dir.test_confusion}")
+    table.add_row("training curves", str(run_dir.curves))
     table.add_row("caer predict on a video", predicted)
     console.print(table)
     if cfg.ablations:
@@ -129,7 +131,7 @@ def run_ablations(out: Path, base: dict, console: Console) -> tuple[list[str], l
             start = time.perf_counter()
             run_dir = out / name
             run(load_config(files, base | {"run_dir": str(run_dir), "epochs_stage3": 0}), quiet)
-            report = json.loads((run_dir / "test_report.json").read_text())
+            report = json.loads(RunDir(run_dir).test_report.read_text())
             console.print(f"{i}/{1 + len(ABLATIONS)} {name}: test WAR {report['war']:.2f} UAR {report['uar']:.2f} "
                           f"({time.perf_counter() - start:.0f} s)", highlight=False)
             run_dirs.append(run_dir)

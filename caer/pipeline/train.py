@@ -59,6 +59,7 @@ from ..model.metrics import confusion_matrix, uar, uar_all_classes, war
 from .curves import TensorBoardLog, check_tensorboard, read_metrics, write_curves
 from .display import confusion_table, progress_bar
 from .evaluate import evaluate, note_left_out, predict
+from .run_dir import RunDir
 
 LOSS_TERMS = ("loss", "cls", "mi", "dc")
 SHOWN_EVERY = 20  # training steps between two reads of the running loss (each makes the host wait for the GPU)
@@ -77,26 +78,6 @@ class StageResult:
     best_path: Path
     last_path: Path
     best: dict = field(default_factory=dict)
-
-
-@dataclass
-class RunPaths:
-    """The files of one stage in a run directory."""
-
-    run_dir: Path
-    stage: int
-
-    @property
-    def metrics(self) -> Path:
-        return self.run_dir / "metrics.jsonl"
-
-    @property
-    def last(self) -> Path:
-        return self.run_dir / f"stage{self.stage}-last.pt"
-
-    @property
-    def best(self) -> Path:
-        return self.run_dir / f"stage{self.stage}-best.pt"
 
 
 class TrainStep(nn.Module):
@@ -122,7 +103,7 @@ class Stage:
     device: torch.device
     rank: int
     world: int
-    paths: RunPaths
+    run_dir: RunDir
     source: Source
     model: CAERModel
     step: nn.Module
@@ -231,20 +212,19 @@ def check_run_dir_free(cfg: RunConfig, stages: list[int], console: Console) -> N
     --overwrite, note the later stages' files that stay: they no longer follow from the stages trained now."""
     if cfg.run.resume and cfg.run.overwrite:
         raise ValueError("--resume goes on with the run in --run-dir, --overwrite replaces it: give one of them")
-    run_dir = Path(cfg.run.run_dir)
-    metrics = RunPaths(run_dir, 1).metrics
-    recorded = {int(r["stage"]) for r in read_metrics(metrics)} if metrics.is_file() else set()
+    run_dir = RunDir(cfg.run.run_dir)
+    recorded = {int(r["stage"]) for r in read_metrics(run_dir.metrics)} if run_dir.metrics.is_file() else set()
 
     def held(n: int) -> bool:
-        return n in recorded or RunPaths(run_dir, n).last.exists() or RunPaths(run_dir, n).best.exists()
+        return n in recorded or run_dir.last(n).exists() or run_dir.best(n).exists()
 
     taken = [n for n in stages if held(n)]
     if taken and not (cfg.run.resume or cfg.run.overwrite):
-        raise ValueError(f"--run-dir {run_dir} already holds stage {', '.join(map(str, taken))} of an earlier run: "
+        raise ValueError(f"--run-dir {run_dir.path} already holds stage {', '.join(map(str, taken))} of an earlier run: "
                          "--resume to go on with it, --overwrite to replace it, or choose another --run-dir")
     later = [n for n in range(max(stages) + 1, 4) if held(n)]
     if cfg.run.overwrite and taken and later:
-        console.print(f"[yellow]note:[/] {run_dir} keeps the earlier run's stage {', '.join(map(str, later))} "
+        console.print(f"[yellow]note:[/] {run_dir.path} keeps the earlier run's stage {', '.join(map(str, later))} "
                       "(checkpoints, metrics): it does not follow from the stages trained now", highlight=False,
                       soft_wrap=True)
 
@@ -277,12 +257,12 @@ def setup_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
     device = runtime.local_device(runtime.resolve_device(cfg.runtime.device))
     rank, world = runtime.init(device)
     console = console if rank == 0 else Console(quiet=True)
-    paths = RunPaths(Path(cfg.run.run_dir), stage)
-    resume = cfg.run.resume and paths.last.exists()
+    run_dir = RunDir(cfg.run.run_dir)
+    resume = cfg.run.resume and run_dir.last(stage).exists()
     if cfg.run.resume and not resume:
-        console.print(f"[yellow]note:[/] nothing to resume in {paths.run_dir}: starting stage {stage} afresh",
+        console.print(f"[yellow]note:[/] nothing to resume in {run_dir.path}: starting stage {stage} afresh",
                       highlight=False, soft_wrap=True)
-    init = load_checkpoint(paths.last if resume else init_from) if (resume or init_from) else None
+    init = load_checkpoint(run_dir.last(stage) if resume else init_from) if (resume or init_from) else None
     source = Source.raw if stage == 3 else cfg.data.source
     if stage == 3 and cfg.data.source == Source.cache:
         console.print("[dim]stage 3 fine-tunes the image encoder, so it reads raw frames[/]")
@@ -309,17 +289,17 @@ def setup_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
         unused = "prompt" in STAGE_GROUPS[stage] and not model.classifies_with_prompts()
         step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None,
                                        find_unused_parameters=unused)
-    s = Stage(cfg, stage, console, device, rank, world, paths, source, model, step, loss, optimizer, scheduler, scaler,
+    s = Stage(cfg, stage, console, device, rank, world, run_dir, source, model, step, loss, optimizer, scheduler, scaler,
               make_loader(train_set, cfg, True, cfg.loss.use_weighted_sampler, rank, world),
               make_loader(val_set, cfg, False, rank=rank, world=world), encoder, cache, init is not None and carries_clip(init),
               skipped={"train": len(train_set.left_out), "val": len(val_set.left_out)})
     if "prompt" not in STAGE_GROUPS[stage]:  # frozen prompts: text features once per stage, not once per step
         with torch.no_grad():
             s.fixed_text = tuple(t.detach() for t in model.text_features())
-    paths.run_dir.mkdir(parents=True, exist_ok=True)  # only now: a stage refused at set-up leaves no empty folder
+    run_dir.path.mkdir(parents=True, exist_ok=True)  # only now: a stage refused at set-up leaves no empty folder
     _resume_or_start(s, init if resume else None)
     if rank == 0:  # only now: a stage refused at set-up leaves the run's config.yaml as it was
-        save_config(cfg, paths.run_dir / "config.yaml")
+        save_config(cfg, run_dir.config)
     return s
 
 
@@ -329,11 +309,11 @@ def _resume_or_start(s: Stage, last: dict | None) -> None:
         # each rank draws its own dropout masks (rank 0 alone: as a single process would)
         torch.manual_seed(s.cfg.run.seed + s.number + RANK_SEED_STRIDE * s.rank)
         if s.rank == 0:
-            _drop_metrics_after(s.paths.metrics, s.number, -1)
+            _drop_metrics_after(s.run_dir.metrics, s.number, -1)
         return
     saved = [g.get("name") for g in last["optimizer"]["param_groups"]]
     if saved != [g["name"] for g in s.optimizer.param_groups]:
-        raise ValueError(f"{s.paths.last}: its optimiser holds the groups {', '.join(map(str, saved))}, this caer "
+        raise ValueError(f"{s.run_dir.last(s.number)}: its optimiser holds the groups {', '.join(map(str, saved))}, this caer "
                          f"trains {', '.join(g['name'] for g in s.optimizer.param_groups)} (the fusion has its own "
                          "group since this version); start the stage again without --resume, or finish it with the "
                          "caer that wrote the checkpoint")
@@ -345,9 +325,9 @@ def _resume_or_start(s: Stage, last: dict | None) -> None:
     s.start_epoch, s.best = last["epoch"] + 1, last["best"]
     s.best_train, s.best_confusion = last.get("best_train", s.best_train), last.get("best_confusion")
     if s.rank == 0:
-        _drop_metrics_after(s.paths.metrics, s.number, last["epoch"])
+        _drop_metrics_after(s.run_dir.metrics, s.number, last["epoch"])
     _restore_random_state(s, last.get("rng_ranks") or [last["rng"]])
-    s.console.print(f"resuming stage {s.number} at epoch {s.start_epoch + 1}/{s.epochs} from {s.paths.last}")
+    s.console.print(f"resuming stage {s.number} at epoch {s.start_epoch + 1}/{s.epochs} from {s.run_dir.last(s.number)}")
 
 
 def _check_resumed_as_set(s: Stage, saved: dict) -> None:
@@ -362,7 +342,7 @@ def _check_resumed_as_set(s: Stage, saved: dict) -> None:
     if changed:
         shown = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" if k in now else f"{k} {before} -> {s.epochs}"
                           for k in changed[:4])
-        raise ValueError(f"{s.paths.last}: --resume continues stage {s.number} as it was started, but {shown}: "
+        raise ValueError(f"{s.run_dir.last(s.number)}: --resume continues stage {s.number} as it was started, but {shown}: "
                          "give the values it was started with, or start the stage again without --resume")
 
 
@@ -373,7 +353,7 @@ def _restore_random_state(s: Stage, saved: list[dict]) -> None:
         runtime.set_rng_state(saved[s.rank], s.device)
         return
     torch.manual_seed(s.cfg.run.seed + s.number + RANK_SEED_STRIDE * s.rank + s.start_epoch)
-    s.console.print(f"[yellow]note:[/] {s.paths.last} was written by {len(saved)} process(es) and this run has "
+    s.console.print(f"[yellow]note:[/] {s.run_dir.last(s.number)} was written by {len(saved)} process(es) and this run has "
                     f"{s.world}: its random draws (dropout) start from fresh seeds, not where the interrupted run "
                     "stopped", highlight=False, soft_wrap=True)
 
@@ -524,10 +504,10 @@ def record_epoch(s: Stage, epoch: int, record: dict, random_states: list[dict]) 
         "encoder": finetuned_identity(s.model, s.encoder) if own_encoder else s.encoder,
         "cache_fingerprint": s.cache.fingerprint if s.cache else None, "metrics": record,
     }
-    _append_metrics(s.paths.metrics, record)
+    _append_metrics(s.run_dir.metrics, record)
     if improved:
-        save_checkpoint(checkpoint, s.paths.best)
-    save_checkpoint(checkpoint, s.paths.last)
+        save_checkpoint(checkpoint, s.run_dir.best(s.number))
+    save_checkpoint(checkpoint, s.run_dir.last(s.number))
     return improved
 
 
@@ -569,7 +549,7 @@ def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
     clips, and rank 0 alone writes checkpoints, metrics, curves (and TensorBoard events), and prints.
     """
     s = setup_stage(cfg, stage, console, init_from)
-    board = (TensorBoardLog(s.paths.run_dir, stage, s.start_epoch, s.cfg.model.classes)
+    board = (TensorBoardLog(s.run_dir, stage, s.start_epoch, s.cfg.model.classes)
              if s.cfg.run.tensorboard and s.rank == 0 else None)
     groups = ", ".join(g for g in STAGE_GROUPS[stage] if s.model.parameter_groups()[g])
     s.console.rule(f"stage {stage}: training {groups} from the {s.source}"
@@ -597,12 +577,12 @@ def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
             board.close()
     if s.rank == 0:
         show_stage_end(s)
-        s.console.print(f"training curves: {write_curves(s.paths.run_dir)}", highlight=False, soft_wrap=True)
+        s.console.print(f"training curves: {write_curves(s.run_dir.path)}", highlight=False, soft_wrap=True)
     best = runtime.gather(s.best)[0]
     if best["epoch"] < 0:  # (a best checkpoint on disk would be an earlier run's)
         raise RuntimeError(f"stage {stage} has no best checkpoint: nothing trained in any of its epochs (the MI and DC "
                            "warm-up outlasted the stage)")
-    return StageResult(stage, s.paths.best, s.paths.last, best)
+    return StageResult(stage, s.run_dir.best(s.number), s.run_dir.last(s.number), best)
 
 
 def _starting_checkpoint(cfg: RunConfig, console: Console) -> Path | None:
@@ -610,13 +590,13 @@ def _starting_checkpoint(cfg: RunConfig, console: Console) -> Path | None:
     given = Path(cfg.run.init_from) if cfg.run.init_from else None
     if cfg.stages.staged_training:
         return given
-    previous = Path(cfg.run.run_dir) / f"stage{cfg.stages.stage - 1}-best.pt"
+    previous = RunDir(cfg.run.run_dir).best(cfg.stages.stage - 1)
     init = given or (previous if cfg.stages.stage > 1 and previous.exists() else None)
     if init is not None:
         console.print(f"stage {cfg.stages.stage} starts from {init}")
     elif cfg.stages.stage > 1 and not cfg.run.resume:
         console.print(f"[yellow]note:[/] stage {cfg.stages.stage} starts from scratch: no --init-from and no "
-                      f"stage{cfg.stages.stage - 1}-best.pt in {cfg.run.run_dir}")
+                      f"{previous.name} in {cfg.run.run_dir}")
     return init
 
 
@@ -652,8 +632,8 @@ def run(cfg: RunConfig, console: Console | None = None) -> list[StageResult]:
 def write_test_report(checkpoint: Path, cfg: RunConfig, console: Console) -> None:
     """Evaluate the run's final best checkpoint on the test split; write test_report.json (and .png) beside it."""
     report = evaluate(checkpoint, "test", "raw" if cfg.data.source == Source.raw else "auto", console=console)
-    run_dir = Path(cfg.run.run_dir)
-    report.write_json(run_dir / "test_report.json")
-    report.plot(run_dir / "test_confusion.png")
+    run_dir = RunDir(cfg.run.run_dir)
+    report.write_json(run_dir.test_report)
+    report.plot(run_dir.test_confusion)
     console.print(report.tables())
-    console.print(f"test report: {run_dir / 'test_report.json'}")
+    console.print(f"test report: {run_dir.test_report}")
