@@ -418,7 +418,7 @@ def test_a_prompt_text_too_long_for_the_text_encoder_is_refused(tiny_clip):
 
 def test_text_encoding_cut_after_end_of_text_equals_open_clip_encode_text():
     """encode_text_embeddings drops the padding after the last EOT token; the result must not change."""
-    from caer.model.caer_model import encode_text_embeddings
+    from caer.model.encoder import encode_text_embeddings
 
     clip = load_backbone("caer-tiny", "random")
     tokens = clip.tokenizer(["a student yawning at the desk", "a confused face", "x"])

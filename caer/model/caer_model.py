@@ -16,7 +16,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import text_global_pool
 from torch import nn
 
 from ..config import (
@@ -30,7 +29,7 @@ from ..config import (
     TokenPosition,
 )
 from ..runtime import no_autocast, upcast
-from .encoder import CLIPBackbone, unfreeze_last_blocks
+from .encoder import CLIPBackbone, encode_text_embeddings, unfreeze_last_blocks
 
 # the parameter groups each stage trains (SPEC section 7); the text tower is never trained
 STAGE_GROUPS = {
@@ -111,24 +110,6 @@ class ReferenceTemporalEncoder(nn.Module):
         return x[:, 0]
 
 
-def encode_text_embeddings(clip_model: nn.Module, embeddings: torch.Tensor, tokens: torch.Tensor,
-                           length: int | None = None) -> torch.Tensor:
-    """open_clip's ``encode_text`` from token embeddings instead of token ids (for learnable prompts).
-
-    With CLIP's causal mask and end-of-text pooling, the padding after the last end-of-text token
-    cannot change the result, so the sequence is cut there: prompts of ~20 tokens cost ~20, not 77.
-    ``length``: that cut, when the caller knows it (finding it in ``tokens`` on a GPU makes the host wait).
-    """
-    cast = clip_model.transformer.get_cast_dtype()
-    mask = clip_model.attn_mask
-    if mask is not None and clip_model.text_pool_type == "argmax":
-        length = length or int(tokens.argmax(-1).max()) + 1
-        embeddings, tokens, mask = embeddings[:, :length], tokens[:, :length], mask[:length, :length]
-    x = embeddings.to(cast) + clip_model.positional_embedding[: embeddings.shape[1]].to(cast)
-    x = clip_model.ln_final(clip_model.transformer(x, attn_mask=mask))
-    x = text_global_pool(x, tokens, clip_model.text_pool_type, eos_token_id=getattr(clip_model, "text_eos_id", None))
-    proj = clip_model.text_projection
-    return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
 
 class PromptLearner(nn.Module):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import open_clip
 import torch
+from open_clip.transformer import text_global_pool
 from PIL import Image
 from torchvision import transforms as T
 
@@ -138,7 +139,7 @@ def _quiet_root_logger():
         root.setLevel(level)
 
 
-def load_backbone(name: str = "ViT-B-32", pretrained: str = "openai", device: str | torch.device = "cpu",
+def load_backbone(name: str, pretrained: str, device: str | torch.device = "cpu",
                   preprocess: Preprocessing = Preprocessing.open_clip) -> CLIPBackbone:
     """Build an open_clip model by name; ``pretrained`` is a tag, a local checkpoint file, or ``random``;
     ``preprocess`` is open_clip's own eval transform or the reference's pixels (``Preprocess.reference``)."""
@@ -225,3 +226,23 @@ def weights_digest(module: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()
+
+
+def encode_text_embeddings(clip_model: torch.nn.Module, embeddings: torch.Tensor, tokens: torch.Tensor,
+                           length: int | None = None) -> torch.Tensor:
+    """open_clip's ``encode_text`` from token embeddings instead of token ids (for learnable prompts).
+
+    With CLIP's causal mask and end-of-text pooling, the padding after the last end-of-text token
+    cannot change the result, so the sequence is cut there: prompts of ~20 tokens cost ~20, not 77.
+    ``length``: that cut, when the caller knows it (finding it in ``tokens`` on a GPU makes the host wait).
+    """
+    cast = clip_model.transformer.get_cast_dtype()
+    mask = clip_model.attn_mask
+    if mask is not None and clip_model.text_pool_type == "argmax":
+        length = length or int(tokens.argmax(-1).max()) + 1
+        embeddings, tokens, mask = embeddings[:, :length], tokens[:, :length], mask[:length, :length]
+    x = embeddings.to(cast) + clip_model.positional_embedding[: embeddings.shape[1]].to(cast)
+    x = clip_model.ln_final(clip_model.transformer(x, attn_mask=mask))
+    x = text_global_pool(x, tokens, clip_model.text_pool_type, eos_token_id=getattr(clip_model, "text_eos_id", None))
+    proj = clip_model.text_projection
+    return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
