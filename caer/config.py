@@ -424,7 +424,17 @@ class DataConfig:
     cache_in_memory: bool = option(False, "Load the whole cache into RAM.")
 
 
+# the RAER label set: the classes, and our descriptive sentence for each (t_desc; facial action units + context)
 DEFAULT_CLASSES = ["Neutrality", "Enjoyment", "Confusion", "Fatigue", "Distraction"]
+DEFAULT_DESCRIPTIONS = [
+    "A student with a relaxed face, lips closed and brows at rest, quietly watching the lesson from the desk.",
+    "A student smiling with raised cheeks and crinkled eyes, leaning in and engaged with the class activity.",
+    "A student with lowered, drawn-together brows and narrowed eyes, staring at the notes as if something does not "
+    "make sense.",
+    "A student with drooping eyelids and a slack jaw, yawning or resting the head on a hand at the desk.",
+    "A student whose gaze and head are turned away from the teacher and the material, looking at a phone or around "
+    "the room.",
+]
 
 
 @dataclass
@@ -435,7 +445,7 @@ class ModelConfig:
     classes: list[str] = option(help="Class names, in label order (repeat the flag per class).",
                                 factory=lambda: list(DEFAULT_CLASSES), shown="the RAER classes")
     descriptions: list[str] = option(help="One descriptive sentence per class (t_desc; repeat the flag per class).",
-                                     factory=list, shown="the config's")
+                                     factory=lambda: list(DEFAULT_DESCRIPTIONS), shown="a sentence per RAER class")
     num_frames: int = option(16, "T: frames (TSN segments) per clip.", min=1)
     streams: Streams = option(Streams.both, "both, or face / context alone (single-stream ablations).")
     input_norm: bool = option(True, "BatchNorm of the frame features before adapter and temporal encoders.")

@@ -338,3 +338,13 @@ def test_lists_of_option_names_name_declared_options():
     assert set(PREDICT_DETECTION) <= set(option_names(BoxesConfig))
     listed = re.search(r"how it reports \(([^)]*)\)", " ".join(compare.__doc__.split())).group(1)
     assert sorted(listed.split(", ")) == sorted(IGNORED)
+
+
+def test_without_a_config_file_the_run_has_the_raer_label_set_written_out_in_raer_yaml():
+    """Classes and descriptions default together (a run needs both), and raer.yaml's copy is the same."""
+    from caer.config import DEFAULT_CLASSES, DEFAULT_DESCRIPTIONS
+
+    bare, raer = load_config(None), load_config("raer")
+    assert bare.model.classes == raer.model.classes == DEFAULT_CLASSES
+    assert bare.model.descriptions == raer.model.descriptions == DEFAULT_DESCRIPTIONS
+    assert load_config("tiny").model.descriptions == DEFAULT_DESCRIPTIONS
