@@ -401,6 +401,8 @@ class CropConfig:
 
 @dataclass
 class RuntimeConfig:
+    """Where and how a command computes: device, mixed precision, worker processes."""
+
     PANEL = "Runtime"
     device: str = option("auto", "auto, cpu, cuda or cuda:N.")
     use_amp: bool = option(True, "bf16/fp16 autocast on CUDA (no effect on the CPU).", flags=("--use-amp/--no-amp",))
@@ -415,6 +417,8 @@ class RuntimeConfig:
 
 @dataclass
 class DataConfig:
+    """What a run reads: the annotation lists, and the feature cache or raw frames."""
+
     PANEL = "Data"
     train_list: str | None = option(None, "Training annotation file.")
     val_list: str | None = option(None, "Validation annotation file.")
@@ -500,6 +504,8 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
+    """The optimiser, its learning rates per stage and parameter group, and the schedule."""
+
     PANEL = "Optimisation"
     optimizer: Optimizer = option(Optimizer.sgd, "sgd (with --momentum) or adamw.")
     lr: float = option(1e-3, "Learning rate of the temporal encoders and fusion; default of the others.", min=0)
@@ -555,6 +561,8 @@ class StageConfig:
 
 @dataclass
 class RunDirConfig:
+    """The run itself: its directory, what a stage starts from, resume or overwrite, seed, and how it reports."""
+
     PANEL = "Run"
     run_dir: str = option("runs/caer", "Where config, metrics.jsonl and checkpoints go.")
     init_from: str | None = option(None, "Checkpoint a single stage starts from.",
@@ -814,6 +822,8 @@ class SynthConfig:
 
 @dataclass
 class InitWeightsConfig:
+    """`caer init-weights`: randomly initialised open_clip weights, saved as a file."""
+
     PANEL = "Options"
     out: str = option(None, "Checkpoint file to write (.pt).", argument=True)
     model: str = option("caer-tiny", "open_clip model name.")
@@ -823,6 +833,8 @@ class InitWeightsConfig:
 
 @dataclass
 class DemoConfig:
+    """`caer demo`: the whole pipeline on a synthetic dataset, offline."""
+
     PANEL = "Options"
     out: str | None = option(None, "Folder for everything the demo writes.", shown="./caer-demo-<time>")
     clips: int = option(400, "Clips in the synthetic dataset.", min=11)

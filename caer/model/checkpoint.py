@@ -181,6 +181,7 @@ def carries_clip(checkpoint: dict) -> bool:
 
 
 def load_weights(model: CAERModel, checkpoint: dict) -> None:
+    """The checkpoint's weights into ``model``; a key missing or left over (another model layout) is an error."""
     try:
         missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
     except RuntimeError as err:  # a shape that differs: name the first one (the config's sizes differ from the file's)

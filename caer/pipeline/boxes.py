@@ -34,6 +34,8 @@ from .display import progress_bar
 
 @dataclass
 class BoxesSummary:
+    """What `caer boxes` found: clips and frames read, faces found, the clips without one, the files written."""
+
     detector: str
     clips: int = 0
     frames: int = 0

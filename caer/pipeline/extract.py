@@ -41,6 +41,8 @@ FRAMES_PER_DECODE = 128
 
 @dataclass
 class ExtractSummary:
+    """What `caer extract` did: clips and frames extracted, kept from an earlier run or skipped, and the time."""
+
     clips_total: int = 0
     clips_extracted: int = 0
     clips_already_done: int = 0

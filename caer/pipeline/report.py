@@ -19,6 +19,8 @@ from .figures import confusion_figure, picture_format, save_figure
 
 @dataclass
 class Report:
+    """One evaluation: per-clip labels and predictions of a split, with where they came from; the scores follow."""
+
     classes: list[str]
     labels: np.ndarray
     preds: np.ndarray

@@ -74,6 +74,8 @@ RESUME_FREE = ("run_dir", "resume", "overwrite", "print_confusion", "tensorboard
 
 @dataclass
 class StageResult:
+    """A trained stage: its best and last checkpoints, and the best epoch's valid scores."""
+
     stage: int
     best_path: Path
     last_path: Path
