@@ -534,3 +534,15 @@ def test_non_finite_features_stop_the_run_naming_the_clip_and_keep_the_others(tm
     assert result.exit_code == 0, result.output
     cache = FeatureCache.open(out)
     assert sorted(cache.video_ids) == sorted(ids) and np.isfinite(cache.clip(poisoned)).all()
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "h5"])
+def test_a_run_with_nothing_to_extract_keeps_the_store_s_summary(fmt, tmp_path, dataset, weights):
+    """Re-running a finished extraction writes no clip, and the store's summary still describes the run that did."""
+    out = tmp_path / f"c.{fmt}"
+    assert run_cli(extract_args(dataset, out, weights, "--format", fmt)).exit_code == 0
+    first = FeatureCache.open(out).attrs["summary"]
+    assert first["clips_extracted"] > 0 and first["frames"] > 0
+    result = run_cli(extract_args(dataset, out, weights, "--format", fmt))
+    assert result.exit_code == 0, result.output
+    assert FeatureCache.open(out).attrs["summary"] == first

@@ -303,14 +303,18 @@ class CacheWriter:
 
     def finish(self, splits: dict[str, list[str]], skipped: list[str], summary: dict,
                skipped_clips: list[str] = ()) -> None:
-        """Record splits, skipped clips (reasons and video ids) and the summary; for HDF5, build the final file."""
+        """Record splits, skipped clips (reasons and video ids) and the summary; for HDF5, build the final file. A run
+        that extracted nothing keeps the summary of the run that did (its counts of frames without a face, ...)."""
         finished = self._finished_h5_attrs()
         earlier = {key: list(dict(self.root.attrs).get(key, [])) + list(finished.get(key, []))
                    for key in ("skipped", "skipped_clips")}
         skipped, skipped_clips = self._merge_skipped(earlier, splits, skipped, skipped_clips)
         record = {"splits": self._merged_splits(splits, finished), "skipped": skipped, "skipped_clips": skipped_clips,
                   "inputs": self.inputs}
-        self.root.attrs.update(record | {"summary": summary})
+        earlier_summary = dict(self.root.attrs).get("summary") or finished.get("summary")
+        if summary.get("clips_extracted") or not earlier_summary:
+            record["summary"] = summary
+        self.root.attrs.update(record)
         if self.format != "h5":
             return
         if finished and not len(self.root[CLIPS]) and all(finished.get(k) == v for k, v in record.items()):
