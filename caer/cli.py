@@ -43,6 +43,7 @@ from .config import (
     option_type,
     options,
 )
+from .pipeline.display import print_unfolded
 
 app = typer.Typer(
     name="caer",
@@ -240,7 +241,7 @@ def boxes(values: dict):
     root, workers, skip_bad = values.pop("root"), values.pop("workers"), bool(values.pop("skip_bad"))
     summary = find_boxes(from_flat(BoxesConfig, values, "flag"), root, default_workers() if workers is None else workers,
                          console, skip_bad)
-    console.print(summary.table())
+    print_unfolded(console, summary.table())
     for line in summary.skipped:
         console.print(f"[yellow]skipped[/] {escape(line)}", highlight=False, soft_wrap=True)
 
@@ -262,7 +263,7 @@ def split(values: dict):
 
     num_classes = values.pop("num_classes")
     summary = split_list(SplitConfig(**values), ExtractConfig().num_classes if num_classes is None else num_classes)
-    console.print(summary.table())
+    print_unfolded(console, summary.table())
 
 
 @app.command(rich_help_panel="Pipeline")
@@ -281,7 +282,7 @@ def extract(values: dict):
     summary = run_extract(from_flat(ExtractConfig, values, "flag"), console=console)
     if rank() != 0:
         return  # under torchrun, rank 0 prints the summary
-    console.print(summary.table())
+    print_unfolded(console, summary.table())
     for line in summary.skipped:
         console.print(f"[yellow]skipped[/] {escape(line)}", highlight=False)
 
@@ -355,7 +356,7 @@ def import_reference(values: dict):
 
     overrides = {k: values.pop(k) for k in IMPORT_OVERRIDES}
     cfg = ImportReferenceConfig(**values)
-    console.print(run_import(cfg, {k: v for k, v in overrides.items() if v is not None}, console))
+    print_unfolded(console, run_import(cfg, {k: v for k, v in overrides.items() if v is not None}, console))
     console.print(f"next: [cyan]caer eval {escape(cfg.out)} --split test[/] (raw frames; add --root/--face-boxes "
                   "if they differ from the ones given here)", highlight=False, soft_wrap=True)
 
@@ -424,7 +425,6 @@ def compare(values: dict):
       [cyan]caer compare runs/* --markdown --csv runs.csv[/]
     """
     from .pipeline.compare import check_csv, compare_runs, markdown_table, rich_tables, write_csv
-    from .pipeline.display import print_unfolded
 
     cfg = CompareConfig(**values)
     if cfg.csv:

@@ -355,7 +355,8 @@ class CropConfig:
     PANEL = "Crops"
     root: str | None = option(None, "Dataset root the clip dirs are relative to.",
                               shown="the first annotation file's folder (caer train: the training list's)")
-    face_boxes: str | None = option(None, "Face boxes JSON.")
+    face_boxes: str | None = option(None, "Face boxes JSON (needed by caer extract; training and evaluation default "
+                                     "to those the cache was cut with).")
     body_boxes: str | None = option(None, "Body boxes JSON (for --crop-body).")
     crop_body: bool | None = option(None, "Context view = the body box crop instead of the whole frame.", fallback=False)
     margin: float | None = option(None, "Pixels added around each face box.", min=0, fallback=20.0)
@@ -405,8 +406,10 @@ class RuntimeConfig:
 
     PANEL = "Runtime"
     device: str = option("auto", "auto, cpu, cuda or cuda:N.")
-    use_amp: bool = option(True, "bf16/fp16 autocast on CUDA (no effect on the CPU).", flags=("--use-amp/--no-amp",))
-    workers: int | None = option(None, "Worker processes that decode frames or load batches.", min=0,
+    use_amp: bool = option(True, "Mixed precision on CUDA: bf16 where the GPU has it, else fp16; caer extract always "
+                           "fp16, as the store keeps float16. No effect on the CPU.", flags=("--use-amp/--no-amp",))
+    workers: int | None = option(None, "Worker processes that decode frames or load batches (caer boxes: that detect "
+                                 "faces).", min=0,
                                  shown="CPU cores - 1, at most 16")
 
     def num_workers(self) -> int:
@@ -700,7 +703,7 @@ class EvalConfig:
                                 "image encoder was fine-tuned (stage 3).")
     tta: TTA = option(TTA.none, "none, or flip: average the logits of the plain and mirrored view.")
     json: str | None = option(None, "Write the report (metrics, confusion matrix, predictions) as JSON.")
-    plot: str | None = option(None, "Write a PNG of the row-normalised confusion matrix.")
+    plot: str | None = option(None, "Write a picture of the row-normalised confusion matrix (.png, .pdf, .svg, ...).")
     overwrite: bool = option(False, "Replace --json and --plot files that already exist (the checkpoint, the split's "
                              "list or another input is never replaced).")
 
@@ -790,8 +793,8 @@ class SplitConfig:
     val_out: str = option(None, "Validation list to write: the clips held out.", panel="Output")
     overwrite: bool = option(False, "Replace output lists that already exist.", panel="Output")
     # typer's ranges are closed: 0 and 1 pass the flag and are refused by the recipe
-    val_fraction: float = option(0.1, "Share of each class held out for validation, strictly between 0 and 1.",
-                                 min=0, max=1)
+    # strictly between 0 and 1: checked by caer split (an option's range here is a closed one)
+    val_fraction: float = option(0.1, "Share of each class held out for validation, strictly between 0 and 1.")
     seed: int = option(0, "Random seed of the choice (the same seed and list give the same split).", min=0)
     group: str | None = option(None, "Regular expression whose first capture group names a clip's group (e.g. "
                                "'^([^/]+)/' for a per-student folder): a group's clips all go to the same side.")

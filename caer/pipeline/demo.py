@@ -61,7 +61,8 @@ def demo(cfg: DemoConfig, console: Console | None = None) -> dict:
 
     console.rule("3/5 caer train --staged-training")
     base = shared | {"cache": str(cache), "train_list": annotations[0], "val_list": annotations[1],
-                     "test_list": annotations[2], "staged_training": True, "epochs_stage2": cfg.epochs}
+                     "test_list": annotations[2], "staged_training": True, "epochs_stage2": cfg.epochs,
+                     "print_confusion": "end"}  # one confusion matrix a stage, not one an epoch
     run_dir = RunDir(out / "run")
     results = run(load_config("tiny", base | {"run_dir": str(run_dir.path)}), console)
 

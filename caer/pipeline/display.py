@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def progress_bar(console: Console) -> Progress:
@@ -19,6 +23,8 @@ def progress_bar(console: Console) -> Progress:
 
 def confusion_table(cm: np.ndarray, classes: list[str], title: str, row_share: bool = False) -> Table:
     """Counts (rows = true class), the diagonal in bold; ``row_share`` adds each cell's row percentage."""
+    import numpy as np  # here: the CLI imports this module, and its --help need not wait for numpy
+
     t = Table(title=title, title_justify="left")
     t.add_column("true \\ pred")
     for name in classes:

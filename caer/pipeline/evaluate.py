@@ -104,7 +104,7 @@ def evaluate(checkpoint: str | Path, split: str = "test", source: EvalSource = E
             logits = logits + view_logits / len(views)
     note_left_out(console, cfg.list_for(split), dataset.left_out)
     return Report(list(cfg.model.classes), labels, logits.argmax(1), dataset.video_ids, str(checkpoint), label, source,
-                  len(dataset.left_out), ckpt.get("stage"), ckpt.get("epoch"))
+                  len(dataset.left_out), ckpt.get("stage"), ckpt.get("epoch"), "flip" if tta_flip else "none")
 
 
 def note_left_out(console: Console, list_path: str, left_out: list[str]) -> None:

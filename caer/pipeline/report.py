@@ -31,6 +31,7 @@ class Report:
     skipped_clips: int = 0  # clips of the split left out because caer extract --skip-bad skipped them
     stage: int | None = None  # the checkpoint's training stage
     epoch: int | None = None  # the checkpoint's epoch within its stage, 0-based as in metrics.jsonl
+    tta: str = "none"  # test-time augmentation: none, or flip (the plain and mirrored views' logits averaged)
 
     @property
     def confusion(self) -> np.ndarray:
@@ -60,6 +61,7 @@ class Report:
             "checkpoint_epoch": self.epoch,
             "split": self.split,
             "source": self.source,
+            "tta": self.tta,
             "skipped_clips": self.skipped_clips,
             "predictions": [
                 {"video_id": v, "label": int(y), "pred": int(p)} for v, y, p in zip(self.video_ids, self.labels, self.preds)
@@ -70,6 +72,7 @@ class Report:
         d = self.as_dict()
         left_out = f"  ({d['skipped_clips']} skipped clip(s) left out)" if d["skipped_clips"] else ""
         origin = f", stage {self.stage} epoch {self.epoch + 1}" if self.stage is not None and self.epoch is not None else ""
+        origin += f", TTA {self.tta}" if self.tta != "none" else ""
         head = Table(title=f"{d['split']} ({d['source']}{origin}): WAR {d['war']:.2f}  UAR {d['uar']:.2f}{left_out}",
                      title_justify="left")
         for col in ("class", "recall", "precision", "F1", "support"):
