@@ -6,6 +6,7 @@ randomly initialised weights saved to a file, exactly as a user would pass a loc
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -14,9 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 from typer.testing import CliRunner
 
-from caer.config import ExtractConfig, SynthConfig, from_flat
+from caer.config import ExtractConfig, RunConfig, SynthConfig, from_flat, load_config
 from caer.data.synth import synthesise
 from caer.model.encoder import load_backbone, save_random_weights
 from caer.pipeline.extract import extract
@@ -89,6 +91,36 @@ def squash(text: str) -> str:
 
 def assert_in_output(fragment: str, output: str) -> None:
     assert squash(fragment) in squash(output), f"{fragment!r} not in output:\n{output}"
+
+
+def quiet_console(width: int | None = None) -> Console:
+    """A console whose output nobody reads."""
+    return Console(file=io.StringIO(), width=width)
+
+
+def tiny_run_values(ds: Dataset, cache: Path | None, weights: Path, run_dir: Path | None = None, **overrides) -> dict:
+    """Flat options of a ``configs/tiny.yaml`` run on ``ds``: its train, val and test lists and face boxes, the
+    feature cache ``cache``, the tiny weights, no worker processes, on the CPU; ``overrides`` win.
+
+    load_config ignores None values: a None here (``cache``, ``run_dir``, ``test_list=None``, ...) leaves the option
+    at its tiny.yaml or default value.
+    """
+    train_list, val_list, test_list = map(str, ds.annotations)
+    values = dict(pretrained=str(weights), train_list=train_list, val_list=val_list, test_list=test_list,
+                  cache=None if cache is None else str(cache), face_boxes=str(ds.face_boxes),
+                  run_dir=None if run_dir is None else str(run_dir), workers=0, device="cpu")
+    return values | overrides
+
+
+def tiny_run_config(ds: Dataset, cache: Path | None, weights: Path, run_dir: Path | None = None, **overrides) -> RunConfig:
+    """``configs/tiny.yaml`` with the options of :func:`tiny_run_values`."""
+    return load_config("tiny", tiny_run_values(ds, cache, weights, run_dir, **overrides))
+
+
+def one_epoch_config(ds: Dataset, cache: Path, weights: Path, run_dir: Path, **overrides) -> RunConfig:
+    """A tiny run of 1 epoch a stage in batches of 1 (the session dataset's 2 training clips: 2 steps an epoch)."""
+    settings = dict(epochs_stage1=1, epochs_stage2=1, epochs_stage3=1, batch_size=1) | overrides
+    return tiny_run_config(ds, cache, weights, run_dir, **settings)
 
 
 @pytest.fixture(scope="session")

@@ -18,23 +18,16 @@ from caer.pipeline import train as train_module
 from caer.pipeline.compare import check_csv, compare_runs, read_run
 from caer.pipeline.curves import curve_data, epoch_scalars, read_metrics, write_curves
 from caer.pipeline.demo import ABLATIONS, run_ablations
-from conftest import assert_in_output, run_cli
+from conftest import assert_in_output, quiet_console, run_cli, tiny_run_config, tiny_run_values
 
 PNG = b"\x89PNG\r\n\x1a\n"
 RESULT_COLUMNS = ["last stage", "best epoch", "valid WAR", "valid UAR", "test WAR", "test UAR"]
 
 
-def run_values(dataset, cache, weights, run_dir, **overrides) -> dict:
-    """Flat options of a tiny run on the session dataset (2 training clips, batch 1: 2 steps per epoch)."""
-    train_list, val_list, test_list = map(str, dataset.annotations)
-    return dict(pretrained=str(weights), train_list=train_list, val_list=val_list, test_list=test_list,
-                cache=str(cache), face_boxes=str(dataset.face_boxes), run_dir=str(run_dir), workers=0, device="cpu",
-                batch_size=1) | overrides
-
-
 def train(dataset, cache, weights, run_dir, **overrides):
-    values = run_values(dataset, cache, weights, run_dir, **overrides)
-    return train_module.run(load_config("tiny", values), Console(file=io.StringIO(), width=200))
+    """A tiny run on the session dataset (2 training clips, batch 1: 2 steps per epoch)."""
+    settings = dict(batch_size=1) | overrides
+    return train_module.run(tiny_run_config(dataset, cache, weights, run_dir, **settings), quiet_console(width=200))
 
 
 def metrics(run_dir) -> list[dict]:
@@ -329,7 +322,8 @@ def test_config_files_apply_in_order_and_each_is_checked_naming_it(tmp_path):
 
 @pytest.mark.slow
 def test_demo_ablations_train_each_config_and_compare_them(dataset, zarr_cache, weights, tmp_path):
-    base = run_values(dataset, zarr_cache[0], weights, None, staged_training=True, epochs_stage1=1, epochs_stage2=1)
+    base = tiny_run_values(dataset, zarr_cache[0], weights, batch_size=1, staged_training=True, epochs_stage1=1,
+                           epochs_stage2=1)
     out = io.StringIO()
     columns, rows = run_ablations(tmp_path / "ablations", base, Console(file=out, width=250))
     assert [row[0] for row in rows] == ["full", *ABLATIONS]

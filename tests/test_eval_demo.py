@@ -7,14 +7,12 @@ session dataset, and the metrics alone.
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
-from rich.console import Console
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
 from caer.config import DemoConfig, EvalConfig, load_config
@@ -25,7 +23,7 @@ from caer.pipeline import train as train_module
 from caer.pipeline.demo import demo
 from caer.pipeline.evaluate import check_finite, evaluate
 from caer.pipeline.report import check_eval_outputs
-from conftest import assert_in_output, run_cli
+from conftest import assert_in_output, quiet_console, run_cli, tiny_run_config
 
 slow = pytest.mark.slow
 
@@ -35,7 +33,7 @@ CHANCE_UAR = 20.0
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run-here"
-    report = demo(DemoConfig(out=str(out), clips=250, frames=8), console=Console(file=io.StringIO(), width=120))
+    report = demo(DemoConfig(out=str(out), clips=250, frames=8), console=quiet_console(width=120))
     return out, report
 
 
@@ -96,7 +94,7 @@ def test_report_metrics_equal_sklearn_over_its_own_predictions(demo_run):
 def test_eval_cache_and_raw_agree_for_a_stage2_checkpoint(demo_run, tmp_path):
     out, _ = demo_run
     ckpt = out / "run" / "stage2-best.pt"
-    quiet = Console(file=io.StringIO())
+    quiet = quiet_console()
     cached = evaluate(ckpt, "test", "cache", console=quiet).as_dict()
     raw = evaluate(ckpt, "test", "raw", console=quiet).as_dict()
     assert _predictions(cached) == _predictions(raw)
@@ -129,7 +127,7 @@ def test_stage3_checkpoint_needs_its_own_cache(demo_run, tmp_path):
     accepted = run_cli(["eval", str(ckpt), "--source", "cache", "--cache", str(new_cache), "--device", "cpu",
                         "--json", str(report)])
     assert accepted.exit_code == 0, accepted.output
-    quiet = Console(file=io.StringIO())
+    quiet = quiet_console()
     raw = evaluate(ckpt, "test", "raw", console=quiet).as_dict()
     assert _predictions(json.loads(report.read_text())) == _predictions(raw)
 
@@ -153,11 +151,9 @@ def test_eval_cli_writes_json_plot_and_tta(demo_run, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory, dataset, zarr_cache, weights):
     """The best checkpoint of a one-epoch stage-2 run on the session dataset and cache (no test report)."""
-    train_list, val_list, _ = map(str, dataset.annotations)
-    values = dict(pretrained=str(weights), train_list=train_list, val_list=val_list, test_list=None,
-                  cache=str(zarr_cache[0]), face_boxes=str(dataset.face_boxes), workers=0, device="cpu",
-                  run_dir=str(tmp_path_factory.mktemp("eval") / "run"), batch_size=4, stage=2, epochs_stage2=1)
-    return train_module.run(load_config("tiny", values), Console(file=io.StringIO()))[-1].best_path
+    cfg = tiny_run_config(dataset, zarr_cache[0], weights, tmp_path_factory.mktemp("eval") / "run", test_list=None,
+                          batch_size=4, stage=2, epochs_stage2=1)
+    return train_module.run(cfg, quiet_console())[-1].best_path
 
 
 def test_eval_of_an_annotation_file_labels_the_report_with_its_path(tiny_ckpt, dataset, tmp_path):
@@ -282,5 +278,5 @@ def test_demo_epochs_are_stage_2s_only(tmp_path, monkeypatch):
 
     monkeypatch.setattr(demo_module, "run", stop_at_training)
     with pytest.raises(KeyboardInterrupt):
-        demo(DemoConfig(out=str(tmp_path / "demo"), epochs=7), Console(file=io.StringIO()))
+        demo(DemoConfig(out=str(tmp_path / "demo"), epochs=7), quiet_console())
     assert seen == [[tiny.stage_epochs(1), 7, tiny.stage_epochs(3)]]

@@ -24,7 +24,7 @@ from test_video import as_video_dataset
 
 import caer.pipeline.predict
 from caer.cli import app
-from caer.config import PREDICT_DETECTION, PREDICT_OVERRIDES, PredictConfig, Source, load_config, options
+from caer.config import PREDICT_DETECTION, PREDICT_OVERRIDES, PredictConfig, Source, options
 from caer.data.datasets import sample_indices
 from caer.data.loaders import make_loader, open_cache, split_dataset, with_cache_geometry
 from caer.data.raer import Clip, DataError, list_frames, read_annotations, read_image
@@ -35,7 +35,7 @@ from caer.pipeline.annotate import ANNOTATE_SUFFIXES, write_video
 from caer.pipeline.evaluate import predict as eval_logits
 from caer.pipeline.predict import make_windows
 from caer.pipeline.train import train_stage
-from conftest import Dataset, assert_in_output, run_cli
+from conftest import Dataset, assert_in_output, quiet_console, run_cli, tiny_run_config
 
 LOSSLESS = {"suffix": ".mp4", "codec": "libx264rgb", "pix_fmt": "rgb24", "options": {"crf": "0"}}
 PROBABILITY_TOLERANCE = 1e-5
@@ -44,11 +44,9 @@ PROBABILITY_TOLERANCE = 1e-5
 @pytest.fixture(scope="module")
 def stage2(dataset, zarr_cache, weights, tmp_path_factory):
     """A stage-2 checkpoint trained (3 epochs) from the shared cache."""
-    train_list, val_list, test_list = map(str, dataset.annotations)
-    cfg = load_config("tiny", dict(pretrained=str(weights), train_list=train_list, val_list=val_list, test_list=test_list,
-                                   cache=str(zarr_cache[0]), face_boxes=str(dataset.face_boxes), workers=0, device="cpu",
-                                   run_dir=str(tmp_path_factory.mktemp("predict-run")), epochs_stage2=3, batch_size=4))
-    return train_stage(cfg, 2, Console(file=io.StringIO())).best_path
+    cfg = tiny_run_config(dataset, zarr_cache[0], weights, tmp_path_factory.mktemp("predict-run"), epochs_stage2=3,
+                          batch_size=4)
+    return train_stage(cfg, 2, quiet_console()).best_path
 
 
 @pytest.fixture(scope="module")

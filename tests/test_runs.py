@@ -26,20 +26,10 @@ from caer.data.loaders import recorded_skips, split_clips
 from caer.model.checkpoint import TRUST_ENV, load_checkpoint, save_checkpoint
 from caer.model.encoder import save_random_weights
 from caer.pipeline import train as train_module
+from caer.pipeline.curves import read_metrics
 from caer.pipeline.extract import extract
 from caer.pipeline.train import train_stage
-from conftest import MODEL, assert_in_output, extract_args, run_cli, settings_for
-
-
-def make_config(dataset, cache, weights, run_dir, **overrides):
-    """The tiny config on the conftest dataset: 2 training clips, 1 epoch a stage, batches of 1."""
-    train_list, val_list, test_list = map(str, dataset.annotations)
-    values = dict(
-        pretrained=str(weights), train_list=train_list, val_list=val_list, test_list=test_list, cache=str(cache),
-        face_boxes=str(dataset.face_boxes), run_dir=str(run_dir), workers=0, device="cpu",
-        epochs_stage1=1, epochs_stage2=1, epochs_stage3=1, batch_size=1,
-    )
-    return load_config("tiny", values | overrides)
+from conftest import MODEL, assert_in_output, extract_args, one_epoch_config, quiet_console, run_cli, settings_for
 
 
 def train_args(dataset, cache, weights, run_dir, *extra: str) -> list[str]:
@@ -50,10 +40,6 @@ def train_args(dataset, cache, weights, run_dir, *extra: str) -> list[str]:
         "--face-boxes", str(dataset.face_boxes), "--run-dir", str(run_dir), "--epochs", "1", "--batch-size", "1",
         "--workers", "0", "--device", "cpu", *extra,
     ]
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def error_line(result) -> str:
@@ -79,7 +65,7 @@ def test_a_test_split_missing_from_the_cache_is_refused_before_the_first_epoch(d
     assert not run_dir.exists()  # refused before anything was trained or written
 
     # the test report of a run whose last stage is 3 reads raw frames: the cache need not hold the test clips
-    cfg = make_config(dataset, zarr_cache[0], weights, run_dir, test_list=str(test_list))
+    cfg = one_epoch_config(dataset, zarr_cache[0], weights, run_dir, test_list=str(test_list))
     train_module.check_test_in_cache(cfg, [3])
     with pytest.raises(CacheError, match="2 clip"):
         train_module.check_test_in_cache(cfg, [1, 2])
@@ -125,7 +111,7 @@ def test_clips_that_extraction_skipped_are_left_out_of_training_and_counted(skip
     assert_in_output(f"left out 1 clip(s) of {ds.root / 'train.txt'} that caer extract --skip-bad skipped "
                      f"(first: {bad['train']!r})", result.output)
     assert_in_output(f"left out 1 clip(s) of {ds.root / 'test.txt'}", result.output)
-    (record,) = records(run_dir)
+    (record,) = read_metrics(run_dir / "metrics.jsonl")
     assert record["skipped_clips"] == {"train": 1, "val": 0}
     assert record["train_clips"] == 1  # the other training clip
     report = json.loads((run_dir / "test_report.json").read_text())
@@ -137,7 +123,7 @@ def test_clips_that_extraction_skipped_are_left_out_of_training_and_counted(skip
 def test_eval_leaves_out_the_skipped_clips_of_its_split(source, skipped_store, weights, tmp_path):
     ds, store, bad = skipped_store
     run_dir = tmp_path / "run"
-    train_stage(make_config(ds, store, weights, run_dir, test_list=None), 2, Console(file=io.StringIO()))
+    train_stage(one_epoch_config(ds, store, weights, run_dir, test_list=None), 2, quiet_console())
     # raw frames too: the corrupt frame is never read, so cache and raw evaluate the same clips
     result = run_cli(["eval", str(run_dir / "stage2-best.pt"), "--split", str(ds.root / "test.txt"), "--source", source,
                       "--json", str(tmp_path / "r.json")])
@@ -174,10 +160,10 @@ def test_a_store_without_skipped_clips_is_read_from_its_skipped_lines(skipped_st
 def test_resume_with_nothing_to_resume_says_so_and_starts_afresh(dataset, zarr_cache, weights, tmp_path):
     run_dir = tmp_path / "run"
     out = io.StringIO()
-    cfg = make_config(dataset, zarr_cache[0], weights, run_dir, stage=2, resume=True, test_list=None)
+    cfg = one_epoch_config(dataset, zarr_cache[0], weights, run_dir, stage=2, resume=True, test_list=None)
     train_module.run(cfg, Console(file=out, width=300))
     assert_in_output(f"nothing to resume in {run_dir}: starting stage 2 afresh", out.getvalue())
-    assert [r["epoch"] for r in records(run_dir)] == [0]
+    assert [r["epoch"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0]
 
 
 # ------------------------------------------------------------------------------------------ 4. --epochs 0
@@ -201,7 +187,7 @@ def test_staged_training_still_skips_a_stage_with_zero_epochs(dataset, zarr_cach
                                 "--epochs-stage3", "0"))
     assert result.exit_code == 0, result.output
     assert "stage 1: 0 epochs, skipped" in result.output and "stage 3: 0 epochs, skipped" in result.output
-    assert [r["stage"] for r in records(run_dir)] == [2]
+    assert [r["stage"] for r in read_metrics(run_dir / "metrics.jsonl")] == [2]
 
 
 # ------------------------------------------------------------------------------------------ 5. safe checkpoints
@@ -253,7 +239,7 @@ def stopped_after_one_epoch(cfg, monkeypatch) -> None:
 
     monkeypatch.setattr(train_module, "_append_metrics", stop)
     with pytest.raises(Stop):
-        train_stage(cfg, 2, Console(file=io.StringIO()))
+        train_stage(cfg, 2, quiet_console())
     monkeypatch.undo()
 
 
@@ -261,21 +247,21 @@ def stopped_after_one_epoch(cfg, monkeypatch) -> None:
 def test_a_checkpoint_of_train_loads_with_weights_only_and_resumes_exactly(dataset, zarr_cache, weights, tmp_path,
                                                                             monkeypatch, workers):
     """With data-loader workers too: they must not make the resumed run draw from the global RNG elsewhere."""
-    quiet = Console(file=io.StringIO())
-    full = make_config(dataset, zarr_cache[0], weights, tmp_path / "full", epochs_stage2=3, test_list=None,
-                       workers=workers)
+    quiet = quiet_console()
+    full = one_epoch_config(dataset, zarr_cache[0], weights, tmp_path / "full", epochs_stage2=3, test_list=None,
+                            workers=workers)
     train_stage(full, 2, quiet)
     ckpt = torch.load(tmp_path / "full" / "stage2-last.pt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["metrics"]["epoch"] == 2 and isinstance(ckpt["best"]["valid_uar"], float)
 
-    stopped_after_one_epoch(make_config(dataset, zarr_cache[0], weights, tmp_path / "cut", epochs_stage2=3,
-                                        test_list=None, workers=workers), monkeypatch)
+    stopped_after_one_epoch(one_epoch_config(dataset, zarr_cache[0], weights, tmp_path / "cut", epochs_stage2=3,
+                                             test_list=None, workers=workers), monkeypatch)
     out = io.StringIO()
-    train_stage(make_config(dataset, zarr_cache[0], weights, tmp_path / "cut", epochs_stage2=3, test_list=None,
-                            resume=True, workers=workers), 2, Console(file=out, width=300))
+    train_stage(one_epoch_config(dataset, zarr_cache[0], weights, tmp_path / "cut", epochs_stage2=3, test_list=None,
+                                 resume=True, workers=workers), 2, Console(file=out, width=300))
     assert "resuming stage 2 at epoch 2/3" in out.getvalue()
-    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in records(tmp_path / "full")]
-    assert [{k: v for k, v in r.items() if k != "seconds"} for r in records(tmp_path / "cut")] == strip
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(tmp_path / "full" / "metrics.jsonl")]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(tmp_path / "cut" / "metrics.jsonl")] == strip
 
 
 def test_a_checkpoint_refuses_other_clip_weights_than_it_was_trained_from(dataset, zarr_cache, weights, tmp_path):
@@ -284,8 +270,8 @@ def test_a_checkpoint_refuses_other_clip_weights_than_it_was_trained_from(datase
     where the right ones are."""
     moved = tmp_path / "clip.pt"
     shutil.copy(weights, moved)
-    train_stage(make_config(dataset, zarr_cache[0], moved, tmp_path / "run", test_list=None), 2,
-                Console(file=io.StringIO()))
+    train_stage(one_epoch_config(dataset, zarr_cache[0], moved, tmp_path / "run", test_list=None), 2,
+                quiet_console())
     ckpt = tmp_path / "run" / "stage2-best.pt"
     save_random_weights(MODEL, moved, seed=1)  # other weights where the config says
     trained_from = load_checkpoint(ckpt)["encoder"]["weights"]
@@ -304,15 +290,15 @@ def test_a_checkpoint_refuses_other_clip_weights_than_it_was_trained_from(datase
     made = run_cli([*extract, str(tmp_path / "b.zarr"), "--pretrained", str(weights)])
     assert made.exit_code == 0 and FeatureCache.open(tmp_path / "b.zarr").fingerprint["encoder"]["weights"] == trained_from
     with pytest.raises(ValueError, match=f"trained from the CLIP weights {trained_from}, but --pretrained {moved}"):
-        train_stage(make_config(dataset, zarr_cache[0], moved, tmp_path / "next", test_list=None), 2,
-                    Console(file=io.StringIO()), ckpt)
+        train_stage(one_epoch_config(dataset, zarr_cache[0], moved, tmp_path / "next", test_list=None), 2,
+                    quiet_console(), ckpt)
 
 
 def test_a_checkpoint_whose_clip_weights_moved_says_to_pass_them(dataset, zarr_cache, weights, tmp_path):
     moved = tmp_path / "clip.pt"
     shutil.copy(weights, moved)
-    train_stage(make_config(dataset, zarr_cache[0], moved, tmp_path / "run", test_list=None), 2,
-                Console(file=io.StringIO()))
+    train_stage(one_epoch_config(dataset, zarr_cache[0], moved, tmp_path / "run", test_list=None), 2,
+                quiet_console())
     moved.unlink()
     ckpt = tmp_path / "run" / "stage2-best.pt"
     line = error_line(run_cli(["eval", str(ckpt), "--split", "val", "--device", "cpu", "--workers", "0"]))
@@ -324,12 +310,12 @@ def test_a_checkpoint_whose_clip_weights_moved_says_to_pass_them(dataset, zarr_c
 def test_a_checkpoint_refuses_a_config_with_other_class_texts(dataset, zarr_cache, weights, tmp_path):
     """Its prompts were learned before its class texts, and its sentence embeddings (t_desc) would silently replace
     the config's: --init-from with other descriptions or class names is refused, naming the key."""
-    quiet = Console(file=io.StringIO())
-    train_stage(make_config(dataset, zarr_cache[0], weights, tmp_path / "run", test_list=None), 2, quiet)
-    first = make_config(dataset, zarr_cache[0], weights, tmp_path / "x", test_list=None)
+    quiet = quiet_console()
+    train_stage(one_epoch_config(dataset, zarr_cache[0], weights, tmp_path / "run", test_list=None), 2, quiet)
+    first = one_epoch_config(dataset, zarr_cache[0], weights, tmp_path / "x", test_list=None)
     sentences = [f"A student who looks {c}." for c in first.model.classes]
     for key, value in (("descriptions", sentences), ("classes", [c.upper() for c in first.model.classes])):
-        cfg = make_config(dataset, zarr_cache[0], weights, tmp_path / "next", test_list=None, **{key: value})
+        cfg = one_epoch_config(dataset, zarr_cache[0], weights, tmp_path / "next", test_list=None, **{key: value})
         with pytest.raises(ValueError, match=f"it was trained with {key} .*, this run sets .*: keep the checkpoint's"):
             train_stage(cfg, 2, quiet, tmp_path / "run" / "stage2-best.pt")
 
@@ -338,28 +324,28 @@ def test_resume_refuses_settings_it_would_not_apply_and_a_refused_stage_keeps_th
         dataset, zarr_cache, weights, tmp_path, monkeypatch):
     """The optimiser, schedule and random state of the checkpoint would override a changed --lr or --epochs, which
     config.yaml would then claim; a stage refused at set-up leaves config.yaml as the run's own."""
-    stopped_after_one_epoch(make_config(dataset, zarr_cache[0], weights, tmp_path, epochs_stage2=3, test_list=None),
+    stopped_after_one_epoch(one_epoch_config(dataset, zarr_cache[0], weights, tmp_path, epochs_stage2=3, test_list=None),
                             monkeypatch)
     written = (tmp_path / "config.yaml").read_text()
     for change, shown in (({"lr": 0.5}, " -> 0.5: give the values it was started with"), ({"epochs_stage2": 4}, "epochs of stage 2 3 -> 4"),
                           ({"lr_group": ["2.image_encoder=1e-5"]}, "--lr-group 2.image_encoder: stage 2 trains")):
-        cfg = make_config(dataset, zarr_cache[0], weights, tmp_path, test_list=None, resume=True,
-                          **({"epochs_stage2": 3} | change))
+        cfg = one_epoch_config(dataset, zarr_cache[0], weights, tmp_path, test_list=None, resume=True,
+                               **({"epochs_stage2": 3} | change))
         with pytest.raises(ValueError, match=re.escape(shown)):
-            train_stage(cfg, 2, Console(file=io.StringIO()))
+            train_stage(cfg, 2, quiet_console())
         assert (tmp_path / "config.yaml").read_text() == written
-    resumed = make_config(dataset, zarr_cache[0], weights, tmp_path, epochs_stage2=3, test_list=None, resume=True,
-                          print_confusion="end", grad_checkpointing=True, lr_stage1=0.5)  # none changes stage 2
-    train_stage(resumed, 2, Console(file=io.StringIO()))
-    assert [r["epoch"] for r in records(tmp_path)] == [0, 1, 2]
+    resumed = one_epoch_config(dataset, zarr_cache[0], weights, tmp_path, epochs_stage2=3, test_list=None, resume=True,
+                               print_confusion="end", grad_checkpointing=True, lr_stage1=0.5)  # none changes stage 2
+    train_stage(resumed, 2, quiet_console())
+    assert [r["epoch"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1, 2]
 
 
 def test_an_lr_group_of_a_later_stage_is_checked_before_the_first_stage_trains(dataset, zarr_cache, weights,
                                                                                 tmp_path):
-    cfg = make_config(dataset, zarr_cache[0], weights, tmp_path / "run", staged_training=True, test_list=None,
-                      lr_group=["3.adaptr=1e-5"])
+    cfg = one_epoch_config(dataset, zarr_cache[0], weights, tmp_path / "run", staged_training=True, test_list=None,
+                           lr_group=["3.adaptr=1e-5"])
     with pytest.raises(ValueError, match="--lr-group 3.adaptr: stage 3 trains prompt, adapter"):
-        train_module.run(cfg, Console(file=io.StringIO()))
+        train_module.run(cfg, quiet_console())
     assert not list((tmp_path / "run").glob("*.pt"))
 
 
@@ -394,14 +380,14 @@ def test_a_run_started_without_loss_scaling_resumes_where_it_scales(dataset, zar
                                                                    monkeypatch):
     """A run started on the CPU or a bf16 GPU saves a disabled scaler's empty state; resumed on an fp16 GPU, whose
     scaler is on, it starts a fresh scale (loading the empty state raised). The CPU's scaler stands in for it."""
-    stopped_after_one_epoch(make_config(dataset, zarr_cache[0], weights, tmp_path, epochs_stage2=2, test_list=None),
+    stopped_after_one_epoch(one_epoch_config(dataset, zarr_cache[0], weights, tmp_path, epochs_stage2=2, test_list=None),
                             monkeypatch)
     assert torch.load(tmp_path / "stage2-last.pt", weights_only=True)["scaler"] == {}
     scaler = torch.amp.GradScaler
     monkeypatch.setattr(train_module.torch.amp, "GradScaler", lambda device, enabled: scaler("cpu", enabled=True))
-    train_stage(make_config(dataset, zarr_cache[0], weights, tmp_path, epochs_stage2=2, test_list=None, resume=True),
-                2, Console(file=io.StringIO()))
-    assert [r["epoch"] for r in records(tmp_path)] == [0, 1]
+    train_stage(one_epoch_config(dataset, zarr_cache[0], weights, tmp_path, epochs_stage2=2, test_list=None, resume=True),
+                2, quiet_console())
+    assert [r["epoch"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1]
 
 
 def test_a_diverging_loss_is_one_line_naming_the_remedies(dataset, zarr_cache, weights, tmp_path, monkeypatch):
@@ -488,8 +474,8 @@ def test_a_file_that_is_no_checkpoint_is_called_that_not_unsafe(dataset, tmp_pat
 def test_an_older_checkpoint_loads_only_when_trusted(dataset, zarr_cache, weights, tmp_path, monkeypatch):
     """A checkpoint with numpy's own RNG state (as caer wrote them before) needs full unpickling: refused, unless
     CAER_TRUST_CHECKPOINTS=1; its RNG state still restores."""
-    train_stage(make_config(dataset, zarr_cache[0], weights, tmp_path / "run", test_list=None), 2,
-                Console(file=io.StringIO()))
+    train_stage(one_epoch_config(dataset, zarr_cache[0], weights, tmp_path / "run", test_list=None), 2,
+                quiet_console())
     ckpt = torch.load(tmp_path / "run" / "stage2-last.pt", weights_only=True)
     ckpt["rng"]["numpy"], ckpt["rng"]["python"] = np.random.get_state(), random.getstate()
     ckpt["metrics"]["valid_uar"] = np.float64(ckpt["metrics"]["valid_uar"])
@@ -509,7 +495,7 @@ def test_an_older_checkpoint_loads_only_when_trusted(dataset, zarr_cache, weight
 def test_amp_on_the_cpu_is_a_notice_not_a_silent_no_op(dataset, zarr_cache, weights, clip_model, tmp_path):
     for use_amp in (True, False):
         out = io.StringIO()
-        train_stage(make_config(dataset, zarr_cache[0], weights, tmp_path / f"amp-{use_amp}", use_amp=use_amp), 2,
+        train_stage(one_epoch_config(dataset, zarr_cache[0], weights, tmp_path / f"amp-{use_amp}", use_amp=use_amp), 2,
                     Console(file=out, width=300))
         assert ("note: --use-amp has no effect on cpu" in out.getvalue()) == use_amp
         out = io.StringIO()

@@ -21,19 +21,9 @@ from caer.model.checkpoint import build_model
 from caer.pipeline import train as train_module
 from caer.pipeline.evaluate import evaluate, predict
 from caer.pipeline.extract import extract
+from caer.pipeline.run_dir import RunDir
 from caer.pipeline.train import make_optimizer, train_stage
-from conftest import assert_fp16_equal, settings_for
-
-
-def make_config(dataset, cache, weights, run_dir, **overrides):
-    train_list, val_list, test_list = map(str, dataset.annotations)
-    values = dict(
-        pretrained=str(weights), train_list=train_list, val_list=val_list, test_list=test_list, cache=str(cache),
-        face_boxes=str(dataset.face_boxes), run_dir=str(run_dir), workers=0, device="cpu",
-        epochs_stage1=1, epochs_stage2=1, epochs_stage3=1, batch_size=1,  # 2 training clips: 2 steps per epoch
-    )
-    return load_config("tiny", values | overrides)
-
+from conftest import assert_fp16_equal, one_epoch_config, quiet_console, settings_for
 
 # ------------------------------------------------------------------------------------------ frozen means frozen
 
@@ -81,8 +71,8 @@ def may_change(stage: int, key: str) -> bool:
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_frozen_means_frozen(stage, dataset, zarr_cache, weights, tmp_path, held_models):
-    cfg = make_config(dataset, zarr_cache[0], weights, tmp_path / "run", stage=stage)
-    result = train_stage(cfg, stage, Console(file=io.StringIO(), width=200))
+    cfg = one_epoch_config(dataset, zarr_cache[0], weights, tmp_path / "run", stage=stage)
+    result = train_stage(cfg, stage, quiet_console(width=200))
     (model, before), = held_models
     after = snapshot(model)
     assert before.keys() == after.keys()
@@ -127,7 +117,7 @@ def test_raw_frames_without_a_cache_are_found_under_the_training_list_s_folder(d
     (tmp_path / "splits").mkdir()
     val_list = tmp_path / "splits" / "val.txt"
     val_list.write_text((dataset.root / "val.txt").read_text())
-    cfg = make_config(dataset, zarr_cache[0], weights, tmp_path / "run", val_list=str(val_list))
+    cfg = one_epoch_config(dataset, zarr_cache[0], weights, tmp_path / "run", val_list=str(val_list))
     _, clip = build_model(cfg, torch.device("cpu"))
     val = split_dataset(cfg, "val", False, clip.preprocess, None, "raw")  # no cache (so no root of its own)
     assert len(val) == len((dataset.root / "val.txt").read_text().split())  // 3
@@ -137,7 +127,7 @@ def test_raw_frames_without_a_cache_are_found_under_the_training_list_s_folder(d
 @pytest.mark.parametrize("split, train", [("val", False), ("train", True), ("test", True)])
 def test_cache_and_raw_give_the_same_logits(split, train, dataset, zarr_cache, weights, tmp_path):
     # T = 4 < every clip's length but one, so training-time sampling really draws frames
-    cfg = make_config(dataset, zarr_cache[0], weights, tmp_path / "run", num_frames=4)
+    cfg = one_epoch_config(dataset, zarr_cache[0], weights, tmp_path / "run", num_frames=4)
     cache = FeatureCache.open(zarr_cache[0])
     assert cache.views == 2  # the conftest cache holds the flipped view
     device = torch.device("cpu")
@@ -191,11 +181,11 @@ def test_cache_and_raw_give_the_same_logits(split, train, dataset, zarr_cache, w
 # ------------------------------------------------------------------------------------------ chaining single stages
 
 def test_a_single_stage_starts_from_the_previous_stage_of_its_run_dir(dataset, zarr_cache, weights, tmp_path):
-    quiet = Console(file=io.StringIO())
+    quiet = quiet_console()
     run_dir = tmp_path / "run"
-    train_module.run(make_config(dataset, zarr_cache[0], weights, run_dir, stage=1, test_list=None), quiet)
+    train_module.run(one_epoch_config(dataset, zarr_cache[0], weights, run_dir, stage=1, test_list=None), quiet)
     out = io.StringIO()
-    train_module.run(make_config(dataset, zarr_cache[0], weights, run_dir, stage=2, test_list=None), Console(file=out))
+    train_module.run(one_epoch_config(dataset, zarr_cache[0], weights, run_dir, stage=2, test_list=None), Console(file=out))
     assert "stage 2 starts from" in out.getvalue()
     stage1 = torch.load(run_dir / "stage1-best.pt", weights_only=False)["model"]
     stage2 = torch.load(run_dir / "stage2-best.pt", weights_only=False)["model"]
@@ -204,7 +194,7 @@ def test_a_single_stage_starts_from_the_previous_stage_of_its_run_dir(dataset, z
 
     fresh = tmp_path / "fresh"  # no stage-1 checkpoint there: stage 2 starts from scratch, and says so
     out = io.StringIO()
-    train_module.run(make_config(dataset, zarr_cache[0], weights, fresh, stage=2, test_list=None), Console(file=out))
+    train_module.run(one_epoch_config(dataset, zarr_cache[0], weights, fresh, stage=2, test_list=None), Console(file=out))
     assert "starts from scratch" in out.getvalue()
     assert not torch.equal(stage1[key], torch.load(fresh / "stage2-best.pt", weights_only=False)["model"][key])
 
@@ -238,7 +228,7 @@ def test_resuming_a_checkpoint_with_another_group_layout_is_refused_naming_both(
     optimizer, _ = make_optimizer(model, cfg, 2)
     older = optimizer.state_dict()
     older["param_groups"] = [g for g in older["param_groups"] if g["name"] != "fusion"]  # before fusion had its own
-    stage = SimpleNamespace(optimizer=optimizer, paths=SimpleNamespace(last=tmp_path / "stage2-last.pt"))
+    stage = SimpleNamespace(optimizer=optimizer, run_dir=RunDir(tmp_path), number=2)
     with pytest.raises(ValueError, match="holds the groups adapter, temporal, this caer trains adapter, temporal, fusion"):
         _resume_or_start(stage, {"optimizer": older})
 
@@ -302,9 +292,9 @@ def test_stage1_with_the_raer_classifier_changes_the_valid_logits(dataset, zarr_
     raer = load_config("raer", {"model": "caer-tiny"})
     keys = ("iec_base", "slerp_weight", "lambda_mi", "mi_warmup", "mi_ramp", "lambda_dc", "dc_warmup", "dc_ramp")
     shipped = {k: v for k, v in raer.to_dict().items() if k in keys}
-    cfg = make_config(dataset, zarr_cache[0], weights, tmp_path / "run", stage=1, epochs_stage1=3, lr_stage1=0.05,
-                      **shipped)
-    result = train_stage(cfg, 1, Console(file=io.StringIO(), width=200))
+    cfg = one_epoch_config(dataset, zarr_cache[0], weights, tmp_path / "run", stage=1, epochs_stage1=3, lr_stage1=0.05,
+                           **shipped)
+    result = train_stage(cfg, 1, quiet_console(width=200))
     before, after = valid_logits(cfg), valid_logits(cfg, result.best_path)
     assert (after - before).abs().max() > 1e-3
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -314,9 +304,9 @@ def test_stage1_with_the_raer_classifier_changes_the_valid_logits(dataset, zarr_
 def test_the_best_checkpoint_is_never_an_epoch_in_which_nothing_trained(dataset, zarr_cache, weights, tmp_path):
     # IEC around the fixed sentences: stage 1's prompts learn only from MI, which is off in epoch 1 (warm-up);
     # the valid predictions cannot change, so every epoch ties on valid UAR
-    cfg = make_config(dataset, zarr_cache[0], weights, tmp_path / "run", stage=1, epochs_stage1=3, iec_base="desc",
-                      slerp_weight=0.2, lambda_mi=0.1, mi_warmup=1, lambda_dc=0.0)
-    result = train_stage(cfg, 1, Console(file=io.StringIO(), width=200))
+    cfg = one_epoch_config(dataset, zarr_cache[0], weights, tmp_path / "run", stage=1, epochs_stage1=3, iec_base="desc",
+                           slerp_weight=0.2, lambda_mi=0.1, mi_warmup=1, lambda_dc=0.0)
+    result = train_stage(cfg, 1, quiet_console(width=200))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["trained"] for r in records] == [False, True, True]
     assert len({r["valid_uar"] for r in records}) == 1
@@ -331,18 +321,18 @@ def test_a_stage_1_whose_prompts_could_learn_in_no_epoch_is_refused_before_train
     """MI and DC in warm-up for all of stage 1 under --iec-base desc: nothing would train, so nothing starts (and a
     best checkpoint of an earlier run in the same directory is not handed on as this run's)."""
     run_dir = tmp_path / "run"
-    first = make_config(dataset, zarr_cache[0], weights, run_dir, stage=1, epochs_stage1=1)
-    train_stage(first, 1, Console(file=io.StringIO(), width=200))
+    first = one_epoch_config(dataset, zarr_cache[0], weights, run_dir, stage=1, epochs_stage1=1)
+    train_stage(first, 1, quiet_console(width=200))
     before = (run_dir / "stage1-best.pt").read_bytes()
-    idle = make_config(dataset, zarr_cache[0], weights, run_dir, stage=1, epochs_stage1=2, iec_base="desc",
-                       slerp_weight=0.2, lambda_mi=0.1, mi_warmup=2, lambda_dc=0.1, dc_warmup=5)
+    idle = one_epoch_config(dataset, zarr_cache[0], weights, run_dir, stage=1, epochs_stage1=2, iec_base="desc",
+                            slerp_weight=0.2, lambda_mi=0.1, mi_warmup=2, lambda_dc=0.1, dc_warmup=5)
     with pytest.raises(ValueError, match=r"still in warm-up at the end of its 2 epoch\(s\) \(--mi-warmup 2, "
                                          r"--dc-warmup 5\)"):
-        train_stage(idle, 1, Console(file=io.StringIO(), width=200))
+        train_stage(idle, 1, quiet_console(width=200))
     assert (run_dir / "stage1-best.pt").read_bytes() == before
-    one = make_config(dataset, zarr_cache[0], weights, run_dir, stage=1, epochs_stage1=2, iec_base="desc",
-                      slerp_weight=0.2, lambda_mi=0.1, mi_warmup=1, lambda_dc=0.1, dc_warmup=5)
-    assert train_stage(one, 1, Console(file=io.StringIO(), width=200)).best["epoch"] == 1  # MI in its last epoch
+    one = one_epoch_config(dataset, zarr_cache[0], weights, run_dir, stage=1, epochs_stage1=2, iec_base="desc",
+                           slerp_weight=0.2, lambda_mi=0.1, mi_warmup=1, lambda_dc=0.1, dc_warmup=5)
+    assert train_stage(one, 1, quiet_console(width=200)).best["epoch"] == 1  # MI in its last epoch
 
 
 # ------------------------------------------------------------------------------------------ one geometry per run
@@ -358,8 +348,8 @@ def body_cache(tmp_path_factory, dataset, clip_model):
 def test_raw_frames_are_cut_with_the_caches_geometry(dataset, body_cache, weights, tmp_path):
     """Stage 2, then eval from the cache and from raw frames: the raw path takes margin, crop-body and box files
     from the cache (no geometry flag given), so features and predictions agree."""
-    cfg = make_config(dataset, body_cache, weights, tmp_path / "run", epochs_stage2=4, face_boxes=None)
-    result = train_stage(cfg, 2, Console(file=io.StringIO(), width=200))
+    cfg = one_epoch_config(dataset, body_cache, weights, tmp_path / "run", epochs_stage2=4, face_boxes=None)
+    result = train_stage(cfg, 2, quiet_console(width=200))
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert (saved["margin"], saved["crop_body"], saved["body_boxes"]) == (5.0, True, str(dataset.body_boxes.resolve()))
 
@@ -375,7 +365,7 @@ def test_raw_frames_are_cut_with_the_caches_geometry(dataset, body_cache, weight
     assert_fp16_equal(bc.face.numpy(), face.numpy(), "face crops with the cache's margin")
     assert_fp16_equal(bc.context.numpy(), context.numpy(), "context = the cache's body crop")
 
-    quiet = Console(file=io.StringIO())
+    quiet = quiet_console()
     by_cache = evaluate(result.best_path, "val", "cache", console=quiet)
     by_raw = evaluate(result.best_path, "val", "raw", console=quiet)
     assert by_raw.video_ids == by_cache.video_ids and list(by_raw.preds) == list(by_cache.preds)
@@ -388,9 +378,9 @@ def test_raw_frames_are_cut_with_the_caches_geometry(dataset, body_cache, weight
 ])
 def test_a_flag_that_contradicts_the_caches_geometry_is_refused(flag, value, fragment, dataset, body_cache, weights,
                                                                 tmp_path):
-    cfg = make_config(dataset, body_cache, weights, tmp_path / "run", **{flag: value})
+    cfg = one_epoch_config(dataset, body_cache, weights, tmp_path / "run", **{flag: value})
     with pytest.raises(ValueError) as err:
-        train_stage(cfg, 2, Console(file=io.StringIO()))
+        train_stage(cfg, 2, quiet_console())
     stored = FeatureCache.open(body_cache).fingerprint[flag]
     assert fragment in str(err.value) and f"{flag} {stored}" in str(err.value) and str(body_cache) in str(err.value)
     assert not (tmp_path / "run").exists()  # refused before anything was written
@@ -409,7 +399,7 @@ def moved_box(dataset, tmp_path) -> tuple[str, Path]:
 
 def test_raw_frames_with_other_boxes_than_the_caches_are_refused(dataset, body_cache, weights, tmp_path):
     video_id, moved = moved_box(dataset, tmp_path)
-    cfg = make_config(dataset, body_cache, weights, tmp_path / "run", face_boxes=str(moved))
+    cfg = one_epoch_config(dataset, body_cache, weights, tmp_path / "run", face_boxes=str(moved))
     cache = FeatureCache.open(body_cache)
     split = next(s for s in ("train", "val", "test") if video_id in (dataset.root / f"{s}.txt").read_text())
     with pytest.raises(CacheError, match=f"the face/body boxes of clip '{video_id}' differ"):
@@ -419,12 +409,12 @@ def test_raw_frames_with_other_boxes_than_the_caches_are_refused(dataset, body_c
 def test_box_files_that_contradict_the_cache_are_refused_before_the_first_stage(dataset, body_cache, weights, tmp_path):
     """Stages 1 and 2 read only the cache, but a staged run would find out at stage 3: refused up front."""
     video_id, moved = moved_box(dataset, tmp_path)
-    cfg = make_config(dataset, body_cache, weights, tmp_path / "run", face_boxes=str(moved), stage=2)
+    cfg = one_epoch_config(dataset, body_cache, weights, tmp_path / "run", face_boxes=str(moved), stage=2)
     with pytest.raises(CacheError, match=f"the face/body boxes of clip '{video_id}' differ"):
-        train_module.run(cfg, Console(file=io.StringIO()))
+        train_module.run(cfg, quiet_console())
     assert not (tmp_path / "run").exists()
     train_module.run(dataclasses.replace(cfg, crop=dataclasses.replace(cfg.crop, face_boxes=str(dataset.face_boxes))),
-                     Console(file=io.StringIO()))  # the cache's own box file is accepted
+                     quiet_console())  # the cache's own box file is accepted
     assert (tmp_path / "run" / "stage2-best.pt").is_file()
 
 
@@ -433,7 +423,7 @@ def test_box_files_that_contradict_the_cache_are_refused_before_the_first_stage(
 @pytest.mark.parametrize("when, tables", [("every", 3), ("end", 1)])
 def test_the_epoch_log_has_best_train_and_valid_pairs_and_prints_confusion_as_asked(when, tables, dataset, zarr_cache,
                                                                                    weights, tmp_path):
-    cfg = make_config(dataset, zarr_cache[0], weights, tmp_path / "run", epochs_stage2=3, print_confusion=when)
+    cfg = one_epoch_config(dataset, zarr_cache[0], weights, tmp_path / "run", epochs_stage2=3, print_confusion=when)
     out = io.StringIO()
     train_stage(cfg, 2, Console(file=out, width=250))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

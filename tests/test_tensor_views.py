@@ -16,7 +16,6 @@ import pytest
 import torch
 import zarr
 from PIL import Image
-from rich.console import Console
 
 from caer.cache import CacheError, FeatureCache
 from caer.config import CropConfig, Decode, load_config
@@ -29,7 +28,7 @@ from caer.model.encoder import load_backbone
 from caer.pipeline import extract as extract_module
 from caer.pipeline.extract import decode_on_device, extract
 from caer.pipeline.train import train_stage
-from conftest import assert_fp16_equal, extract_args, run_cli, settings_for
+from conftest import assert_fp16_equal, extract_args, quiet_console, run_cli, settings_for, tiny_run_config
 
 SIZES = ((1280, 720), (1920, 1080))
 
@@ -357,7 +356,7 @@ def test_a_bad_frame_met_by_the_decode_ahead_thread_stops_the_run_and_keeps_earl
     monkeypatch.setattr(extract_module, "clip_frames", lambda *a: setattr(data := real(*a), "defer", True) or data)
     out = tmp_path / "c.zarr"
     with pytest.raises(extract_module.DataError, match=f"{frame}: cannot read image"):
-        extract(settings_for(ds, out, decode="tensor", batch_size=4), clip_model, Console(file=io.StringIO()))
+        extract(settings_for(ds, out, decode="tensor", batch_size=4), clip_model, quiet_console())
     assert not [t for t in threading.enumerate() if t.name == "caer-prepare-ahead"]
     assert set(FeatureCache.open(out).video_ids) >= set(clips[:3])
 
@@ -384,11 +383,8 @@ def test_a_bad_frame_decoded_in_the_main_process_is_the_items_error(tmp_path, da
 
 
 def raw_config(dataset, cache, weights, run_dir, **overrides):
-    train_list, val_list, test_list = map(str, dataset.annotations)
-    values = dict(pretrained=str(weights), train_list=train_list, val_list=val_list, test_list=test_list,
-                  cache=str(cache), face_boxes=str(dataset.face_boxes), run_dir=str(run_dir), workers=0,
-                  device="cpu", epochs_stage2=1, batch_size=1, source="raw")
-    return load_config("tiny", values | overrides)
+    settings = dict(epochs_stage2=1, batch_size=1, source="raw") | overrides
+    return tiny_run_config(dataset, cache, weights, run_dir, **settings)
 
 
 def test_raw_frames_of_a_tensor_cache_are_cut_its_way_and_a_pil_flag_is_refused(tensor_cache, dataset, weights,
@@ -411,7 +407,7 @@ def test_raw_frames_of_a_tensor_cache_are_cut_its_way_and_a_pil_flag_is_refused(
 
     pil = raw_config(dataset, tensor_cache, weights, tmp_path / "run", decode="pil")
     with pytest.raises(ValueError, match="--decode pil contradicts .*which was extracted with decode tensor"):
-        train_stage(pil, 2, Console(file=io.StringIO()))
+        train_stage(pil, 2, quiet_console())
     assert not (tmp_path / "run").exists()
 
 
@@ -487,7 +483,7 @@ def test_stage_3_trains_the_same_when_the_loader_thread_decodes(tensor_cache, da
 
     def run(name):
         cfg = raw_config(dataset, tensor_cache, weights, tmp_path / name, workers=2, batch_size=4, epochs_stage3=2)
-        train_stage(cfg, 3, Console(file=io.StringIO()))
+        train_stage(cfg, 3, quiet_console())
         records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         return [{k: v for k, v in r.items() if k not in ("seconds", "time")} for r in records]
 

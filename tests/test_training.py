@@ -12,7 +12,6 @@ One module-scoped dataset (250 clips of ~8 frames) is extracted once (2 views) a
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -24,20 +23,20 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from rich.console import Console
 
 from caer.cache import FeatureCache
-from caer.config import CONFIG_DIR, SynthConfig, load_config
+from caer.config import CONFIG_DIR, DEFAULT_DESCRIPTIONS, RunConfig, SynthConfig, load_config
 from caer.data.loaders import make_loader, split_dataset
 from caer.data.synth import synthesise
 from caer.model.checkpoint import build_model
 from caer.model.encoder import save_random_weights
 from caer.model.metrics import confusion_matrix, uar
 from caer.pipeline import train as train_module
+from caer.pipeline.curves import read_metrics
 from caer.pipeline.evaluate import predict
 from caer.pipeline.extract import extract
 from caer.pipeline.train import train_stage
-from conftest import NUM_CLASSES, Dataset, assert_in_output, run_cli, settings_for
+from conftest import NUM_CLASSES, Dataset, assert_in_output, quiet_console, run_cli, settings_for, tiny_run_config
 
 pytestmark = pytest.mark.slow
 
@@ -52,10 +51,6 @@ LR = 1e-3
 EPOCHS = 15
 
 
-def quiet() -> Console:
-    return Console(file=open(os.devnull, "w"), width=120)
-
-
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Dataset:
     """250 clips (150 train, 50 val, 50 test) of 4..12 frames, 128x96."""
@@ -67,20 +62,15 @@ def synth(tmp_path_factory) -> Dataset:
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory, synth, clip_model) -> Path:
     out = tmp_path_factory.mktemp("train-cache") / "features.zarr"
-    extract(settings_for(synth, out, views=2, batch_size=64), clip_model, quiet())
+    extract(settings_for(synth, out, views=2, batch_size=64), clip_model, quiet_console(width=120))
     return out
 
 
-def overrides(synth: Dataset, cache: Path, weights: Path, run_dir: Path, **kw) -> dict:
-    return dict(
-        pretrained=str(weights), train_list=str(synth.root / "train.txt"), val_list=str(synth.root / "val.txt"),
-        test_list=str(synth.root / "test.txt"), cache=str(cache), run_dir=str(run_dir), stage=2, lr=LR, seed=0,
-        epochs=EPOCHS,
-    ) | kw
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+def run_config(synth: Dataset, cache: Path, weights: Path, run_dir: Path, **kw) -> RunConfig:
+    """Stage 2 of configs/tiny.yaml on ``synth`` at LR for EPOCHS epochs; ``kw`` win. face_boxes=None: not given,
+    as these runs never named a box file."""
+    settings = dict(stage=2, lr=LR, seed=0, epochs=EPOCHS, face_boxes=None) | kw
+    return tiny_run_config(synth, cache, weights, run_dir, **settings)
 
 
 def comparable(records: list[dict]) -> list[dict]:
@@ -100,9 +90,9 @@ def trained(tmp_path_factory, synth, cache, weights):
     def get(streams: str) -> dict:
         if streams not in runs:
             run_dir = tmp_path_factory.mktemp(f"run-{streams}")
-            cfg = load_config("tiny", overrides(synth, cache, weights, run_dir, streams=streams))
+            cfg = run_config(synth, cache, weights, run_dir, streams=streams)
             started = time.perf_counter()
-            result = train_stage(cfg, 2, quiet())
+            result = train_stage(cfg, 2, quiet_console(width=120))
             seconds = time.perf_counter() - started
             model, clip = build_model(cfg, torch.device("cpu"), torch.load(result.best_path, weights_only=False))
             feature_cache = FeatureCache.open(cache)
@@ -111,7 +101,8 @@ def trained(tmp_path_factory, synth, cache, weights):
                 data = split_dataset(cfg, split, False, clip.preprocess, feature_cache, "cache")
                 labels, logits = predict(model, make_loader(data, cfg, False), torch.device("cpu"))
                 cm += confusion_matrix(labels, logits.argmax(1), NUM_CLASSES)
-            runs[streams] = {"cfg": cfg, "result": result, "metrics": read_metrics(run_dir), "cm": cm, "seconds": seconds}
+            metrics = read_metrics(run_dir / "metrics.jsonl")
+            runs[streams] = {"cfg": cfg, "result": result, "metrics": metrics, "cm": cm, "seconds": seconds}
         return runs[streams]
 
     return get
@@ -193,7 +184,7 @@ def test_resume_after_sigkill_gives_the_metrics_of_an_uninterrupted_run(tmp_path
                 break
             time.sleep(0.01)
         assert cut.wait(timeout=30) == -signal.SIGKILL, "the run ended before it could be killed:\n" + (tmp_path / "cut.log").read_text()
-        done_before = len(read_metrics(cut_dir))
+        done_before = len(read_metrics(cut_dir / "metrics.jsonl"))
         assert 2 <= done_before < epochs
         assert full.wait(timeout=180) == 0, (tmp_path / "full.log").read_text()
     finally:
@@ -207,7 +198,7 @@ def test_resume_after_sigkill_gives_the_metrics_of_an_uninterrupted_run(tmp_path
     log = (tmp_path / "resume.log").read_text()
     assert "resuming stage 2" in log
 
-    expected, got = read_metrics(full_dir), read_metrics(cut_dir)
+    expected, got = read_metrics(full_dir / "metrics.jsonl"), read_metrics(cut_dir / "metrics.jsonl")
     print(f"\nkilled after {done_before} of {epochs} epochs; resumed run's last record: loss "
           f"{got[-1]['losses']['loss']:.6f}, valid WAR {got[-1]['valid_war']:.2f} UAR {got[-1]['valid_uar']:.2f}")
     assert [r["epoch"] for r in expected] == list(range(epochs))
@@ -226,7 +217,7 @@ def test_resume_after_sigkill_gives_the_metrics_of_an_uninterrupted_run(tmp_path
     assert saved["epochs"] == epochs != tiny["epochs"]
     assert saved["lambda_mi"] == 0.3 != tiny["lambda_mi"]
     assert saved["lr"] == LR != tiny["lr"]
-    assert saved["num_frames"] == tiny["num_frames"] and saved["descriptions"] == tiny["descriptions"]
+    assert saved["num_frames"] == tiny["num_frames"] and saved["descriptions"] == DEFAULT_DESCRIPTIONS
     assert saved["run_dir"] == str(full_dir) and saved["cache"] == str(cache)
     assert load_config(full_dir / "config.yaml").to_dict() == saved  # and it loads back as a config
 
@@ -239,8 +230,8 @@ class Crash(Exception):
 def short_run(tmp_path_factory, synth, cache, weights):
     """An uninterrupted 5-epoch stage-2 run (the reference for the in-process crash tests)."""
     run_dir = tmp_path_factory.mktemp("short")
-    cfg = load_config("tiny", overrides(synth, cache, weights, run_dir, epochs=5))
-    train_stage(cfg, 2, quiet())
+    cfg = run_config(synth, cache, weights, run_dir, epochs=5)
+    train_stage(cfg, 2, quiet_console(width=120))
     return run_dir
 
 
@@ -256,13 +247,13 @@ def test_resume_after_a_crash_while_an_epoch_is_being_recorded(where, epoch, tmp
     one (after the first) that improves the best valid UAR, so that it writes a best checkpoint; or epoch 0,
     before any last checkpoint exists (the resumed run starts afresh).
     """
-    reference = read_metrics(short_run)
+    reference = read_metrics(short_run / "metrics.jsonl")
     improving = [e for e in range(1, len(reference))
                  if reference[e]["valid_uar"] > max(r["valid_uar"] for r in reference[:e])]
     assert improving, "the reference run never improved after its first epoch"
     crash_epoch = improving[0] if epoch is None else epoch
     run_dir = tmp_path / "run"
-    cfg = load_config("tiny", overrides(synth, cache, weights, run_dir, epochs=5))
+    cfg = run_config(synth, cache, weights, run_dir, epochs=5)
     real_save, real_append = torch.save, train_module._append_metrics
 
     def save(obj, f, *a, **kw):
@@ -281,12 +272,12 @@ def test_resume_after_a_crash_while_an_epoch_is_being_recorded(where, epoch, tmp
     monkeypatch.setattr(torch, "save", save)
     monkeypatch.setattr(train_module, "_append_metrics", append)
     with pytest.raises(Crash):
-        train_stage(cfg, 2, quiet())
+        train_stage(cfg, 2, quiet_console(width=120))
     monkeypatch.undo()
 
-    resumed = load_config("tiny", overrides(synth, cache, weights, run_dir, epochs=5, resume=True))
-    result = train_stage(resumed, 2, quiet())
-    assert comparable(read_metrics(run_dir)) == comparable(reference)
+    resumed = run_config(synth, cache, weights, run_dir, epochs=5, resume=True)
+    result = train_stage(resumed, 2, quiet_console(width=120))
+    assert comparable(read_metrics(run_dir / "metrics.jsonl")) == comparable(reference)
     best = torch.load(result.best_path, weights_only=False)
     expected = torch.load(short_run / "stage2-best.pt", weights_only=False)
     assert best["epoch"] == expected["epoch"] == result.best["epoch"]
@@ -297,8 +288,8 @@ def test_resume_after_a_crash_while_an_epoch_is_being_recorded(where, epoch, tmp
 def test_a_fresh_run_replaces_the_stage_records_of_an_earlier_run_in_the_same_directory(tmp_path, synth, cache, weights):
     run_dir = tmp_path / "run"
     for _ in range(2):
-        train_stage(load_config("tiny", overrides(synth, cache, weights, run_dir, epochs=2)), 2, quiet())
-    assert [(r["stage"], r["epoch"]) for r in read_metrics(run_dir)] == [(2, 0), (2, 1)]
+        train_stage(run_config(synth, cache, weights, run_dir, epochs=2), 2, quiet_console(width=120))
+    assert [(r["stage"], r["epoch"]) for r in read_metrics(run_dir / "metrics.jsonl")] == [(2, 0), (2, 1)]
 
 
 def test_a_run_dir_that_holds_a_stage_is_not_trained_over_without_resume_or_overwrite(tmp_path, synth, cache, weights):
@@ -316,7 +307,7 @@ def test_a_run_dir_that_holds_a_stage_is_not_trained_over_without_resume_or_over
     assert (run_dir / "stage2-best.pt").read_bytes() == best
     replaced = run_cli(cli_train_args(synth, cache, weights, run_dir, "--epochs", "2", "--overwrite"))
     assert replaced.exit_code == 0, replaced.output
-    assert [(r["stage"], r["epoch"]) for r in read_metrics(run_dir)] == [(2, 0), (2, 1)]
+    assert [(r["stage"], r["epoch"]) for r in read_metrics(run_dir / "metrics.jsonl")] == [(2, 0), (2, 1)]
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["overwrite"] is False  # -c config.yaml refuses too
     args = cli_train_args(synth, cache, weights, run_dir, "--epochs", "1")
     args[args.index("--stage") + 1] = "3"
@@ -389,15 +380,15 @@ def test_cli_refuses_a_cache_of_another_image_encoder(tmp_path, synth, cache, we
     # the same flags with the cache's own weights are accepted
     ok = run_cli(cli_train_args(synth, cache, weights, tmp_path / "ok", "--epochs", "1"))
     assert ok.exit_code == 0, ok.output
-    assert len(read_metrics(tmp_path / "ok")) == 1
+    assert len(read_metrics(tmp_path / "ok" / "metrics.jsonl")) == 1
 
 
 def test_input_norm_is_what_lets_stage2_learn_quickly(trained, synth, cache, weights, tmp_path):
     """The README's reason for the BatchNorm before the temporal encoders: without it, the same 15 epochs learn far less."""
     with_norm = trained("both")["metrics"][-1]["best_uar"]
-    cfg = load_config("tiny", overrides(synth, cache, weights, tmp_path / "no-norm", input_norm=False))
-    train_stage(cfg, 2, quiet())
-    without = read_metrics(tmp_path / "no-norm")[-1]["best_uar"]
+    cfg = run_config(synth, cache, weights, tmp_path / "no-norm", input_norm=False)
+    train_stage(cfg, 2, quiet_console(width=120))
+    without = read_metrics(tmp_path / "no-norm" / "metrics.jsonl")[-1]["best_uar"]
     print(f"\nbest valid UAR after {EPOCHS} epochs: with input norm {with_norm:.2f}, without {without:.2f}")
     assert with_norm >= without + 15, (with_norm, without)
 
@@ -460,7 +451,7 @@ def test_metrics_record_the_uar_over_every_class_beside_the_uar_over_the_classes
     args = cli_train_args(synth, cache, weights, tmp_path / "run", "--epochs", "1")
     args[args.index("--val-list") + 1] = str(val)
     assert run_cli(args).exit_code == 0
-    record = read_metrics(tmp_path / "run")[-1]
+    record = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
     cm = np.asarray(record["valid_confusion"], dtype=float)
     recall = np.divide(np.diag(cm), cm.sum(1), out=np.zeros(len(cm)), where=cm.sum(1) > 0)
     assert record["valid_uar_all_classes"] == round(100 * recall.mean(), 2)

@@ -20,14 +20,13 @@ import zarr
 
 import caer.data.video_io as video_io
 from caer.cache import CacheError, FeatureCache
-from caer.config import load_config
 from caer.data.datasets import ClipFrames
 from caer.data.loaders import split_dataset
 from caer.data.raer import DataError, ViewMaker, list_frames, read_annotations, read_image
 from caer.data.tensor_views import TensorViews
 from caer.data.video import frame_key, frames_at_rate, index_video, iter_clip_images
 from caer.pipeline.extract import extract
-from conftest import NUM_CLASSES, Dataset, assert_in_output, extract_args, run_cli, settings_for
+from conftest import NUM_CLASSES, Dataset, assert_in_output, extract_args, run_cli, settings_for, tiny_run_config
 
 GOP = 4
 
@@ -355,11 +354,8 @@ def test_a_corrupt_video_stops_extraction_naming_it_and_skip_bad_skips_it(videos
 # ------------------------------------------------------------------------------------------ raw frames and --fps
 
 def raw_config(ds: Dataset, cache: Path | None, weights: Path, **overrides):
-    train_list, val_list, test_list = map(str, ds.annotations)
-    values = dict(pretrained=str(weights), train_list=train_list, val_list=val_list, test_list=test_list,
-                  cache=str(cache) if cache else None, face_boxes=str(ds.face_boxes), body_boxes=str(ds.body_boxes),
-                  workers=0, device="cpu", source="raw", num_frames=4)
-    return load_config("tiny", values | overrides)
+    settings = dict(body_boxes=str(ds.body_boxes), source="raw", num_frames=4) | overrides
+    return tiny_run_config(ds, cache, weights, **settings)
 
 
 @pytest.mark.parametrize("decode", ["pil", "tensor"])
