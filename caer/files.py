@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; a second writer is not refused there
+    fcntl = None
 
 
 @contextlib.contextmanager
@@ -19,6 +25,10 @@ def replaced_atomically(path: str | Path) -> Iterator[Path]:
     try:
         yield temp
         os.replace(temp, path)
+    except OSError as err:  # named by the path the user knows (not the temporary name, nor nothing: a full disk)
+        if err.filename not in (None, str(temp), temp):
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from None
     finally:
         temp.unlink(missing_ok=True)
 
@@ -63,9 +73,43 @@ def check_outputs(outputs: list[tuple[str, Path]], inputs: list[tuple[str, Path]
             raise ValueError(f"{flag} {path}: {blocker} is a file, not a folder")
         if path.exists() and not overwrite:
             raise ValueError(f"{flag} {path} already exists: pass --overwrite to replace it")
+        if blocker is not None and not os.access(blocker, os.W_OK):
+            raise ValueError(f"{flag} {path}: cannot write in {blocker} (a read-only file system, or no permission)")
 
 
 def _same_file(a: Path, b: Path) -> bool:
     """Whether two paths name one file or folder (through links, too)."""
     return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
 
+
+class FileLock:
+    """An OS lock (``flock``) on a file: one process at a time holds it. The lock goes with the process, so a killed
+    holder leaves nothing to clean up; the file only says who holds it. (``flock`` may not work across machines on a
+    network file system.)"""
+
+    def __init__(self, path: str | Path, holder: str):
+        self.path, self.holder = Path(path), holder  # holder: what the file says of this process ("caer train")
+        self.fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock; or, when another process holds it, take nothing and return what its file says of it."""
+        if fcntl is None:
+            return None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held_by = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            return held_by
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{self.holder} (pid {os.getpid()} on {socket.gethostname()})".encode())
+        self.fd = fd
+        return None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None

@@ -423,3 +423,87 @@ def test_an_eval_report_says_whether_flip_tta_made_it():
     flipped = Report(["a", "b"], labels, labels, ["x", "y", "z"], "c.pt", "test", "cache", tta="flip")
     assert plain.as_dict()["tta"] == "none" and flipped.as_dict()["tta"] == "flip"
     assert "TTA flip" in flipped.tables().renderables[0].title and "TTA" not in plain.tables().renderables[0].title
+
+
+def test_a_metrics_file_s_torn_last_line_is_left_out_and_any_other_bad_line_named(tmp_path):
+    """A run stopped while appending leaves a last line cut short (its epoch has no checkpoint): it is left out.
+    A bad line anywhere else is an error naming the file and line."""
+    from caer.pipeline.curves import read_metrics
+
+    good = json.dumps({"stage": 1, "epoch": 0}) + "\n"
+    torn, inner = tmp_path / "torn.jsonl", tmp_path / "inner.jsonl"
+    torn.write_text(good + good[:-9])
+    inner.write_text(good + "{bad\n" + good)
+    assert read_metrics(torn) == [{"stage": 1, "epoch": 0}]
+    with pytest.raises(ValueError, match=re.escape(f"{inner}:2: not a metrics record")):
+        read_metrics(inner)
+
+
+def test_dropping_metrics_on_resume_replaces_the_file_whole(tmp_path, monkeypatch):
+    """A failed rewrite (a full disk) leaves metrics.jsonl as it was, and the error names it, not a temporary file."""
+    from caer.pipeline import train as train_module
+
+    path = tmp_path / "metrics.jsonl"
+    before = "".join(json.dumps({"stage": s, "epoch": e}) + "\n" for s in (1, 2) for e in range(3))
+    path.write_text(before)
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError) as caught:
+        train_module._drop_metrics_after(path, 2, 0)
+    assert path.read_text() == before and caught.value.filename == str(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+def test_a_failed_checkpoint_write_names_the_checkpoint(tmp_path, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError: it becomes an OSError naming the file (one error line)."""
+    from caer.model import checkpoint as checkpoint_module
+
+    def full_disk(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 800832 vs 800724")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)
+    target = tmp_path / "stage2-last.pt"
+    with pytest.raises(OSError) as caught:
+        checkpoint_module.save_checkpoint({"x": 1}, target)
+    assert user_message(caught.value).startswith(f"{target}: cannot write the checkpoint")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_in_a_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch):
+    from caer.files import check_outputs
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(ValueError, match=re.escape(f"--json {tmp_path / 'r.json'}: cannot write in {tmp_path}")):
+        check_outputs([("--json", tmp_path / "r.json")], [], overwrite=False)
+
+
+def test_a_second_caer_train_into_a_run_dir_being_written_is_refused(tmp_path, dataset, zarr_cache, weights):
+    """Two runs into one folder would mix their metrics and checkpoints: the second is refused, naming the first."""
+    from rich.console import Console
+
+    from caer.files import FileLock
+    from caer.pipeline.run_dir import RunDir
+    from caer.pipeline.train import run
+    from conftest import one_epoch_config
+
+    cfg = one_epoch_config(dataset, zarr_cache[0], weights, tmp_path / "run", stage=2)
+    lock = FileLock(RunDir(tmp_path / "run").lock, "caer train")
+    assert lock.acquire() is None
+    try:
+        with pytest.raises(ValueError, match=r"--run-dir \S+ is being written by caer train \(pid"):
+            run(cfg, Console(quiet=True))
+    finally:
+        lock.release()
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        run(one_epoch_config(dataset, zarr_cache[0], weights, tmp_path / "file", stage=2), Console(quiet=True))
+
+
+def test_compare_names_a_test_report_it_cannot_read(tmp_path):
+    (tmp_path / "config.yaml").write_text("lr: 0.1\n")
+    (tmp_path / "test_report.json").write_text("{bad")
+    assert_stops(run_cli(["compare", str(tmp_path)]), f"{tmp_path / 'test_report.json'}: not a readable test report")

@@ -10,6 +10,7 @@ scheduler, scaler and RNG states, and ``cache_fingerprint``: tensors and plain P
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pickle
 import re
@@ -212,7 +213,11 @@ def save_checkpoint(checkpoint: dict, path: Path) -> None:
     Numpy values become plain numbers and tensors, so that the file loads with ``weights_only=True``.
     """
     with replaced_atomically(path) as temp:
-        torch.save(plain(checkpoint), temp)
+        try:
+            torch.save(plain(checkpoint), temp)
+        except RuntimeError as err:  # torch's C++ writer reports a failed write (a full disk) as a RuntimeError
+            cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise OSError(errno.EIO, f"cannot write the checkpoint ({cause}): is the disk full?", str(path)) from None
 
 
 def plain(value):

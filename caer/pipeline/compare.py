@@ -67,7 +67,10 @@ def read_run(run_dir: str | Path) -> RunSummary:
             summary.valid_war, summary.valid_uar = last["best_war"], last["best_uar"]
     report = run.test_report
     if report.is_file():
-        test = json.loads(report.read_text())
+        try:
+            test = json.loads(report.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{report}: not a readable test report ({err})") from None
         summary.test_note = report_mismatch(test, summary)
         if not summary.test_note:
             summary.test_war, summary.test_uar = test["war"], test["uar"]

@@ -24,8 +24,21 @@ TENSORBOARD_HINT = "pip install -e '.[tensorboard]'"
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The records of a ``metrics.jsonl`` (one per line)."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a ``metrics.jsonl`` (one per line). A last line cut short (a run stopped while writing it,
+    before that epoch's checkpoint) is left out; any other unreadable line is an error naming it."""
+    text = Path(path).read_text()
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines) and not text.endswith("\n"):
+                break
+            raise ValueError(f"{path}:{number}: not a metrics record ({err})") from None
+    return records
 
 
 def epoch_scalars(record: dict) -> dict[str, float]:

@@ -17,6 +17,11 @@ class RunDir:
         object.__setattr__(self, "path", Path(path))
 
     @property
+    def lock(self) -> Path:
+        """Beside the folder (as a store's): held by the ``caer train`` writing it."""
+        return self.path.with_name(self.path.name + ".lock")
+
+    @property
     def config(self) -> Path:
         return self.path / "config.yaml"
 

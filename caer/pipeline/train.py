@@ -42,6 +42,7 @@ from ..data.loaders import (
     with_cache_geometry,
 )
 from ..data.tensor_views import auto_decode_device
+from ..files import FileLock, write_atomically
 from ..model.caer_model import STAGE_GROUPS, CAERModel
 from ..model.checkpoint import (
     build_model,
@@ -215,6 +216,8 @@ def check_run_dir_free(cfg: RunConfig, stages: list[int], console: Console) -> N
     if cfg.run.resume and cfg.run.overwrite:
         raise ValueError("--resume goes on with the run in --run-dir, --overwrite replaces it: give one of them")
     run_dir = RunDir(cfg.run.run_dir)
+    if run_dir.path.exists() and not run_dir.path.is_dir():
+        raise ValueError(f"--run-dir {run_dir.path} is a file, not a folder")
     recorded = {int(r["stage"]) for r in read_metrics(run_dir.metrics)} if run_dir.metrics.is_file() else set()
 
     def held(n: int) -> bool:
@@ -361,11 +364,12 @@ def _restore_random_state(s: Stage, saved: list[dict]) -> None:
 
 
 def _drop_metrics_after(path: Path, stage: int, epoch: int) -> None:
-    """Forget the records of ``stage`` logged after ``epoch`` (on resume, those after the checkpoint)."""
+    """Forget the records of ``stage`` logged after ``epoch`` (on resume, those after the checkpoint); the file is
+    replaced whole, so a failed write leaves the other stages' records as they were."""
     if path.exists():
         records = read_metrics(path)
         keep = [r for r in records if not (r["stage"] == stage and r["epoch"] > epoch)]
-        path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        write_atomically({path: "".join(json.dumps(r) + "\n" for r in keep)})
 
 
 # ------------------------------------------------------------------------------------ one epoch
@@ -613,8 +617,28 @@ def run(cfg: RunConfig, console: Console | None = None) -> list[StageResult]:
     check_lr_groups(cfg, stages)  # before any stage trains: a typo for stage 3 would otherwise stop the run there
     check_test_in_cache(cfg, stages)
     check_cache_encoder(cfg, stages)
-    check_run_dir_free(cfg, stages, console)
-    check_box_files_match(cfg)
+    with holding_run_dir(cfg):
+        check_run_dir_free(cfg, stages, console)
+        check_box_files_match(cfg)
+        return _run_stages(cfg, stages, console)
+
+
+@contextlib.contextmanager
+def holding_run_dir(cfg: RunConfig):
+    """One ``caer train`` at a time writes a run directory (rank 0 holds the lock for its torchrun group): two runs
+    into one folder would mix their metrics and checkpoints."""
+    lock = FileLock(RunDir(cfg.run.run_dir).lock, "caer train")
+    held_by = lock.acquire() if runtime.rank() == 0 else None
+    if held_by:
+        raise ValueError(f"--run-dir {cfg.run.run_dir} is being written by {held_by}; wait until it is done, or choose "
+                         "another --run-dir")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _run_stages(cfg: RunConfig, stages: list[int], console: Console) -> list[StageResult]:
     for note in cfg.optim.ignored_settings():
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     init = _starting_checkpoint(cfg, console)
