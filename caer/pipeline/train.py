@@ -562,8 +562,6 @@ def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
                    + (f" on {s.world} processes" if s.world > 1 else ""))
     rates = ", ".join(f"{g['name']} {g['lr']:g}" for g in s.optimizer.param_groups)
     s.console.print(f"learning rates at the start of stage {stage}: {rates}", highlight=False)
-    if note := runtime.amp_note(s.device, s.cfg.runtime.use_amp):
-        s.console.print(note, highlight=False)
     try:
         for epoch in range(s.start_epoch, s.epochs):
             start = time.perf_counter()
@@ -641,6 +639,8 @@ def holding_run_dir(cfg: RunConfig):
 def _run_stages(cfg: RunConfig, stages: list[int], console: Console) -> list[StageResult]:
     for note in cfg.optim.ignored_settings():
         console.print(f"[yellow]note:[/] {note}", highlight=False)
+    if note := runtime.amp_note(runtime.resolve_device(cfg.runtime.device), cfg.runtime.use_amp):
+        console.print(note, highlight=False)  # once a run, not once a stage
     init = _starting_checkpoint(cfg, console)
     results: list[StageResult] = []
     for stage in [1, 2, 3] if cfg.stages.staged_training else stages:
