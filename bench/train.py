@@ -56,11 +56,12 @@ TRAINS = {1: "prompt context vectors", 2: "adapter, temporal encoders, fusion", 
 
 
 class ValidationTimer:
-    """Wraps ``caer.pipeline.train.predict`` (the validation pass, once per epoch) to split each epoch into training and validation."""
+    """Wraps ``caer.pipeline.train.loader_logits`` (the validation pass, once per epoch) to split each epoch into
+    training and validation."""
 
     def __init__(self):
         self.seconds: list[float] = []
-        self.predict = train_module.predict
+        self.predict = train_module.loader_logits
 
     def __enter__(self):
         def timed(*a, **kw):
@@ -70,11 +71,11 @@ class ValidationTimer:
             finally:
                 self.seconds.append(time.perf_counter() - start)
 
-        train_module.predict = timed
+        train_module.loader_logits = timed
         return self
 
     def __exit__(self, *exc):
-        train_module.predict = self.predict
+        train_module.loader_logits = self.predict
 
 
 def time_epoch(args, tmp: Path, data: Path, cache: Path, stage: int, source: str, console: Console,

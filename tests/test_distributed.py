@@ -67,13 +67,13 @@ main()
 COUNTS_VALIDATION_BATCHES = """
 import os, sys
 import caer.pipeline.train as train
-real = train.predict
+real = train.loader_logits
 def counted(model, loader, *args, **kwargs):
     stats = repr(float(sum(b.double().sum() for name, b in model.named_buffers() if "running_" in name)))
     with open(os.environ["VALIDATIONS_LOG"], "a") as log:  # one write a line: two processes printing can interleave
         log.write(f"rank {os.environ['RANK']} validates {len(loader)} batches with BatchNorm statistics {stats}\\n")
     return real(model, loader, *args, **kwargs)
-train.predict = counted
+train.loader_logits = counted
 from caer.cli import main
 sys.argv[0] = "caer"
 main()

@@ -32,7 +32,7 @@ from caer.data.video import index_video, iter_clip_images
 from caer.model.checkpoint import build_model, checkpoint_config, load_checkpoint
 from caer.pipeline import annotate
 from caer.pipeline.annotate import ANNOTATE_SUFFIXES, write_video
-from caer.pipeline.evaluate import predict as eval_logits
+from caer.pipeline.evaluate import loader_logits
 from caer.pipeline.predict import make_windows
 from caer.pipeline.train import train_stage
 from conftest import Dataset, assert_in_output, quiet_console, run_cli, tiny_run_config
@@ -63,7 +63,7 @@ def eval_probabilities(checkpoint) -> tuple[list[str], np.ndarray]:
     cache = open_cache(cfg, Source.raw, ckpt["encoder"])
     cfg = with_cache_geometry(cfg, cache)
     data = split_dataset(cfg, "test", False, backbone.preprocess, cache, Source.raw)
-    _, logits = eval_logits(model, make_loader(data, cfg, train=False), torch.device("cpu"))
+    _, logits = loader_logits(model, make_loader(data, cfg, train=False), torch.device("cpu"))
     return data.video_ids, torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
 
 

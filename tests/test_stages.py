@@ -19,7 +19,7 @@ from caer.config import load_config
 from caer.data.loaders import make_loader, split_dataset
 from caer.model.checkpoint import build_model
 from caer.pipeline import train as train_module
-from caer.pipeline.evaluate import evaluate, predict
+from caer.pipeline.evaluate import evaluate, loader_logits
 from caer.pipeline.extract import extract
 from caer.pipeline.run_dir import RunDir
 from caer.pipeline.train import make_optimizer, train_stage
@@ -283,7 +283,7 @@ def valid_logits(cfg, checkpoint=None) -> torch.Tensor:
     ckpt = torch.load(checkpoint, weights_only=False) if checkpoint else None
     model, backbone = build_model(cfg, torch.device("cpu"), ckpt)
     data = split_dataset(cfg, "val", False, backbone.preprocess, FeatureCache.open(cfg.data.cache), "cache")
-    return torch.from_numpy(predict(model, make_loader(data, cfg, False), torch.device("cpu"))[1])
+    return torch.from_numpy(loader_logits(model, make_loader(data, cfg, False), torch.device("cpu"))[1])
 
 
 def test_stage1_with_the_raer_classifier_changes_the_valid_logits(dataset, zarr_cache, weights, tmp_path):

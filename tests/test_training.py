@@ -33,7 +33,7 @@ from caer.model.encoder import save_random_weights
 from caer.model.metrics import confusion_matrix, uar
 from caer.pipeline import train as train_module
 from caer.pipeline.curves import read_metrics
-from caer.pipeline.evaluate import predict
+from caer.pipeline.evaluate import loader_logits
 from caer.pipeline.extract import extract
 from caer.pipeline.train import train_stage
 from conftest import NUM_CLASSES, Dataset, assert_in_output, quiet_console, run_cli, settings_for, tiny_run_config
@@ -99,7 +99,7 @@ def trained(tmp_path_factory, synth, cache, weights):
             cm = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
             for split in ("val", "test"):
                 data = split_dataset(cfg, split, False, clip.preprocess, feature_cache, "cache")
-                labels, logits = predict(model, make_loader(data, cfg, False), torch.device("cpu"))
+                labels, logits = loader_logits(model, make_loader(data, cfg, False), torch.device("cpu"))
                 cm += confusion_matrix(labels, logits.argmax(1), NUM_CLASSES)
             metrics = read_metrics(run_dir / "metrics.jsonl")
             runs[streams] = {"cfg": cfg, "result": result, "metrics": metrics, "cm": cm, "seconds": seconds}

@@ -23,8 +23,8 @@ from .report import Report
 
 
 @torch.no_grad()
-def predict(model: CAERModel, loader: Loader, device: torch.device, use_amp: bool = False,
-            progress: Progress | None = None, text=None) -> tuple[np.ndarray, np.ndarray]:
+def loader_logits(model: CAERModel, loader: Loader, device: torch.device, use_amp: bool = False,
+                  progress: Progress | None = None, text=None) -> tuple[np.ndarray, np.ndarray]:
     """(labels, logits [N, C]) over a loader, in dataset order; ``text``: precomputed text features. A loader that
     gives each torchrun rank a share (``EpochSampler`` with ``world`` > 1) gives every rank the whole split."""
     model.eval()
@@ -99,7 +99,7 @@ def evaluate(checkpoint: str | Path, split: str = "test", source: EvalSource = E
     with progress_bar(console) as progress:
         for view in views:
             dataset.eval_view = view  # 1: the mirror image (flip TTA)
-            labels, view_logits = predict(model, make_loader(dataset, cfg, train=False), device, cfg.runtime.use_amp,
+            labels, view_logits = loader_logits(model, make_loader(dataset, cfg, train=False), device, cfg.runtime.use_amp,
                                           progress)
             logits = logits + view_logits / len(views)
     note_left_out(console, cfg.list_for(split), dataset.left_out)

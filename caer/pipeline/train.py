@@ -59,7 +59,7 @@ from ..model.losses import CAERLoss
 from ..model.metrics import confusion_matrix, uar, uar_all_classes, war
 from .curves import TensorBoardLog, check_tensorboard, read_metrics, write_curves
 from .display import confusion_table, progress_bar
-from .evaluate import evaluate, note_left_out, predict
+from .evaluate import evaluate, loader_logits, note_left_out
 from .run_dir import RunDir
 
 LOSS_TERMS = ("loss", "cls", "mi", "dc")
@@ -455,7 +455,7 @@ def validate(s: Stage, progress: Progress) -> np.ndarray:
     """The confusion matrix of the validation split; under DDP each rank predicts its share, with rank 0's
     BatchNorm statistics (each rank's last training step updated its own)."""
     runtime.broadcast_buffers(s.model)
-    labels, logits = predict(s.model, s.val_loader, s.device, s.cfg.runtime.use_amp, progress, s.fixed_text)
+    labels, logits = loader_logits(s.model, s.val_loader, s.device, s.cfg.runtime.use_amp, progress, s.fixed_text)
     return confusion_matrix(labels, logits.argmax(1), len(s.cfg.model.classes))
 
 
