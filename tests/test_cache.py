@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
+import re
+import resource
 import shutil
+import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -235,3 +241,111 @@ def test_a_folder_or_file_that_is_not_a_cache_is_left_alone(tmp_path, dataset, w
         assert_in_output(f"error: {out}", result.output)
         assert_in_output(message, result.output)
         assert _snapshot(out) == before
+
+
+# --------------------------------------------------------------------------- damaged stores: every error names what to fix
+
+VICTIM_INDEX = 3
+
+
+def _cut(path: Path, size: int) -> None:
+    """Keep the first ``size`` bytes of a file, as a copy or a disk fault cut short would."""
+    path.write_bytes(path.read_bytes()[:size])
+
+
+def _zarr_copy(zarr_cache, tmp_path, dataset) -> tuple[Path, str]:
+    out = tmp_path / "c.zarr"
+    shutil.copytree(zarr_cache[0], out)
+    return out, dataset.video_ids()[VICTIM_INDEX]
+
+
+def test_a_clip_whose_metadata_is_damaged_is_listed_named_and_re_extracted(tmp_path, dataset, weights, zarr_cache):
+    out, victim = _zarr_copy(zarr_cache, tmp_path, dataset)
+    meta = out / "clips" / store_key(victim) / "zarr.json"
+    _cut(meta, 400)
+    cache = FeatureCache.open(out)  # the other clips are as good as before
+    assert victim in cache and victim not in cache.video_ids and len(cache.video_ids) == 11
+    with pytest.raises(CacheError, match=f"clip '{victim}' is damaged \\(its metadata file {meta} cannot be read: "):
+        cache.clip(victim)
+    verify = run_cli(["cache", "verify", str(out)])
+    assert verify.exit_code == 1, verify.output
+    problem = f"metadata unreadable ({meta.relative_to(out)}: Expecting"
+    assert cache.verify()[victim].startswith(problem)
+    assert re.sub(r"[\s│]", "", f"{victim}{problem}") in re.sub(r"[\s│]", "", verify.output), verify.output
+    repair = run_cli(extract_args(dataset, out, weights, "--views", "2", "--workers", "0"))
+    assert repair.exit_code == 0, repair.output
+    summary = FeatureCache.open(out).attrs["summary"]
+    assert (summary["clips_extracted"], summary["clips_already_done"]) == (1, 11)
+    assert run_cli(["cache", "verify", str(out)]).exit_code == 0
+    assert_fp16_equal(FeatureCache.open(out).clip(victim), FeatureCache.open(zarr_cache[0]).clip(victim).astype(np.float32))
+
+
+def test_a_chunk_cut_short_is_a_damaged_clip_naming_cache_and_clip(tmp_path, dataset, zarr_cache):
+    out, victim = _zarr_copy(zarr_cache, tmp_path, dataset)
+    chunk = next(p for p in (out / "clips" / store_key(victim) / "c").rglob("*") if p.is_file())
+    _cut(chunk, chunk.stat().st_size // 2)
+    cache = FeatureCache.open(out)
+    with pytest.raises(CacheError, match=f"{out}: clip '{victim}' is damaged \\(its data cannot be read: ValueError: "):
+        cache.clip(victim)
+    with pytest.raises(CacheError, match=f"run the same caer extract again to repair it \\(caer cache verify {out} "):
+        cache.clip(victim)
+    assert cache.verify()[victim].startswith("unreadable (ValueError: ")
+
+
+def test_a_damaged_root_metadata_file_is_named_and_the_store_left_alone(tmp_path, dataset, weights, zarr_cache):
+    out, _ = _zarr_copy(zarr_cache, tmp_path, dataset)
+    _cut(out / "zarr.json", 1000)
+    before = _snapshot(out)
+    message = f"{out / 'zarr.json'}: the root metadata file of the store {out} cannot be read (Unterminated string"
+    with pytest.raises(CacheError, match=re.escape(message)):
+        FeatureCache.open(out)
+    for args in (["cache", "verify", str(out)], extract_args(dataset, out, weights, "--workers", "0"),
+                 extract_args(dataset, out, weights, "--workers", "0", "--overwrite")):
+        result = run_cli(args)
+        assert result.exit_code == 2, result.output
+        assert_in_output(f"error: {message}", result.output)
+        assert "not a caer" not in result.output
+    assert _snapshot(out) == before
+
+
+@contextlib.contextmanager
+def _file_size_limit(size: int):
+    """Writes past ``size`` bytes fail with EFBIG (File too large) in this process, as under `ulimit -f`."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_root_attribute_write_that_fails_names_the_store(tmp_path):
+    fp = fingerprint({"model": "m", "weights": "w" * 300}, margin=20, crop_body=False, views=1, frame_stride=1)
+    out = tmp_path / "c.zarr"
+    meta = str(out / "zarr.json")
+    with _file_size_limit(200), pytest.raises(OSError) as opened:  # the fingerprint does not fit
+        CacheWriter(out, fp)
+    assert (opened.value.errno, opened.value.filename) == (errno.EFBIG, meta)
+    writer = CacheWriter(out, fp)
+    many = {"train": [f"clips/{i:04d}" for i in range(100)]}
+    with _file_size_limit(os.path.getsize(meta) + 100):
+        with pytest.raises(OSError) as recorded:
+            writer.record_splits(many)
+        with pytest.raises(OSError) as finished:
+            writer.finish(many, [], {})
+    assert (recorded.value.errno, recorded.value.filename) == (finished.value.errno, finished.value.filename) \
+        == (errno.EFBIG, meta)
+    writer.close()
+
+
+@pytest.mark.parametrize("which", ["annotation file", "face boxes"])
+def test_an_output_that_is_an_input_is_refused_before_any_lock(which, tmp_path, dataset, weights):
+    ds = dataset.copy(tmp_path / "ds")
+    target = ds.annotations[0] if which == "annotation file" else ds.face_boxes
+    before = _snapshot(ds.root)
+    result = run_cli(extract_args(ds, target, weights, "--workers", "0", "--overwrite"))
+    assert result.exit_code == 2, result.output
+    assert_in_output(f"error: --out {target} is the {which} {target}: write the output elsewhere", result.output)
+    assert _snapshot(ds.root) == before  # no lock file, nothing written

@@ -33,6 +33,11 @@ def store_key(video_id: str) -> str:
     return urllib.parse.quote(video_id, safe="")
 
 
+def video_id_of(key: str) -> str:
+    """The video id whose clip array is named ``key`` (``store_key`` undone)."""
+    return urllib.parse.unquote(key)
+
+
 def skipped_source(entry: str) -> tuple[str, int] | None:
     """(annotation file, line number) of a ``skipped`` entry ("file:line: reason"), or None if it has no such prefix."""
     found = re.match(r"(.+?):(\d+): ", entry)

@@ -11,6 +11,7 @@ a temporary file that replaces the old one in one rename.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,7 +32,7 @@ import numpy as np
 import zarr
 
 from ..processes import spawned_pool
-from .schema import CLIPS, SCHEMA_VERSION, STREAMS, differences, skipped_source, store_key, with_added_keys
+from .schema import CLIPS, SCHEMA_VERSION, STREAMS, differences, skipped_source, store_key, video_id_of, with_added_keys
 
 try:
     import fcntl
@@ -42,6 +44,16 @@ log = logging.getLogger(__name__)
 
 class CacheError(Exception):
     """A cache that cannot be used as asked (wrong fingerprint, not a cache, missing clip)."""
+
+
+class DamagedClip(CacheError):
+    """A clip whose data or metadata cannot be read, or no longer matches its checksum; ``problem`` says which in a
+    few words (``caer cache verify`` lists it)."""
+
+    def __init__(self, cache: Path, video_id: str, why: str, problem: str):
+        super().__init__(f"{cache}: clip {video_id!r} is damaged ({why}); run the same caer extract again to repair it "
+                         f"(caer cache verify {cache} lists every damaged clip)")
+        self.problem = problem
 
 
 H5_SUFFIXES = (".h5", ".hdf5")
@@ -67,34 +79,68 @@ def _staging_path(path: Path) -> Path:
 # --------------------------------------------------------------------------- zarr helpers
 
 def _zarr_root_attrs(path: Path) -> dict | None:
-    """Root attributes of a caer Zarr store, or None if ``path`` is not one."""
+    """Root attributes of a caer Zarr store, or None if ``path`` is not one. A root metadata file that is there but
+    cannot be read is a CacheError: the folder may well be a damaged cache, which is not "not a cache"."""
     try:
         attrs = dict(zarr.open_group(str(path), mode="r").attrs)
     except Exception:
+        _check_root_metadata(path / "zarr.json")
         return None
     return attrs if "caer_schema" in attrs else None
 
 
-def _zarr_done_clips(path: Path) -> dict[str, dict]:
-    """{key: clip attrs} for every finished clip of a Zarr store."""
+def _check_root_metadata(meta: Path) -> None:
+    """Refuse a store whose root metadata file exists but is no JSON (cut short, overwritten, unreadable)."""
+    if not meta.is_file():
+        return
+    try:
+        json.loads(meta.read_bytes())
+    except (OSError, ValueError) as err:
+        raise CacheError(f"{meta}: the root metadata file of the store {meta.parent} cannot be read ({one_line(err)}); "
+                         f"caer leaves the store as it is: restore the file, or remove {meta.parent} and extract "
+                         "again") from None
+
+
+def _zarr_clips(path: Path) -> tuple[dict[str, dict], dict[str, tuple[str, str]]]:
+    """{key: clip attrs} for every finished clip of a Zarr store, and {key: (its metadata file, the error)} for every
+    clip whose metadata cannot be read. Each clip's metadata is read on its own, so a damaged one is just not done."""
     try:
         clips = zarr.open_group(str(path), mode="r")[CLIPS]
     except Exception:
-        return {}
-    done = {}
-    for key in sorted(clips.array_keys()):
+        return {}, {}
+    done, unreadable = {}, {}
+    for meta in sorted((Path(path) / CLIPS).glob("*/zarr.json")):
+        key = meta.parent.name
         try:
             attrs = dict(clips[key].attrs)
-        except Exception:  # an array whose metadata a kill left unreadable: not done
+        except Exception as err:  # damaged metadata: the clip is not done, and a re-run replaces it
+            unreadable[key] = (str(meta), one_line(err))
             continue
         if attrs.get("done"):
             done[key] = attrs
-    return done
+    return done, unreadable
+
+
+def _zarr_done_clips(path: Path) -> dict[str, dict]:
+    """{key: clip attrs} for every finished clip of a Zarr store."""
+    return _zarr_clips(path)[0]
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Give an OS error that zarr raises without a file name (a full disk, a size limit) the name ``path``."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
 
 
 def stored_fingerprint(path: str | Path, fmt: str = "auto") -> dict | None:
     """The fingerprint of the store at ``path`` (or of an interrupted HDF5 build's staging store); None when
-    there is none or it cannot be read (the writer then says why)."""
+    there is none or it cannot be read (the writer then says why), a CacheError when a Zarr store's root metadata
+    file cannot be read."""
     path = Path(path)
     fmt = detect_format(path, fmt)
     if fmt == "h5" and path.is_file():
@@ -275,13 +321,22 @@ class CacheWriter:
             self.path.unlink()
 
     def _open_zarr(self) -> None:
-        root = zarr.open_group(str(self.zarr_path), mode="a")
-        if "caer_schema" not in root.attrs:
-            root.attrs.update({"caer_schema": SCHEMA_VERSION, "fingerprint": self.fingerprint, "splits": {}, "skipped": [],
-                               "inputs": self.inputs})
-        if CLIPS not in root:
-            root.create_group(CLIPS)
-        self.root = root
+        # a new store's root is written with its attributes at once: a failed write leaves no store without them
+        new = {"caer_schema": SCHEMA_VERSION, "fingerprint": self.fingerprint, "splits": {}, "skipped": [],
+               "inputs": self.inputs}
+        with _naming(self.zarr_path / "zarr.json"):
+            self.root = zarr.open_group(str(self.zarr_path), mode="a", attributes=new)  # (only if it is new)
+        if "caer_schema" not in self.root.attrs:  # an empty group that was there
+            self._set_attrs(new)
+        if CLIPS not in self.root:
+            with _naming(self.zarr_path / CLIPS):
+                self.root.create_group(CLIPS)
+
+    def _set_attrs(self, values: dict) -> None:
+        """Update the store's root attributes in one write of its metadata file (``attrs.update`` writes it once a
+        key: a failure part-way would leave a store with a schema and no fingerprint); an OS error names the file."""
+        with _naming(self.zarr_path / "zarr.json"):
+            self.root.update_attributes(values)
 
     def write(self, video_id: str, features: np.ndarray, attrs: dict) -> None:
         """Store one clip's features [2, views, frames, D] from this thread; it counts as done only once this returns."""
@@ -299,7 +354,7 @@ class CacheWriter:
     def record_splits(self, splits: dict[str, list[str]]) -> None:
         """Add this run's splits to the store's before any clip is written, so that ``caer cache verify`` of a run
         cut short knows which clips are missing."""
-        self.root.attrs["splits"] = self._merged_splits(splits, self._finished_h5_attrs())
+        self._set_attrs({"splits": self._merged_splits(splits, self._finished_h5_attrs())})
 
     def finish(self, splits: dict[str, list[str]], skipped: list[str], summary: dict,
                skipped_clips: list[str] = ()) -> None:
@@ -314,7 +369,7 @@ class CacheWriter:
         earlier_summary = dict(self.root.attrs).get("summary") or finished.get("summary")
         if summary.get("clips_extracted") or not earlier_summary:
             record["summary"] = summary
-        self.root.attrs.update(record)
+        self._set_attrs(record)
         if self.format != "h5":
             return
         if finished and not len(self.root[CLIPS]) and all(finished.get(k) == v for k, v in record.items()):
@@ -386,15 +441,11 @@ def _write_into(root: zarr.Group, store: Path, video_id: str, features: np.ndarr
     key = store_key(video_id)
     data = np.ascontiguousarray(features, dtype=np.float16)
     attrs = {"video_id": video_id, **attrs, "sha256": clip_checksum(data)}
-    try:
+    with _naming(store / CLIPS / key):
         arr = root.create_array(f"{CLIPS}/{key}", shape=data.shape, chunks=data.shape, dtype="float16",
                                 compressors=None, attributes={**attrs, "done": False}, overwrite=True)
         arr[...] = data
         arr.attrs["done"] = True
-    except OSError as err:
-        if err.filename:
-            raise
-        raise OSError(err.errno, err.strerror or str(err), str(store / CLIPS / key)) from None
     return key, {**attrs, "done": True}
 
 
@@ -422,9 +473,11 @@ class FeatureCache:
     DataLoader workers.
     """
 
-    def __init__(self, path: Path, fmt: str, attrs: dict, index: dict[str, dict]):
+    def __init__(self, path: Path, fmt: str, attrs: dict, index: dict[str, dict],
+                 unreadable: dict[str, tuple[str, str]] | None = None):
         self.path, self.format, self.attrs = path, fmt, attrs
         self._index = index  # video_id -> {key, label, num_frames, frame_names, ...}
+        self._unreadable = unreadable or {}  # video_id -> (metadata file, error) of clips not in the index for it
         self.video_ids: list[str] = list(index)
         self.labels = np.array([index[v]["label"] for v in self.video_ids], dtype=np.int64)
         self._handle = None
@@ -445,9 +498,10 @@ class FeatureCache:
             attrs = _zarr_root_attrs(path)
             if attrs is None:
                 raise CacheError(f"{path}: not a caer feature cache")
-            clips = _zarr_done_clips(path)
+            clips, unreadable = _zarr_clips(path)
             fmt = "zarr"
         else:
+            unreadable = {}
             try:
                 with h5py.File(path, "r") as f:
                     attrs = {k: json.loads(v) for k, v in f.attrs.items()}
@@ -458,7 +512,7 @@ class FeatureCache:
         if attrs.get("caer_schema") != SCHEMA_VERSION:
             raise CacheError(f"{path}: cache schema {attrs.get('caer_schema')} is not {SCHEMA_VERSION}; re-extract it")
         index = {a["video_id"]: {**a, "key": k} for k, a in clips.items()}
-        return cls(path, fmt, attrs, index)
+        return cls(path, fmt, attrs, index, {video_id_of(k): found for k, found in unreadable.items()})
 
     @property
     def fingerprint(self) -> dict:
@@ -483,12 +537,18 @@ class FeatureCache:
         return int(self.fingerprint["encoder"]["embed_dim"])
 
     def __contains__(self, video_id: str) -> bool:
-        return video_id in self._index
+        """Whether the cache holds the clip: finished, or damaged (reading it then says which file is, and what
+        repairs it) rather than never extracted."""
+        return video_id in self._index or video_id in self._unreadable
 
     def _entry(self, video_id: str) -> dict:
         try:
             return self._index[video_id]
         except KeyError:
+            if video_id in self._unreadable:
+                meta, err = self._unreadable[video_id]
+                raise DamagedClip(self.path, video_id, f"its metadata file {meta} cannot be read: {err}",
+                                  f"metadata unreadable ({Path(meta).relative_to(self.path)}: {err})") from None
             raise CacheError(f"{self.path}: clip {video_id!r} is not in the cache (extract its split first)") from None
 
     @property
@@ -523,15 +583,17 @@ class FeatureCache:
                 zarr.open_group(str(self.path), mode="r")[CLIPS] if self.format == "zarr" else h5py.File(self.path, "r")[CLIPS]
             )
             self._pid = os.getpid()
-        data = np.asarray(self._handle[key][...])
+        try:
+            data = np.asarray(self._handle[key][...])
+        except Exception as err:  # a chunk cut short, metadata damaged since the cache was opened
+            found = f"{type(err).__name__}: {one_line(err)}"
+            raise DamagedClip(self.path, video_id, f"its data cannot be read: {found}", f"unreadable ({found})") from None
         if video_id in self._verified:  # once per process: later epochs read the same bytes
             return data
         expected = self._entry(video_id).get("sha256")  # stores written before checksums have none
         if expected is not None and clip_checksum(data) != expected:
-            raise CacheError(
-                f"{self.path}: clip {video_id!r} is damaged (its data no longer matches the checksum written with it); "
-                f"run the same caer extract again to repair it (caer cache verify {self.path} lists every damaged clip)"
-            )
+            raise DamagedClip(self.path, video_id, "its data no longer matches the checksum written with it",
+                              "data does not match its checksum")
         self._verified.add(video_id)
         return data
 
@@ -543,17 +605,15 @@ class FeatureCache:
         data (and was not skipped as bad input)."""
         problems = {}
         self._verified.clear()  # check every clip now, whatever this process has read before
-        for video_id in self.video_ids:
+        for video_id in [*self.video_ids, *self._unreadable]:
             try:
                 self.clip(video_id)
-            except CacheError:
-                problems[video_id] = "data does not match its checksum"
-            except Exception as err:  # a chunk or its metadata cannot be read at all
-                problems[video_id] = f"unreadable ({type(err).__name__}: {err})"
+            except DamagedClip as err:
+                problems[video_id] = err.problem
         skipped = set(self.attrs.get("skipped_clips", []))
         for ids in self.attrs.get("splits", {}).values():
             for video_id in ids:
-                if video_id not in self._index and video_id not in skipped:
+                if video_id not in self._index and video_id not in skipped and video_id not in problems:
                     problems[video_id] = "listed in a split but has no finished data"
         return problems
 

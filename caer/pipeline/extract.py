@@ -25,6 +25,7 @@ from ..data.ahead import prepared_ahead
 from ..data.datasets import ClipFrames
 from ..data.raer import BadClip, Clip, DataError, ViewMaker, check_disjoint, read_annotations
 from ..data.tensor_views import TensorViews, auto_decode_device
+from ..files import check_outputs
 from ..model.checkpoint import backbone_from_checkpoint
 from ..model.encoder import CLIPBackbone, load_backbone
 
@@ -182,6 +183,19 @@ def load_encoder(cfg: ExtractConfig) -> CLIPBackbone:
                              f"{', '.join(given)} would be ignored; drop {'them' if len(given) > 1 else 'it'}")
         return backbone_from_checkpoint(cfg.from_checkpoint, device, changed.get("pretrained"))
     return load_backbone(cfg.encoder.model, cfg.encoder.pretrained, device, cfg.encoder.preprocess)
+
+
+def check_out(cfg: ExtractConfig) -> None:
+    """Refuse an --out that is one of the run's input files, before any lock or store is made. An existing store at
+    --out is resumed, not refused: a folder (a Zarr store) cannot be an input file, and existing is no fault here."""
+    out = Path(cfg.out)
+    if out.is_dir():
+        return
+    inputs = [("the annotation file", Path(a)) for a in cfg.annotations]
+    given = (("the face boxes", cfg.crop.face_boxes), ("the body boxes", cfg.crop.body_boxes),
+             ("the CLIP weights", cfg.encoder.pretrained), ("the checkpoint", cfg.from_checkpoint))
+    inputs += [(what, Path(path)) for what, path in given if path and Path(path).is_file()]  # else a tag, a folder
+    check_outputs([("--out", out)], inputs, overwrite=True)
 
 
 def open_writer(cfg: ExtractConfig, backbone: CLIPBackbone, root: Path, rank: int) -> CacheWriter:
@@ -426,6 +440,7 @@ def extract(cfg: ExtractConfig, backbone: CLIPBackbone | None = None, console: C
     console = console or Console()
     if not cfg.crop.face_boxes:
         raise ValueError("caer extract needs --face-boxes")
+    check_out(cfg)
     backbone = backbone or load_encoder(cfg)
     # unset crop options: those of the store being resumed, else the declared fallbacks
     stored = None if cfg.overwrite else stored_fingerprint(cfg.out, cfg.format)
