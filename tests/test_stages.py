@@ -164,9 +164,10 @@ def test_cache_and_raw_give_the_same_logits(split, train, dataset, zarr_cache, w
         atol = 2 * FP16_UNIT_ROUNDOFF / cfg.model.temperature
         diff = (logits_cache - logits_raw).abs().max().item()
         assert diff <= atol, f"{split} epoch {epoch}: cache and raw logits differ by {diff:.3g} > {atol:.3g}"
-        assert diff > 0  # sanity: the raw path really ran in float32, it is not reading the cache
-        # and the whole difference is the float16 storage: rounding the raw features reproduces the cache's logits
-        assert torch.allclose(logits_cache, logits_rounded, atol=atol / 10, rtol=0)
+        # the raw path rounds a frozen encoder's features to float16 as the cache stores them: what is left is the
+        # encoder's float32 noise between batch compositions, which moves a rare feature by one float16 step
+        assert torch.equal(logits_raw, logits_rounded)
+        assert torch.allclose(logits_cache, logits_raw, atol=atol / 10, rtol=0)
         margin = logits_raw.topk(2, dim=1).values
         clear = (margin[:, 0] - margin[:, 1]) > 2 * atol
         assert torch.equal(logits_cache.argmax(1)[clear], logits_raw.argmax(1)[clear])

@@ -322,7 +322,9 @@ class CAERModel(nn.Module):
         """Per-frame features [B, T, D] of both streams.
 
         Cached features pass through. uint8 frames [B, T, 3, S, S] go through the CLIP image encoder
-        (with gradients only when it trains); ``flip`` [B] bool mirrors a clip's images (view 1).
+        (with gradients only when it trains); ``flip`` [B] bool mirrors a clip's images (view 1). Features that no
+        gradient flows back through are rounded to float16, as the cache stores them, so that raw frames and the
+        cache give the model the same numbers (stage 3's training steps keep full precision).
         """
         if face.dtype != torch.uint8:
             return face.float(), context.float()
@@ -330,8 +332,11 @@ class CAERModel(nn.Module):
         x = self.preprocess.normalize(torch.stack([face, context], dim=2))
         if flip is not None:
             x = torch.where(flip.view(b, 1, 1, 1, 1, 1), x.flip(-1), x)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoder_trains()):
+        learns = torch.is_grad_enabled() and self.encoder_trains()
+        with torch.set_grad_enabled(learns):
             feats = self.clip.encode_image(x.flatten(0, 2)).float().view(b, t, 2, -1)
+        if not learns:
+            feats = feats.half().float()
         return feats[:, :, 0], feats[:, :, 1]
 
     def embed(self, face: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
