@@ -110,8 +110,8 @@ def test_ddp_training_on_two_processes(tmp_path, dataset, weights, zarr_cache, m
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1, 2]
     n_train = sum(1 for line in (dataset.root / "train.txt").read_text().splitlines() if line.strip())
-    # both ranks' predictions are counted: all training clips (padded to an even number), not half of them
-    assert all(r["train_clips"] == n_train + n_train % 2 for r in records)
+    # both ranks' predictions are counted: every training clip once (not half of them, nor a rank's padding twice)
+    assert all(r["train_clips"] == n_train for r in records)
     assert records[0]["losses"]["loss"] != records[-1]["losses"]["loss"]
     assert (run_dir / "stage2-best.pt").is_file() and (run_dir / "stage2-last.pt").is_file()
     states = torch.load(run_dir / "stage2-last.pt", weights_only=True)["rng_ranks"]
@@ -172,6 +172,9 @@ def test_ddp_averages_gradients_once_per_accumulation_window(tmp_path, dataset, 
     log = (tmp_path / "exchanges.log").read_text()
     windows = 2 * 3  # 2 an epoch, 3 epochs (9 backward passes)
     assert sorted(log.splitlines()) == [f"rank {r} exchanged gradients {windows} times" for r in (0, 1)], log
+    # 6 items trained an epoch, one of them rank 1's padding: the training WAR/UAR count the 5 clips once each
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_clips"] for r in records] == [5, 5, 5]
 
 
 def test_ddp_stage_3_with_prompts_that_learn_nothing_during_a_warm_up(tmp_path, dataset, weights, zarr_cache):

@@ -340,6 +340,24 @@ def test_resume_refuses_settings_it_would_not_apply_and_a_refused_stage_keeps_th
     assert [r["epoch"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1, 2]
 
 
+
+def test_resume_refuses_a_cache_extracted_otherwise_and_takes_a_moved_copy(dataset, zarr_cache, weights, clip_model,
+                                                                         tmp_path, monkeypatch):
+    """The rest of a resumed stage reads features made as those it started from (a copy elsewhere is the same)."""
+    run_dir = tmp_path / "run"
+    stopped_after_one_epoch(one_epoch_config(dataset, zarr_cache[0], weights, run_dir, epochs_stage2=3, test_list=None),
+                            monkeypatch)
+    one_view = tmp_path / "one-view.zarr"
+    extract(settings_for(dataset, one_view, views=1), clip_model, quiet_console())
+    cfg = one_epoch_config(dataset, one_view, weights, run_dir, epochs_stage2=3, test_list=None, resume=True)
+    with pytest.raises(ValueError, match=re.escape(f"but {one_view} was extracted otherwise (views 2 -> 1)")):
+        train_stage(cfg, 2, quiet_console())
+    moved = tmp_path / "moved.zarr"
+    shutil.copytree(zarr_cache[0], moved)
+    train_stage(one_epoch_config(dataset, moved, weights, run_dir, epochs_stage2=3, test_list=None, resume=True), 2,
+                quiet_console())
+    assert [r["epoch"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0, 1, 2]
+
 def test_an_lr_group_of_a_later_stage_is_checked_before_the_first_stage_trains(dataset, zarr_cache, weights,
                                                                                 tmp_path):
     cfg = one_epoch_config(dataset, zarr_cache[0], weights, tmp_path / "run", staged_training=True, test_list=None,

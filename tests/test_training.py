@@ -419,6 +419,10 @@ def test_every_rank_gets_the_same_number_of_items_even_with_fewer_clips_than_pro
     shares = [list(EpochSampler(size, seed=0, rank=r, world=world)) for r in range(world)]
     assert {len(share) for share in shares} == {-(-size // world)}
     assert {i for share in shares for i, _ in share} == set(range(size))  # every clip is in the epoch
+    # each rank's own items (what the training WAR/UAR count) cover the epoch's order once: no padding twice
+    sampler = EpochSampler(size, seed=0, world=world)
+    own = [i for r, share in enumerate(shares) for i, _ in share[: sampler.own_items(r)]]
+    assert sorted(own) == list(range(size))
 
 
 def test_a_short_last_accumulation_window_is_averaged_over_its_own_steps():

@@ -87,6 +87,10 @@ class EpochSampler(Sampler):
     def __len__(self) -> int:
         return -(-self.size // self.world)
 
+    def own_items(self, rank: int) -> int:
+        """How many of ``rank``'s items come first in the order; the rest only repeat it to even out the ranks."""
+        return max(0, -(-(self.size - rank) // self.world))
+
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         if self.weights is not None:

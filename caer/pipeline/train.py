@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import runtime
 from ..cache import CacheError, FeatureCache, stored_fingerprint
+from ..cache.schema import with_added_keys
 from ..config import IECBase, Optimizer, PrintConfusion, RunConfig, Scheduler, Source, save_config
 from ..data.loaders import (
     Loader,
@@ -323,6 +324,7 @@ def _resume_or_start(s: Stage, last: dict | None) -> None:
                          "group since this version); start the stage again without --resume, or finish it with the "
                          "caer that wrote the checkpoint")
     _check_resumed_as_set(s, last["config"])
+    _check_resumed_cache(s, last.get("cache_fingerprint"))
     s.optimizer.load_state_dict(last["optimizer"])
     s.scheduler.load_state_dict(last["scheduler"])
     if last["scaler"]:  # a disabled scaler (CPU, bf16) saves nothing; resumed on an fp16 GPU, it starts afresh
@@ -349,6 +351,21 @@ def _check_resumed_as_set(s: Stage, saved: dict) -> None:
                           for k in changed[:4])
         raise ValueError(f"{s.run_dir.last(s.number)}: --resume continues stage {s.number} as it was started, but {shown}: "
                          "give the values it was started with, or start the stage again without --resume")
+
+
+def _check_resumed_cache(s: Stage, saved: dict | None) -> None:
+    """A resumed stage reads features made as those it started from: a cache of other views or crops (its path is
+    free to change) would quietly train the rest of the stage on other numbers."""
+    if saved is None or s.cache is None:
+        return
+    saved, now = with_added_keys(saved), s.cache.fingerprint
+    changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if changed:
+        shown = ", ".join("another image encoder" if k == "encoder" else f"{k} {saved.get(k)!r} -> {now.get(k)!r}"
+                          for k in changed[:3])
+        raise ValueError(f"{s.run_dir.last(s.number)}: --resume continues stage {s.number} on features like those it "
+                         f"started from, but {s.cache.path} was extracted otherwise ({shown}): give the cache it "
+                         "started with, or start the stage again without --resume")
 
 
 def _restore_random_state(s: Stage, saved: list[dict]) -> None:
@@ -400,7 +417,8 @@ def _optimizer_step(s: Stage, loss: torch.Tensor, step: int, last_of_window: boo
 
 
 def train_one_epoch(s: Stage, epoch: int, progress: Progress) -> tuple[np.ndarray, dict]:
-    """One pass over this rank's share of the training split; (confusion matrix, summed loss terms) of all ranks."""
+    """One pass over this rank's share of the training split; of all ranks: the confusion matrix (each clip of the
+    epoch's order once) and the mean of each loss term over the items trained."""
     s.train_loader.sampler.set_epoch(epoch)
     s.model.train_for_stage(s.number)
     idle = s.nothing_trains(epoch)
@@ -440,9 +458,13 @@ def train_one_epoch(s: Stage, epoch: int, progress: Progress) -> tuple[np.ndarra
         s.scheduler.step()
     sums = dict(zip(LOSS_TERMS, totals.tolist()))
     shares = runtime.gather((torch.cat(labels).cpu().numpy(), torch.cat(preds).cpu().numpy(), sums))
-    cm = confusion_matrix(np.concatenate([x[0] for x in shares]), np.concatenate([x[1] for x in shares]),
-                          len(s.cfg.model.classes))
-    return cm, {k: sum(x[2][k] for x in shares) for k in LOSS_TERMS}
+    # each rank's items come in order: those after its own_items repeat clips of another rank (padding under DDP),
+    # and count once in the training WAR/UAR (the loss terms keep them: they were trained on)
+    own = [s.train_loader.sampler.own_items(rank) for rank in range(len(shares))]
+    cm = confusion_matrix(np.concatenate([x[0][:n] for x, n in zip(shares, own)]),
+                          np.concatenate([x[1][:n] for x, n in zip(shares, own)]), len(s.cfg.model.classes))
+    trained = sum(len(x[0]) for x in shares)
+    return cm, {k: sum(x[2][k] for x in shares) / trained for k in LOSS_TERMS}
 
 
 def _check_finite(s: Stage, epoch: int, total: float) -> None:
@@ -459,14 +481,14 @@ def validate(s: Stage, progress: Progress) -> np.ndarray:
     return confusion_matrix(labels, logits.argmax(1), len(s.cfg.model.classes))
 
 
-def epoch_record(s: Stage, epoch: int, train_cm: np.ndarray, sums: dict, val_cm: np.ndarray, seconds: float,
+def epoch_record(s: Stage, epoch: int, train_cm: np.ndarray, losses: dict, val_cm: np.ndarray, seconds: float,
                  rates: dict) -> dict:
     """The ``metrics.jsonl`` line of an epoch; ``rates``: each trainable group's learning rate in it."""
     n_train = int(train_cm.sum())
     w_mi, w_dc = s.loss.weights(epoch)
     return {
         "stage": s.number, "epoch": epoch, "lr": rates,
-        "losses": {k: v / n_train for k, v in sums.items()}, "w_mi": w_mi, "w_dc": w_dc, "train_clips": n_train,
+        "losses": losses, "w_mi": w_mi, "w_dc": w_dc, "train_clips": n_train,
         "train_war": round(war(train_cm), 2), "train_uar": round(uar(train_cm), 2),
         "valid_war": round(war(val_cm), 2), "valid_uar": round(uar(val_cm), 2),
         "valid_uar_all_classes": round(uar_all_classes(val_cm), 2),  # a class absent from val scores 0 (the seed code's)
@@ -567,11 +589,11 @@ def train_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
             start = time.perf_counter()
             rates = {g["name"]: g["lr"] for g in s.optimizer.param_groups}  # before this epoch's scheduler step
             with progress_bar(s.console) as progress:
-                train_cm, sums = train_one_epoch(s, epoch, progress)
+                train_cm, losses = train_one_epoch(s, epoch, progress)
                 val_cm = validate(s, progress)
             random_states = runtime.gather(runtime.rng_state(s.device))
             if s.rank == 0:  # rank 0 records the epoch
-                record = epoch_record(s, epoch, train_cm, sums, val_cm, time.perf_counter() - start, rates)
+                record = epoch_record(s, epoch, train_cm, losses, val_cm, time.perf_counter() - start, rates)
                 show_epoch(s, epoch, record, record_epoch(s, epoch, record, random_states))
                 if board is not None:
                     board.epoch(record)
