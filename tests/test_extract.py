@@ -490,7 +490,13 @@ def test_a_num_frames_column_that_disagrees_is_counted_and_warned_about_once(tmp
     assert FeatureCache.open(out).attrs["summary"]["clips_with_other_frame_count"] == 2
 
 
-def test_a_clip_listed_in_two_splits_is_refused_before_anything_is_written(tmp_path, dataset, weights):
+def test_a_clip_listed_in_two_splits_is_refused_before_anything_is_written(tmp_path, dataset, weights, monkeypatch):
+    """... and before the encoder loads (with real weights, a download or a minute)."""
+
+    def no_encoder(cfg):
+        raise AssertionError("the encoder was loaded")
+
+    monkeypatch.setattr(extract_module, "load_encoder", no_encoder)
     ds = dataset.copy(tmp_path / "ds")
     train, val = ds.annotations[0], ds.annotations[1]
     first = train.read_text().splitlines()[0]
@@ -546,3 +552,15 @@ def test_a_run_with_nothing_to_extract_keeps_the_store_s_summary(fmt, tmp_path, 
     result = run_cli(extract_args(dataset, out, weights, "--format", fmt))
     assert result.exit_code == 0, result.output
     assert FeatureCache.open(out).attrs["summary"] == first
+
+
+def test_clips_whose_box_entry_is_empty_are_warned_about(tmp_path, dataset, weights):
+    """caer boxes writes an empty entry where it found no face: extraction says so before the frames are encoded."""
+    ds = dataset.copy(tmp_path / "ds")
+    boxes = json.loads(ds.face_boxes.read_text())
+    first = sorted(boxes)[0]
+    boxes[first] = {}
+    ds.face_boxes.write_text(json.dumps(boxes))
+    result = run_cli(extract_args(ds, tmp_path / "c.zarr", weights, "--workers", "0"))
+    assert result.exit_code == 0, result.output
+    assert_in_output(f"1 of {len(boxes)} clips have an entry without any face box", result.output)

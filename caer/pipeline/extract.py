@@ -171,6 +171,14 @@ def collect_clips(cfg: ExtractConfig, root: Path) -> tuple[list[Clip], dict[str,
     return [c for found in per_file for c in found], splits, bad
 
 
+def check_listed_once(cfg: ExtractConfig) -> None:
+    """A clip listed in two annotation files is refused before the encoder loads (with real weights, a download or
+    a minute); bad lines are left to ``collect_clips``, which knows --skip-bad."""
+    root = Path(cfg.crop.root or Path(cfg.annotations[0]).parent)
+    check_disjoint([read_annotations(path, root, cfg.num_classes, skip_bad=True, need_frames=False)[0]
+                    for path in cfg.annotations])
+
+
 def load_encoder(cfg: ExtractConfig) -> CLIPBackbone:
     """The frozen image encoder: ``--model``/``--pretrained``, or a checkpoint's (``--from-checkpoint``)."""
     device = runtime.local_device(runtime.resolve_device(cfg.runtime.device))
@@ -415,7 +423,8 @@ def check_box_keys(clips: list[Clip], view_maker: ViewMaker, box_file: str, cons
 
 def _warn_about_inputs(cfg: ExtractConfig, clips: list[Clip], view_maker: ViewMaker, root: Path,
                        summary: ExtractSummary, console: Console) -> None:
-    """One warning each for frame counts that disagree with the lists and for clips without face boxes."""
+    """One warning each for frame counts that disagree with the lists, for clips missing from the face-box file,
+    and for clips whose entry there holds no box."""
     miscounted = [c for c in clips if c.listed_frames != c.frame_count]
     summary.clips_with_other_frame_count = len(miscounted)
     if miscounted:
@@ -432,6 +441,13 @@ def _warn_about_inputs(cfg: ExtractConfig, clips: list[Clip], view_maker: ViewMa
             f"(first: {unboxed[0]!r}); their face view is the whole frame. Check that the file's keys match "
             f"the clip dirs (root-relative or joined to --root {root}).", highlight=False, soft_wrap=True,
         )
+    empty = [c.video_id for c in clips if view_maker.has_face_boxes(c) and not view_maker.unknown_box_keys(c)[0]]
+    if empty:
+        console.print(
+            f"[yellow]warning:[/] {len(empty)} of {len(clips)} clips have an entry without any face box in "
+            f"{cfg.crop.face_boxes} (first: {empty[0]!r}; caer boxes writes one where it found no face); their face "
+            "view is the whole frame.", highlight=False, soft_wrap=True,
+        )
 
 
 def extract(cfg: ExtractConfig, backbone: CLIPBackbone | None = None, console: Console | None = None) -> ExtractSummary:
@@ -441,6 +457,7 @@ def extract(cfg: ExtractConfig, backbone: CLIPBackbone | None = None, console: C
     if not cfg.crop.face_boxes:
         raise ValueError("caer extract needs --face-boxes")
     check_out(cfg)
+    check_listed_once(cfg)
     backbone = backbone or load_encoder(cfg)
     # unset crop options: those of the store being resumed, else the declared fallbacks
     stored = None if cfg.overwrite else stored_fingerprint(cfg.out, cfg.format)
