@@ -238,7 +238,8 @@ def test_output_path_under_a_regular_file_is_one_line(tmp_path, dataset, weights
     parent = tmp_path / "notes"
     parent.write_text("precious")
     for name in ("c.zarr", "c.h5"):
-        assert_stops(run_cli(extract_args(dataset, parent / name, weights, "--workers", "0")), f"error: {parent}: ")
+        assert_stops(run_cli(extract_args(dataset, parent / name, weights, "--workers", "0")),
+                     f"error: --out {parent / name}: {parent} is a file, not a folder")
     assert parent.read_text() == "precious"
 
 

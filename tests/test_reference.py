@@ -26,7 +26,7 @@ from caer.data.tensor_views import transform_sizes
 from caer.model.checkpoint import build_model, checkpoint_config, load_checkpoint
 from caer.model.encoder import load_backbone
 from caer.model.reference import Official, map_state
-from conftest import MODEL, assert_in_output, run_cli
+from conftest import MODEL, assert_fp16_equal, assert_in_output, run_cli
 
 START, END, VOCAB, CONTEXT = 49406, 49407, 49408, 77  # CLIP's start/end-of-text ids (padding is 0), vocabulary, length
 CLASSES, N_CTX, FRAMES = 5, 8, 16  # CLIP-CAER on RAER: 5 classes, 8 class-specific context vectors, 16 segments
@@ -278,14 +278,19 @@ def test_a_missing_unexpected_or_wrong_tensor_is_named(official, converted, chan
 
 
 def test_converted_logits_equal_the_published_forward_on_frames(published, converted):
-    """Random uint8 frames of both streams (one clip of 2 frames) through the image encoder and everything after."""
+    """Random uint8 frames of both streams (one clip of 2 frames) through the image encoder and everything after.
+    caer rounds a frozen encoder's features to float16, as its cache stores them: the features are compared to
+    float16 precision, and the logits with the published forward on those same features."""
     s, text = published
     gen = torch.Generator().manual_seed(1)
     face, body = (torch.randint(0, 256, (1, 2, 3, 224, 224), dtype=torch.uint8, generator=gen) for _ in range(2))
     with torch.no_grad():
         ours = converted[2](face, body)
+        ours_feats = converted[2].frame_features(face, body)
         feats = [image_features(x.flatten(0, 1).double() / 255, s, VIT_B_32).view(1, 2, -1) for x in (face, body)]
-        expected = reference_logits(*feats, s, text)
+        expected = reference_logits(*(f.double() for f in ours_feats), s, text)
+    for got, want, what in zip(ours_feats, feats, ("face", "body")):
+        assert_fp16_equal(got.half().numpy(), want.float().numpy(), what)
     torch.testing.assert_close(ours.double(), expected, atol=1e-4, rtol=0)
 
 
