@@ -18,7 +18,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -31,13 +30,9 @@ import h5py
 import numpy as np
 import zarr
 
+from ..files import FileLock
 from ..processes import spawned_pool
 from .schema import CLIPS, SCHEMA_VERSION, STREAMS, differences, skipped_source, store_key, video_id_of, with_added_keys
-
-try:
-    import fcntl
-except ImportError:  # not on Windows: stores are then not locked against a second writer
-    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -164,40 +159,6 @@ def clip_checksum(data: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(data, dtype=np.float16).tobytes()).hexdigest()
 
 
-class StoreLock:
-    """An OS lock (``flock``) on ``<store>.lock``: one writing process per store at a time.
-
-    The lock goes with the process that holds it, so a killed writer leaves nothing to clean up; the
-    file only says who holds it. (``flock`` may not work across machines on a network file system.)
-    """
-
-    def __init__(self, store: Path):
-        self.store, self.path = store, store.with_name(store.name + ".lock")
-        self.fd: int | None = None
-
-    def acquire(self) -> None:
-        if fcntl is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise CacheError(f"{self.store} is being written by {holder}; wait until it is done, or extract "
-                             "into another path") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"caer extract (pid {os.getpid()} on {socket.gethostname()})".encode())
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
-
-
 def _remove_tree(path: Path) -> None:
     """Delete a store folder. It is renamed first: a deletion cut short leaves a hidden ``.<name>.removing-*``
     folder beside it, never a store without its root metadata that no later run would touch."""
@@ -223,9 +184,14 @@ class CacheWriter:
         self.zarr_path = _staging_path(self.path) if self.format == "h5" else self.path
         if self.path.parent.exists() and not self.path.parent.is_dir():
             raise CacheError(f"{self.path.parent}: is a file, not a folder; cannot write {self.path.name} in it")
-        self.lock = StoreLock(self.path.resolve())  # one lock whatever the path it is reached by (a link, ../)
+        # one OS lock on <store>.lock whatever the path the store is reached by (a link, ../)
+        real = self.path.resolve()
+        self.lock = FileLock(real.with_name(real.name + ".lock"), "caer extract")
         if lock:  # torchrun ranks of one run are one writer: rank 0 holds the lock for all of them
-            self.lock.acquire()
+            held_by = self.lock.acquire()
+            if held_by:
+                raise CacheError(f"{real} is being written by {held_by}; wait until it is done, or extract into "
+                                 "another path")
         try:
             self._open(fingerprint, overwrite)
         except BaseException:
