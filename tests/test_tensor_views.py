@@ -324,14 +324,14 @@ def test_bytes_decoded_in_the_main_process_as_on_a_gpu_give_the_same_cache(tmp_p
                                                                             monkeypatch):
     """What `caer extract --decode tensor` does on a GPU (workers read bytes; the main process decodes several clips
     a call and cuts them), run on the CPU with 2 worker processes through the CLI."""
-    real = extract_module.clip_frames
+    real = extract_module.extraction_dataset
 
     def deferred(*args):
         data = real(*args)
         data.defer = True
         return data
 
-    monkeypatch.setattr(extract_module, "clip_frames", deferred)
+    monkeypatch.setattr(extract_module, "extraction_dataset", deferred)
     monkeypatch.setattr(extract_module, "FRAMES_PER_DECODE", 16)  # 3 clips of 6 frames a decode call, the last fewer
     out = tmp_path / "deferred.zarr"
     result = run_cli(extract_args(dataset, out, weights, "--views", "2", "--batch-size", "16", "--workers", "2",
@@ -352,8 +352,8 @@ def test_a_bad_frame_met_by_the_decode_ahead_thread_stops_the_run_and_keeps_earl
     clips = [line.split()[0] for path in ds.annotations for line in Path(path).read_text().splitlines()]
     frame = sorted((ds.root / clips[3]).glob("*.jpg"))[0]
     frame.write_bytes(frame.read_bytes()[:100])
-    real = extract_module.clip_frames
-    monkeypatch.setattr(extract_module, "clip_frames", lambda *a: setattr(data := real(*a), "defer", True) or data)
+    real = extract_module.extraction_dataset
+    monkeypatch.setattr(extract_module, "extraction_dataset", lambda *a: setattr(data := real(*a), "defer", True) or data)
     out = tmp_path / "c.zarr"
     with pytest.raises(extract_module.DataError, match=f"{frame}: cannot read image"):
         extract(settings_for(ds, out, decode="tensor", batch_size=4), clip_model, quiet_console())

@@ -318,7 +318,7 @@ def _progress(console: Console, rank: int) -> Progress:
     return Progress(*columns, console=console, disable=rank != 0)
 
 
-def clip_frames(cfg: ExtractConfig, backbone: CLIPBackbone, todo: list[Clip], view_maker: ViewMaker) -> ClipFrames:
+def extraction_dataset(cfg: ExtractConfig, backbone: CLIPBackbone, todo: list[Clip], view_maker: ViewMaker) -> ClipFrames:
     """Extraction's dataset. With ``--decode tensor`` on a GPU its workers only read bytes and look up boxes: a thread
     of the main process decodes and cuts each clip on the GPU (``data.ahead.prepared_ahead``); on the CPU the workers do it all."""
     if cfg.crop.decode != Decode.tensor:
@@ -360,7 +360,7 @@ def encode_clips(cfg: ExtractConfig, backbone: CLIPBackbone, todo: list[Clip], v
                  out: _ClipWriter, bad: list[BadClip], console: Console, rank: int) -> None:
     """Decode and crop in worker processes (or on the GPU), encode in full batches, hand finished clips to ``out``."""
     workers = cfg.runtime.num_workers()
-    dataset = clip_frames(cfg, backbone, todo, view_maker)
+    dataset = extraction_dataset(cfg, backbone, todo, view_maker)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=backbone.device.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if workers else None,
