@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import runtime
 from ..cache import CacheError, FeatureCache, stored_fingerprint
 from ..cache.schema import with_added_keys
-from ..config import IECBase, Optimizer, PrintConfusion, RunConfig, Scheduler, Source, replace_options, save_config
+from ..config import IECBase, Optimizer, PrintConfusion, RunConfig, Scheduler, Source, save_config
 from ..data.loaders import (
     Loader,
     check_box_files_match,
@@ -269,7 +269,6 @@ def setup_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
         console.print(f"[yellow]note:[/] nothing to resume in {run_dir.path}: starting stage {stage} afresh",
                       highlight=False, soft_wrap=True)
     init = load_checkpoint(run_dir.last(stage) if resume else init_from) if (resume or init_from) else None
-    cfg = _as_started(cfg, init_from, init if resume else None)
     source = Source.raw if stage == 3 else cfg.data.source
     if stage == 3 and cfg.data.source == Source.cache:
         console.print("[dim]stage 3 fine-tunes the image encoder, so it reads raw frames[/]")
@@ -308,16 +307,6 @@ def setup_stage(cfg: RunConfig, stage: int, console: Console, init_from: Path | 
     if rank == 0:  # only now: a stage refused at set-up leaves the run's config.yaml as it was
         save_config(cfg, run_dir.config)
     return s
-
-
-def _as_started(cfg: RunConfig, init_from: Path | None, resumed: dict | None) -> RunConfig:
-    """The run config with the checkpoint a single stage started from (found in the run dir or given; a resumed
-    stage's as its checkpoint records it), so that its config.yaml trains the stage again. A staged run chains its
-    stages itself."""
-    if cfg.stages.staged_training:
-        return cfg
-    start = resumed["config"].get("init_from") if resumed is not None else init_from and str(Path(init_from).absolute())
-    return replace_options(cfg, {"init_from": start}) if start else cfg
 
 
 def _resume_or_start(s: Stage, last: dict | None) -> None:
