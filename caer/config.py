@@ -691,6 +691,10 @@ class ExtractConfig:
     crop: CropConfig = part(CropConfig)
     runtime: RuntimeConfig = part(RuntimeConfig)
 
+    def dataset_root(self) -> Path:
+        """The folder the clips' paths are relative to: --root, else the first annotation file's folder."""
+        return Path(self.crop.root or Path(self.annotations[0]).parent)
+
 
 @dataclass
 class EvalConfig:
@@ -977,6 +981,9 @@ def check_config(cfg: RunConfig) -> None:
     m = cfg.model
     if not m.descriptions:
         raise ValueError("the config must give one descriptive sentence per class under 'descriptions'")
+    if m.descriptions == DEFAULT_DESCRIPTIONS and m.classes != DEFAULT_CLASSES:  # the RAER sentences for other classes
+        raise ValueError(f"classes {', '.join(m.classes)} come without descriptions: give one descriptive sentence per "
+                         "class (--descriptions, repeated, or 'descriptions' in the config)")
     if len(m.classes) != len(m.descriptions):
         raise ValueError(f"{len(m.classes)} classes but {len(m.descriptions)} descriptions in the config")
 

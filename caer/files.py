@@ -23,14 +23,24 @@ def replaced_atomically(path: str | Path) -> Iterator[Path]:
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        yield temp
-        os.replace(temp, path)
-    except OSError as err:  # named by the path the user knows (not the temporary name, nor nothing: a full disk)
-        if err.filename not in (None, str(temp), temp):
-            raise
-        raise OSError(err.errno, err.strerror, str(path)) from None
+        with naming_errors(path, temp):  # by the path the user knows: not the temporary name, nor none (a full disk)
+            yield temp
+            os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def naming_errors(path: str | Path, *aliases: str | Path) -> Iterator[None]:
+    """An OS error of the block that names no file (a full disk, a size limit: some writers raise those without
+    one) or one of ``aliases`` (a temporary name) is raised again naming ``path``; other errors pass unchanged."""
+    try:
+        yield
+    except OSError as err:
+        nameless = err.filename is None and err.errno is not None
+        if not (nameless or err.filename in {str(a) for a in aliases}):
+            raise
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
 
 
 def missing(path: str | Path, what: str) -> str:

@@ -348,3 +348,7 @@ def test_without_a_config_file_the_run_has_the_raer_label_set_written_out_in_rae
     assert bare.model.classes == raer.model.classes == DEFAULT_CLASSES
     assert bare.model.descriptions == raer.model.descriptions == DEFAULT_DESCRIPTIONS
     assert load_config("tiny").model.descriptions == DEFAULT_DESCRIPTIONS
+    # other classes never borrow the RAER sentences
+    with pytest.raises(ValueError, match="classes Bored, Happy come without descriptions: give one descriptive"):
+        load_config("tiny", {"classes": ["Bored", "Happy"]})
+    assert load_config("tiny", {"classes": ["Bored", "Happy"], "descriptions": ["a", "b"]}).model.classes == ["Bored", "Happy"]

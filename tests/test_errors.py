@@ -499,9 +499,12 @@ def test_a_second_caer_train_into_a_run_dir_being_written_is_refused(tmp_path, d
     finally:
         lock.release()
     assert not (tmp_path / "run").exists()
+    # the lock is hidden beside the folder (runs/* names run directories only), one whatever the folder's spelling
+    assert RunDir(tmp_path / "run").lock == tmp_path / ".run.lock" == RunDir(tmp_path / "x" / ".." / "run").lock
     (tmp_path / "file").write_text("")
-    with pytest.raises(ValueError, match="is a file, not a folder"):
-        run(one_epoch_config(dataset, zarr_cache[0], weights, tmp_path / "file", stage=2), Console(quiet=True))
+    for run_dir in (tmp_path / "file", tmp_path / "file" / "run"):  # before any lock file is made
+        with pytest.raises(ValueError, match=re.escape(f"--run-dir {run_dir}: {tmp_path / 'file'} is a file, not a")):
+            run(one_epoch_config(dataset, zarr_cache[0], weights, run_dir, stage=2), Console(quiet=True))
 
 
 def test_compare_names_a_test_report_it_cannot_read(tmp_path):

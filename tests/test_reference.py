@@ -277,7 +277,7 @@ def test_a_missing_unexpected_or_wrong_tensor_is_named(official, converted, chan
     assert fragment in str(err.value)
 
 
-def test_converted_logits_equal_the_published_forward_on_frames(published, converted):
+def test_converted_encoder_features_equal_the_published_to_float16_and_the_logits_follow(published, converted):
     """Random uint8 frames of both streams (one clip of 2 frames) through the image encoder and everything after.
     caer rounds a frozen encoder's features to float16, as its cache stores them: the features are compared to
     float16 precision, and the logits with the published forward on those same features."""

@@ -350,7 +350,8 @@ def test_resume_refuses_a_cache_extracted_otherwise_and_takes_a_moved_copy(datas
     one_view = tmp_path / "one-view.zarr"
     extract(settings_for(dataset, one_view, views=1), clip_model, quiet_console())
     cfg = one_epoch_config(dataset, one_view, weights, run_dir, epochs_stage2=3, test_list=None, resume=True)
-    with pytest.raises(ValueError, match=re.escape(f"but {one_view} was extracted otherwise (views 2 -> 1)")):
+    with pytest.raises(ValueError, match=re.escape(f"but {one_view} was extracted otherwise (views: store has 1, this "
+                                                   "run has 2)")):
         train_stage(cfg, 2, quiet_console())
     moved = tmp_path / "moved.zarr"
     shutil.copytree(zarr_cache[0], moved)

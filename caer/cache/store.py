@@ -11,7 +11,6 @@ a temporary file that replaces the old one in one rename.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -22,7 +21,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,7 +28,7 @@ import h5py
 import numpy as np
 import zarr
 
-from ..files import FileLock
+from ..files import FileLock, naming_errors
 from ..processes import spawned_pool
 from .schema import CLIPS, SCHEMA_VERSION, STREAMS, differences, skipped_source, store_key, video_id_of, with_added_keys
 
@@ -119,17 +117,6 @@ def _zarr_clips(path: Path) -> tuple[dict[str, dict], dict[str, tuple[str, str]]
 def _zarr_done_clips(path: Path) -> dict[str, dict]:
     """{key: clip attrs} for every finished clip of a Zarr store."""
     return _zarr_clips(path)[0]
-
-
-@contextlib.contextmanager
-def _naming(path: Path) -> Iterator[None]:
-    """Give an OS error that zarr raises without a file name (a full disk, a size limit) the name ``path``."""
-    try:
-        yield
-    except OSError as err:
-        if err.filename:
-            raise
-        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
 
 
 def stored_fingerprint(path: str | Path, fmt: str = "auto") -> dict | None:
@@ -290,18 +277,18 @@ class CacheWriter:
         # a new store's root is written with its attributes at once: a failed write leaves no store without them
         new = {"caer_schema": SCHEMA_VERSION, "fingerprint": self.fingerprint, "splits": {}, "skipped": [],
                "inputs": self.inputs}
-        with _naming(self.zarr_path / "zarr.json"):
+        with naming_errors(self.zarr_path / "zarr.json"):
             self.root = zarr.open_group(str(self.zarr_path), mode="a", attributes=new)  # (only if it is new)
         if "caer_schema" not in self.root.attrs:  # an empty group that was there
             self._set_attrs(new)
         if CLIPS not in self.root:
-            with _naming(self.zarr_path / CLIPS):
+            with naming_errors(self.zarr_path / CLIPS):
                 self.root.create_group(CLIPS)
 
     def _set_attrs(self, values: dict) -> None:
         """Update the store's root attributes in one write of its metadata file (``attrs.update`` writes it once a
         key: a failure part-way would leave a store with a schema and no fingerprint); an OS error names the file."""
-        with _naming(self.zarr_path / "zarr.json"):
+        with naming_errors(self.zarr_path / "zarr.json"):
             self.root.update_attributes(values)
 
     def write(self, video_id: str, features: np.ndarray, attrs: dict) -> None:
@@ -407,7 +394,7 @@ def _write_into(root: zarr.Group, store: Path, video_id: str, features: np.ndarr
     key = store_key(video_id)
     data = np.ascontiguousarray(features, dtype=np.float16)
     attrs = {"video_id": video_id, **attrs, "sha256": clip_checksum(data)}
-    with _naming(store / CLIPS / key):
+    with naming_errors(store / CLIPS / key):
         arr = root.create_array(f"{CLIPS}/{key}", shape=data.shape, chunks=data.shape, dtype="float16",
                                 compressors=None, attributes={**attrs, "done": False}, overwrite=True)
         arr[...] = data

@@ -174,7 +174,7 @@ def collect_clips(cfg: ExtractConfig, root: Path) -> tuple[list[Clip], dict[str,
 def check_listed_once(cfg: ExtractConfig) -> None:
     """A clip listed in two annotation files is refused before the encoder loads (with real weights, a download or
     a minute); bad lines are left to ``collect_clips``, which knows --skip-bad."""
-    root = Path(cfg.crop.root or Path(cfg.annotations[0]).parent)
+    root = cfg.dataset_root()
     check_disjoint([read_annotations(path, root, cfg.num_classes, skip_bad=True, need_frames=False)[0]
                     for path in cfg.annotations])
 
@@ -462,7 +462,7 @@ def extract(cfg: ExtractConfig, backbone: CLIPBackbone | None = None, console: C
     # unset crop options: those of the store being resumed, else the declared fallbacks
     stored = None if cfg.overwrite else stored_fingerprint(cfg.out, cfg.format)
     cfg = dataclasses.replace(cfg, crop=cfg.crop.resolved(stored, strict=False, device=auto_decode_device(backbone)))
-    root = Path(cfg.crop.root or Path(cfg.annotations[0]).parent)
+    root = cfg.dataset_root()
     clips, splits, bad = collect_clips(cfg, root)
     view_maker = ViewMaker.from_config(cfg.crop, root)
     rank, world = runtime.init()

@@ -18,8 +18,10 @@ class RunDir:
 
     @property
     def lock(self) -> Path:
-        """Beside the folder (as a store's): held by the ``caer train`` writing it."""
-        return self.path.with_name(self.path.name + ".lock")
+        """Held by the ``caer train`` writing the folder: a hidden file beside it (``runs/.raer.lock``, so that
+        ``runs/*`` still names run directories only), by its real path (``.``, a link: one lock a folder)."""
+        real = self.path.resolve()
+        return real.parent / f".{real.name or 'root'}.lock"
 
     @property
     def config(self) -> Path:

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import runtime
 from ..cache import CacheError, FeatureCache, stored_fingerprint
-from ..cache.schema import with_added_keys
+from ..cache.schema import differences, with_added_keys
 from ..config import IECBase, Optimizer, PrintConfusion, RunConfig, Scheduler, Source, save_config
 from ..data.loaders import (
     Loader,
@@ -217,8 +217,6 @@ def check_run_dir_free(cfg: RunConfig, stages: list[int], console: Console) -> N
     if cfg.run.resume and cfg.run.overwrite:
         raise ValueError("--resume goes on with the run in --run-dir, --overwrite replaces it: give one of them")
     run_dir = RunDir(cfg.run.run_dir)
-    if run_dir.path.exists() and not run_dir.path.is_dir():
-        raise ValueError(f"--run-dir {run_dir.path} is a file, not a folder")
     recorded = {int(r["stage"]) for r in read_metrics(run_dir.metrics)} if run_dir.metrics.is_file() else set()
 
     def held(n: int) -> bool:
@@ -354,18 +352,15 @@ def _check_resumed_as_set(s: Stage, saved: dict) -> None:
 
 
 def _check_resumed_cache(s: Stage, saved: dict | None) -> None:
-    """A resumed stage reads features made as those it started from: a cache of other views or crops (its path is
-    free to change) would quietly train the rest of the stage on other numbers."""
-    if saved is None or s.cache is None:
+    """A stage resumed from the cache reads features made as those it started from: a cache of other views or crops
+    (its path is free to change) would quietly train the rest of the stage on other numbers."""
+    if saved is None or s.cache is None or s.source != Source.cache:
         return
-    saved, now = with_added_keys(saved), s.cache.fingerprint
-    changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
-    if changed:
-        shown = ", ".join("another image encoder" if k == "encoder" else f"{k} {saved.get(k)!r} -> {now.get(k)!r}"
-                          for k in changed[:3])
+    diff = differences(with_added_keys(saved), s.cache.fingerprint)
+    if diff:
         raise ValueError(f"{s.run_dir.last(s.number)}: --resume continues stage {s.number} on features like those it "
-                         f"started from, but {s.cache.path} was extracted otherwise ({shown}): give the cache it "
-                         "started with, or start the stage again without --resume")
+                         f"started from, but {s.cache.path} was extracted otherwise ({'; '.join(diff[:3])}): give the "
+                         "cache it started with, or start the stage again without --resume")
 
 
 def _restore_random_state(s: Stage, saved: list[dict]) -> None:
@@ -647,7 +642,11 @@ def run(cfg: RunConfig, console: Console | None = None) -> list[StageResult]:
 def holding_run_dir(cfg: RunConfig):
     """One ``caer train`` at a time writes a run directory (rank 0 holds the lock for its torchrun group): two runs
     into one folder would mix their metrics and checkpoints."""
-    lock = FileLock(RunDir(cfg.run.run_dir).lock, "caer train")
+    run_dir = RunDir(cfg.run.run_dir)
+    blocker = next((p for p in (run_dir.path, *run_dir.path.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ValueError(f"--run-dir {run_dir.path}: {blocker} is a file, not a folder")
+    lock = FileLock(run_dir.lock, "caer train")
     held_by = lock.acquire() if runtime.rank() == 0 else None
     if held_by:
         raise ValueError(f"--run-dir {cfg.run.run_dir} is being written by {held_by}; wait until it is done, or choose "
