@@ -511,3 +511,18 @@ def test_compare_names_a_test_report_it_cannot_read(tmp_path):
     (tmp_path / "config.yaml").write_text("lr: 0.1\n")
     (tmp_path / "test_report.json").write_text("{bad")
     assert_stops(run_cli(["compare", str(tmp_path)]), f"{tmp_path / 'test_report.json'}: not a readable test report")
+
+
+def test_an_atomic_write_names_only_its_own_errors(tmp_path):
+    """A write error without a file name (a full disk) is named by the output; any other error passes unchanged."""
+    from caer.files import replaced_atomically
+
+    target = tmp_path / "out.bin"
+    with pytest.raises(OSError) as caught:
+        with replaced_atomically(target):
+            raise OSError(28, "No space left on device")
+    assert caught.value.filename == str(target) and caught.value.strerror == "No space left on device"
+    with pytest.raises(OSError, match="connection reset by the reader") as caught:
+        with replaced_atomically(target):
+            raise OSError("connection reset by the reader")
+    assert caught.value.filename is None and not list(tmp_path.iterdir())
