@@ -964,6 +964,10 @@ def load_config(path: str | Path | list | tuple | None = None, overrides: dict |
     set_sources(cfg, sources)
     if overrides:
         cfg = replace_options(cfg, overrides)
+    given = set(values) | {k for k, v in (overrides or {}).items() if v is not None}
+    if "descriptions" not in given and cfg.model.classes != DEFAULT_CLASSES:  # the RAER sentences are RAER's own
+        raise ValueError(f"classes {', '.join(cfg.model.classes)} come without descriptions: give one descriptive "
+                         "sentence per class (--descriptions, repeated, or 'descriptions' in the config)")
     check_config(cfg)
     return cfg
 
@@ -981,9 +985,6 @@ def check_config(cfg: RunConfig) -> None:
     m = cfg.model
     if not m.descriptions:
         raise ValueError("the config must give one descriptive sentence per class under 'descriptions'")
-    if m.descriptions == DEFAULT_DESCRIPTIONS and m.classes != DEFAULT_CLASSES:  # the RAER sentences for other classes
-        raise ValueError(f"classes {', '.join(m.classes)} come without descriptions: give one descriptive sentence per "
-                         "class (--descriptions, repeated, or 'descriptions' in the config)")
     if len(m.classes) != len(m.descriptions):
         raise ValueError(f"{len(m.classes)} classes but {len(m.descriptions)} descriptions in the config")
 

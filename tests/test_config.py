@@ -352,3 +352,5 @@ def test_without_a_config_file_the_run_has_the_raer_label_set_written_out_in_rae
     with pytest.raises(ValueError, match="classes Bored, Happy come without descriptions: give one descriptive"):
         load_config("tiny", {"classes": ["Bored", "Happy"]})
     assert load_config("tiny", {"classes": ["Bored", "Happy"], "descriptions": ["a", "b"]}).model.classes == ["Bored", "Happy"]
+    renamed = [c.upper() for c in DEFAULT_CLASSES]  # given on purpose, the RAER sentences may serve other names
+    assert load_config("tiny", {"classes": renamed, "descriptions": DEFAULT_DESCRIPTIONS}).model.classes == renamed

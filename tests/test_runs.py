@@ -314,8 +314,9 @@ def test_a_checkpoint_refuses_a_config_with_other_class_texts(dataset, zarr_cach
     train_stage(one_epoch_config(dataset, zarr_cache[0], weights, tmp_path / "run", test_list=None), 2, quiet)
     first = one_epoch_config(dataset, zarr_cache[0], weights, tmp_path / "x", test_list=None)
     sentences = [f"A student who looks {c}." for c in first.model.classes]
-    for key, value in (("descriptions", sentences), ("classes", [c.upper() for c in first.model.classes])):
-        cfg = one_epoch_config(dataset, zarr_cache[0], weights, tmp_path / "next", test_list=None, **{key: value})
+    renamed = {"classes": [c.upper() for c in first.model.classes], "descriptions": first.model.descriptions}
+    for key, value in (("descriptions", {"descriptions": sentences}), ("classes", renamed)):
+        cfg = one_epoch_config(dataset, zarr_cache[0], weights, tmp_path / "next", test_list=None, **value)
         with pytest.raises(ValueError, match=f"it was trained with {key} .*, this run sets .*: keep the checkpoint's"):
             train_stage(cfg, 2, quiet, tmp_path / "run" / "stage2-best.pt")
 
