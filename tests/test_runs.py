@@ -516,7 +516,7 @@ def test_amp_on_the_cpu_is_a_notice_not_a_silent_no_op(dataset, zarr_cache, weig
     for use_amp in (True, False):
         out = io.StringIO()
         run(one_epoch_config(dataset, zarr_cache[0], weights, tmp_path / f"amp-{use_amp}", use_amp=use_amp,
-                             staged_training=True, epochs_stage3=0), Console(file=out, width=300))
+                             staged_training=True, epochs_stage3=0, test_list=None), Console(file=out, width=300))
         assert out.getvalue().count("note: --use-amp has no effect on cpu") == use_amp  # once, not once a stage
         out = io.StringIO()
         extract(settings_for(dataset, tmp_path / f"amp-{use_amp}.zarr", use_amp=use_amp), clip_model,
