@@ -142,6 +142,7 @@ def test_eval_cli_writes_json_plot_and_tta(demo_run, tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     val_ids = [line.split()[0] for line in (out / "data" / "val.txt").read_text().splitlines() if line.strip()]
     assert [p["video_id"] for p in report["predictions"]] == val_ids
+    assert report["tta"] == "flip"  # the report says the flip made it
     assert (tmp_path / "cm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert_in_output("UAR", result.output)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from rich import box
 from rich.table import Table
 
-from ..config import RunConfig, from_saved, options, read_yaml
+from ..config import RunConfig, from_saved, options, read_config_file
 from ..files import check_outputs, write_atomically
 from .curves import read_metrics
 from .run_dir import RunDir
@@ -52,10 +52,7 @@ def read_run(run_dir: str | Path) -> RunSummary:
     run_dir, config_file = run.path, run.config
     if not config_file.is_file():
         raise ValueError(f"{run_dir}: no config.yaml (is it a caer train run directory?)")
-    saved = read_yaml(config_file) or {}
-    if not isinstance(saved, dict):
-        raise ValueError(f"{config_file}: expected a mapping of option names to values")
-    summary = RunSummary(run_dir, saved)
+    summary = RunSummary(run_dir, read_config_file(config_file))
     metrics = run.metrics
     records = read_metrics(metrics) if metrics.is_file() else []
     if records:
@@ -132,7 +129,7 @@ def compare_runs(run_dirs: list[str | Path]) -> tuple[list[str], list[list[str]]
     runs = [read_run(d) for d in run_dirs]
     for r in runs:  # --staged-training trains its stages of 1 epoch or more: its `stage` (unused) would mislead
         if r.config.get("staged_training"):
-            settings = from_saved(r.config, f"{r.path / 'config.yaml'}")
+            settings = from_saved(r.config, str(RunDir(r.path).config))
             r.config["stage"] = ", ".join(str(n) for n in (1, 2, 3) if settings.stage_epochs(n) > 0)
     settings = differing_settings([r.config for r in runs])
     classes = list(dict.fromkeys(name for r in runs for name in r.recall))

@@ -3,18 +3,14 @@ demo read them)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 
-@dataclass(frozen=True)
 class RunDir:
     """A run directory: its config, metrics, checkpoints per stage, test report and pictures."""
 
-    path: Path
-
     def __init__(self, path: str | Path):
-        object.__setattr__(self, "path", Path(path))
+        self.path = Path(path)
 
     @property
     def lock(self) -> Path:
