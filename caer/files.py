@@ -78,13 +78,19 @@ def check_outputs(outputs: list[tuple[str, Path]], inputs: list[tuple[str, Path]
         written[path.resolve()] = flag
         if path.is_dir():
             raise ValueError(f"{flag} {path} is a folder: give the file to write")
-        blocker = next((parent for parent in path.parents if parent.exists()), None)
+        blocker = nearest_existing(path.parent)
         if blocker is not None and not blocker.is_dir():
             raise ValueError(f"{flag} {path}: {blocker} is a file, not a folder")
         if path.exists() and not overwrite:
             raise ValueError(f"{flag} {path} already exists: pass --overwrite to replace it")
         if blocker is not None and not os.access(blocker, os.W_OK):
             raise ValueError(f"{flag} {path}: cannot write in {blocker} (a read-only file system, or no permission)")
+
+
+def nearest_existing(path: Path) -> Path | None:
+    """``path`` or its nearest parent that exists: what a new file or folder at ``path`` would be made in (a file
+    there means nothing can be)."""
+    return next((p for p in (path, *path.parents) if p.exists()), None)
 
 
 def _same_file(a: Path, b: Path) -> bool:

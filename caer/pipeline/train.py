@@ -43,7 +43,7 @@ from ..data.loaders import (
     with_cache_geometry,
 )
 from ..data.tensor_views import auto_decode_device
-from ..files import FileLock, write_atomically
+from ..files import FileLock, nearest_existing, write_atomically
 from ..model.caer_model import STAGE_GROUPS, CAERModel
 from ..model.checkpoint import (
     build_model,
@@ -643,7 +643,7 @@ def holding_run_dir(cfg: RunConfig):
     """One ``caer train`` at a time writes a run directory (rank 0 holds the lock for its torchrun group): two runs
     into one folder would mix their metrics and checkpoints."""
     run_dir = RunDir(cfg.run.run_dir)
-    blocker = next((p for p in (run_dir.path, *run_dir.path.parents) if p.exists()), None)
+    blocker = nearest_existing(run_dir.path)
     if blocker is not None and not blocker.is_dir():
         raise ValueError(f"--run-dir {run_dir.path}: {blocker} is a file, not a folder")
     lock = FileLock(run_dir.lock, "caer train")
